@@ -1,0 +1,1453 @@
+"""Reactive Transformer (RxT) for transformers.
+
+One turn (event): the decoder answers the query while reading the fixed-size Short-Term Memory (STM, `[L, B, S, D]`)
+through memory cross-attention (memory K/V projected once per turn); afterwards the memory encoder encodes
+query + answer (`ED [L, B, T, D]`) and the memory-attention network writes it into the STM.
+
+Modules follow the reference maths exactly (see the project's docs/architecture.md). Shapes: `B` batch, `T` tokens,
+`D` width, `L` memory layers, `S` STM slots, `Hq`/`Hkv` query / key-value heads, `hd` head dim.
+
+This file is self-contained apart from its flat siblings (`configuration_rxt.py`, `cache_rxt.py`); it is copied into
+saved model folders for `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .cache_rxt import RxTCache
+from .configuration_rxt import RxTComponentConfig, RxTConfig, RxTMemoryAttentionConfig, RxTStatelessConfig
+
+logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small building blocks
+# ---------------------------------------------------------------------------------------------------------------------
+def get_activation(name: str) -> nn.Module:
+    """Activation by reference name (`swish` = `silu`; `gelu` is the exact erf form; `linear` = identity)."""
+    return {
+        "relu": nn.ReLU,
+        "gelu": nn.GELU,
+        "swish": nn.SiLU,
+        "silu": nn.SiLU,
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+        "linear": nn.Identity,
+    }[name]()
+
+
+def make_norm(dim: int, use_rms_norm: bool) -> nn.Module:
+    """RMSNorm with the input dtype's finfo eps (reference convention), or LayerNorm with eps 1e-5."""
+    return nn.RMSNorm(dim, eps=None) if use_rms_norm else nn.LayerNorm(dim)
+
+
+class RxTRotaryEmbedding(nn.Module):
+    """RoPE angles for one component (architecture.md §5.6). No buffers: `inv_freq` is recomputed (R values)."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = float(base)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`position_ids [B, T]` → `(cos, sin)`, each `[B, 1, T, hd/2]` in `dtype`."""
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=position_ids.device) / self.head_dim
+        inv_freq = 1.0 / (self.base**exponent)  # [R]
+        angles = (position_ids[..., None].float() * inv_freq).to(dtype)  # [B, T, R]
+        return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """Rotate adjacent pairs `(2j, 2j+1)` of `x [B, H, T, hd]`; write them back `interleaved` or `split_concat`."""
+    a, b = x[..., 0::2], x[..., 1::2]
+    rotated_a = a * cos - b * sin
+    rotated_b = a * sin + b * cos
+    if layout == "interleaved":
+        return torch.stack((rotated_a, rotated_b), dim=-1).flatten(-2)
+    return torch.cat((rotated_a, rotated_b), dim=-1)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`q [B, Hq, Tq, hd]`, `k, v [B, Hkv, Tk, hd]` → `([B, Tq, Hq, hd], weights)`; kv heads repeat-interleaved."""
+    groups = module.num_key_value_groups
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------------------
+class RxTAttention(nn.Module):
+    """Projections + attention core of one site, for any `(Hq, Hkv)` (MHA/GQA/MQA/SQA/sSQA/xSQA/revSQA).
+
+    `Hq > Hkv`: kv heads are shared by consecutive q heads; `Hq < Hkv` (revSQA): q heads are tiled to `Hkv`.
+    The merged output has `Hout = max(Hq, Hkv)` heads; with gating it is multiplied by `act(gate_proj(x_q))`
+    before `out_proj`. Used directly by the memory-attention network; subclassed for the decoder / encoder.
+    """
+
+    is_causal = False
+
+    def __init__(
+        self,
+        config,
+        embed_dim: int,
+        head_dim: int,
+        heads: tuple[int, int],
+        out_bias: bool = True,
+        gated: bool = False,
+        gate_activation: str = "sigmoid",
+        dropout: float = 0.0,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        self.config = config  # carries `_attn_implementation`
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim
+        self.num_heads, self.num_key_value_heads = heads
+        self.num_out_heads = max(heads)
+        self.query_repeats = self.num_out_heads // self.num_heads  # > 1 only for revSQA
+        self.num_key_value_groups = self.num_out_heads // self.num_key_value_heads
+        self.scaling = head_dim**-0.5
+        self.dropout = float(dropout)
+        self.q_proj = nn.Linear(embed_dim, self.num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(embed_dim, self.num_key_value_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(embed_dim, self.num_key_value_heads * head_dim, bias=False)
+        self.out_proj = nn.Linear(self.num_out_heads * head_dim, embed_dim, bias=out_bias)
+        if gated:
+            self.gate_proj = nn.Linear(embed_dim, self.num_out_heads * head_dim, bias=False)
+            self.gate_activation = get_activation(gate_activation)
+        else:
+            self.gate_proj = None
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, T, n·hd]` → `[B, n, T, hd]`."""
+        return x.view(*x.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+    def project_query(self, x: torch.Tensor) -> torch.Tensor:
+        return self._split(self.q_proj(x))
+
+    def project_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x [B, Tk, D]` → `k, v [B, Hkv, Tk, hd]`."""
+        return self._split(self.k_proj(x)), self._split(self.v_proj(x))
+
+    def attend(
+        self,
+        x_query: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask,
+        is_causal: bool,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Attention over heads → `[B, Tq, D]`."""
+        if self.query_repeats > 1:
+            query = query.repeat(1, self.query_repeats, 1, 1)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+        output = output.reshape(*x_query.shape[:2], -1)  # [B, Tq, Hout·hd]
+        if self.gate_proj is not None:
+            output = output * self.gate_activation(self.gate_proj(x_query))
+        return self.out_proj(output)
+
+    def forward(
+        self,
+        x_query: torch.Tensor,
+        x_key_value: torch.Tensor,
+        attention_mask=None,
+        key_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope_layout: str = "interleaved",
+    ) -> torch.Tensor:
+        """Memory-attention site: `x_query [B, S, D]`, `x_key_value [B, Tk, D]`; RoPE on keys only if given."""
+        query = self.project_query(x_query)
+        key, value = self.project_key_value(x_key_value)
+        if key_position_embeddings is not None:
+            key = apply_rotary(key, *key_position_embeddings, rope_layout)
+        return self.attend(x_query, query, key, value, attention_mask, is_causal=False)
+
+
+class RxTSelfAttention(RxTAttention):
+    """Decoder (causal) or encoder (bidirectional) self-attention; RoPE on q and k; KV cached during generation."""
+
+    def __init__(self, config: RxTComponentConfig, layer_idx: int, is_causal: bool, rope_layout: str, attn_config):
+        super().__init__(
+            attn_config,
+            config.embed_dim,
+            config.head_dim,
+            config.self_attention_heads,
+            out_bias=config.use_attention_output_bias,
+            gated=config.use_gated_attention,
+            gate_activation=config.gated_attention_activation,
+            dropout=config.att_dropout,
+            layer_idx=layer_idx,
+        )
+        self.is_causal = is_causal
+        self.rope_layout = rope_layout
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        query = self.project_query(hidden_states)
+        key, value = self.project_key_value(hidden_states)
+        if position_embeddings is not None:
+            query = apply_rotary(query, *position_embeddings, self.rope_layout)
+            key = apply_rotary(key, *position_embeddings, self.rope_layout)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        return self.attend(hidden_states, query, key, value, attention_mask, is_causal=self.is_causal, **kwargs)
+
+
+class RxTMemoryCrossAttention(RxTAttention):
+    """Decoder memory cross-attention: queries from tokens (RoPE on q only), keys/values from the STM (no mask)."""
+
+    def __init__(self, config: RxTComponentConfig, rope_layout: str, attn_config):
+        super().__init__(
+            attn_config,
+            config.embed_dim,
+            config.head_dim,
+            config.cross_attention_heads,
+            out_bias=config.use_attention_output_bias,
+            gated=config.gated_cross_attention,
+            gate_activation=config.gated_attention_activation,
+            dropout=config.att_dropout,
+        )
+        self.rope_layout = rope_layout
+
+    def forward(self, hidden_states, memory_key_value, position_embeddings=None):
+        query = self.project_query(hidden_states)
+        if position_embeddings is not None:
+            query = apply_rotary(query, *position_embeddings, self.rope_layout)
+        key, value = memory_key_value
+        # No **kwargs: packed-sequence kwargs of self-attention must never reach the memory call.
+        return self.attend(hidden_states, query, key, value, None, is_causal=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Feed-forward and Mixture of Experts
+# ---------------------------------------------------------------------------------------------------------------------
+class RxTFeedForward(nn.Module):
+    """Dense `fc2(act(fc1(x)))` or gated `fc2(l · act(g))` with `[l | g] = fc1(x)` (first half linear)."""
+
+    def __init__(self, embed_dim: int, ff_dim: int, gated: bool, activation: str, dropout: float, bias: bool = True):
+        super().__init__()
+        self.ff_dim = ff_dim
+        self.gated = gated
+        self.fc1 = nn.Linear(embed_dim, 2 * ff_dim if gated else ff_dim, bias=bias)
+        self.fc2 = nn.Linear(ff_dim, embed_dim, bias=bias)
+        self.activation = get_activation(activation)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc1(x)
+        if self.gated:
+            hidden = hidden[..., : self.ff_dim] * self.activation(hidden[..., self.ff_dim :])
+        else:
+            hidden = self.activation(hidden)
+        return self.fc2(self.dropout(hidden))
+
+
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`x [N, in]` sorted by group, `weight [G, in, out]`, cumulative `offsets [G]` → `[N, out]`."""
+    aligned = all((size * x.element_size()) % 16 == 0 for size in (x.shape[-1], weight.shape[-1]))
+    if aligned and hasattr(F, "grouped_mm"):
+        out = F.grouped_mm(x.contiguous(), weight.contiguous(), offs=offsets.to(torch.int32))
+        if out.requires_grad:
+            out.register_hook(lambda grad: grad.contiguous())  # the kernel rejects broadcast (stride-0) gradients
+        return out
+    from transformers.integrations import moe as hf_moe  # registers transformers' grouped-mm fallback op
+
+    del hf_moe
+    return torch.ops.transformers.grouped_mm_fallback(x, weight, offsets.to(torch.int64))
+
+
+class RxTMoE(nn.Module):
+    """Top-k routed experts (stacked `w1 [E, D, 2F|F]`, `w2 [E, F, D]`) + optional shared experts (§8).
+
+    Tokens are sorted by expert and multiplied with grouped GEMMs (no Python loop over experts or tokens).
+    In training mode the load-balancing loss of this call is kept in `self.router_loss`.
+    """
+
+    def __init__(self, config: RxTComponentConfig):
+        super().__init__()
+        dim, ff_dim = config.embed_dim, config.ff_dim
+        self.num_experts, self.top_k = config.num_experts, config.moe_top_k
+        self.ff_dim, self.gated = ff_dim, config.use_gated
+        self.num_shared = config.num_shared_experts
+        self.shared_dim = config.shared_expert_dim or ff_dim
+        self.weighted_shared = config.moe_use_weighted_shared_experts
+        self.router_amp, self.router_dtype = config.router_amp, getattr(torch, config.router_dtype)
+        width = 2 * ff_dim if self.gated else ff_dim
+        self.router = nn.Linear(dim, self.num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(self.num_experts, dim, width))
+        self.w2 = nn.Parameter(torch.empty(self.num_experts, ff_dim, dim))
+        self.b1 = self.b2 = self.global_bias = None
+        if config.moe_bias_mode == "local":
+            self.b1 = nn.Parameter(torch.zeros(self.num_experts, width))
+            self.b2 = nn.Parameter(torch.zeros(self.num_experts, dim))
+        elif config.moe_bias_mode == "global":
+            self.global_bias = nn.Parameter(torch.zeros(dim))
+        self.activation = get_activation(config.ff_activation)
+        self.dropout = nn.Dropout(config.ff_dropout)
+        shared_local = config.moe_shared_experts_bias_mode == "local"
+        self.shared_expert = self.shared_w1 = self.shared_w2 = self.shared_b1 = self.shared_b2 = None
+        self.shared_expert_gate = self.shared_experts_bias = None
+        if self.num_shared == 1:
+            self.shared_expert = RxTFeedForward(
+                dim, self.shared_dim, self.gated, config.ff_activation, config.ff_dropout, bias=shared_local
+            )
+        elif self.num_shared > 1:
+            shared_width = 2 * self.shared_dim if self.gated else self.shared_dim
+            self.shared_w1 = nn.Parameter(torch.empty(self.num_shared, dim, shared_width))
+            self.shared_w2 = nn.Parameter(torch.empty(self.num_shared, self.shared_dim, dim))
+            if shared_local:
+                self.shared_b1 = nn.Parameter(torch.zeros(self.num_shared, shared_width))
+                self.shared_b2 = nn.Parameter(torch.zeros(self.num_shared, dim))
+            self.shared_expert_gate = nn.Linear(dim, self.num_shared, bias=False)
+        if self.num_shared > 0 and config.moe_shared_experts_bias_mode == "global":
+            self.shared_experts_bias = nn.Parameter(torch.zeros(dim))
+        self.router_loss: torch.Tensor | None = None
+
+    def _activate(self, hidden: torch.Tensor, ff_dim: int) -> torch.Tensor:
+        if self.gated:
+            return hidden[..., :ff_dim] * self.activation(hidden[..., ff_dim:])
+        return self.activation(hidden)
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`x [N, D]` → router probabilities `[N, E]`, top-k weights and expert ids `[N, K]` (§8.1)."""
+        if self.router_amp:
+            with torch.autocast(device_type=x.device.type, dtype=self.router_dtype):
+                logits = self.router(x)
+        else:
+            logits = self.router(x)
+        probs = logits.softmax(dim=-1)
+        top_probs, top_experts = probs.topk(self.top_k, dim=-1)
+        weights = top_probs / (top_probs.sum(dim=-1, keepdim=True) + 1e-9)
+        return probs, weights.to(x.dtype), top_experts
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_expert is not None:
+            return self.shared_expert(x)
+        hidden = torch.einsum("nd,sdf->nsf", x, self.shared_w1)  # [N, Ns, 2Fs|Fs]
+        if self.shared_b1 is not None:
+            hidden = hidden + self.shared_b1
+        out = torch.einsum("nsf,sfd->nsd", self.dropout(self._activate(hidden, self.shared_dim)), self.shared_w2)
+        if self.shared_b2 is not None:
+            out = out + self.shared_b2
+        mix = self.shared_expert_gate(x).softmax(dim=-1)  # [N, Ns]
+        if self.training:
+            self._shared_gate_loss = (mix - 1.0 / self.num_shared).abs().mean()
+        return (mix.unsqueeze(-1) * out).sum(dim=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # [N, D]
+        probs, weights, experts = self._route(x)
+        flat_experts = experts.reshape(-1)  # [N·K]
+        order = flat_experts.argsort(stable=True)
+        token_index = order // self.top_k
+        sorted_experts = flat_experts[order]
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        offsets = counts.cumsum(0)
+        hidden = _grouped_mm(x[token_index], self.w1.to(x.dtype), offsets)
+        if self.b1 is not None:
+            hidden = hidden + self.b1[sorted_experts]
+        hidden = self.dropout(self._activate(hidden, self.ff_dim))
+        out = _grouped_mm(hidden, self.w2.to(x.dtype), offsets)
+        if self.b2 is not None:
+            out = out + self.b2[sorted_experts]
+        routed_scale = self.top_k / (self.top_k + self.num_shared) if self.weighted_shared and self.num_shared else 1.0
+        out = out * (weights.reshape(-1)[order] * routed_scale).unsqueeze(-1)
+        y = torch.zeros_like(x).index_add_(0, token_index, out)
+        if self.global_bias is not None:
+            y = y + self.global_bias
+        if self.num_shared > 0:
+            shared = self._shared(x)
+            if self.shared_experts_bias is not None:
+                shared = shared + self.shared_experts_bias
+            if self.weighted_shared:
+                shared = shared * (self.num_shared / (self.top_k + self.num_shared))
+            y = y + shared
+        if self.training:
+            self.router_loss = self._load_balancing_loss(probs, experts, counts)
+        return y.view(shape)
+
+    def _load_balancing_loss(self, probs: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`E · Σ_e f_e · P̄_e` with `P̄_e` the mean probability over tokens that selected `e` (§8.6)."""
+        num_tokens = probs.shape[0]
+        counts = counts.to(probs.dtype)
+        fraction = counts / (num_tokens * self.top_k + 1e-6)
+        selected_probs = torch.zeros_like(counts).index_add_(0, experts.reshape(-1), probs.gather(1, experts).reshape(-1))
+        mean_probs = selected_probs / counts.clamp(min=1e-6)
+        loss = self.num_experts * (fraction * mean_probs).sum()
+        if self.num_shared > 1:
+            loss = loss + self._shared_gate_loss
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoder / encoder layers
+# ---------------------------------------------------------------------------------------------------------------------
+class RxTDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: self-attention, memory cross-attention (memory layers only), feed-forward.
+
+    `ff_kind`: `'memory'` (MoE if `use_moe` else dense/gated `ff_dim`), `'dense'` (width `dense_layer_dim`) or
+    `'moe'` (MoE if `use_moe`, else dense/gated `ff_dim`). `memory_layer_idx` is the STM layer it reads (None for
+    stateless layers). `layer_idx` is its index in the self-attention KV cache.
+    """
+
+    is_causal = True
+
+    def __init__(
+        self,
+        config: RxTComponentConfig,
+        layer_idx: int,
+        rope_layout: str,
+        attn_config,
+        memory_layer_idx: int | None = None,
+        ff_kind: str = "memory",
+    ):
+        super().__init__()
+        self.memory_layer_idx = memory_layer_idx
+        self.attention = RxTSelfAttention(config, layer_idx, self.is_causal, rope_layout, attn_config)
+        self.norm1 = make_norm(config.embed_dim, config.use_rms_norm)
+        self.norm3 = make_norm(config.embed_dim, config.use_rms_norm)
+        if memory_layer_idx is not None:
+            self.memory_cross_attention = RxTMemoryCrossAttention(config, rope_layout, attn_config)
+            self.norm2 = make_norm(config.embed_dim, config.use_rms_norm)
+            self.stm_norm = make_norm(config.embed_dim, config.use_rms_norm)
+        if ff_kind != "dense" and config.use_moe:
+            self.ff = RxTMoE(config)
+        else:
+            width = config.dense_layer_dim if ff_kind == "dense" else config.ff_dim
+            self.ff = RxTFeedForward(config.embed_dim, width, config.use_gated, config.ff_activation, config.ff_dropout)
+
+    def project_memory(self, stm_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`STM[i] [B, S, D]` → memory `k, v [B, Hkv, S, hd]` (once per turn at inference)."""
+        return self.memory_cross_attention.project_key_value(self.stm_norm(stm_layer))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        stm_layer: torch.Tensor | None = None,
+        position_embeddings=None,
+        attention_mask=None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        h = hidden_states
+        h = h + self.attention(self.norm1(h), position_embeddings, attention_mask, past_key_values, **kwargs)
+        if self.memory_layer_idx is not None:
+            if past_key_values is not None and hasattr(past_key_values, "get_memory_kv") and not self.training:
+                memory_key_value = past_key_values.get_memory_kv(self.memory_layer_idx, self.project_memory)
+            else:  # training (and activation checkpointing, which drops the cache): STM layer passed positionally
+                memory_key_value = self.project_memory(stm_layer)
+            h = h + self.memory_cross_attention(self.norm2(h), memory_key_value, position_embeddings)
+        return h + self.ff(self.norm3(h))
+
+
+class RxTEncoderLayer(RxTDecoderLayer):
+    """Memory-encoder block: bidirectional self-attention and feed-forward (no memory cross-attention)."""
+
+    is_causal = False
+
+    def __init__(self, config: RxTComponentConfig, layer_idx: int, rope_layout: str, attn_config):
+        super().__init__(config, layer_idx, rope_layout, attn_config, memory_layer_idx=None, ff_kind="memory")
+
+
+def _moe_router_loss(modules) -> torch.Tensor | None:
+    losses = [m.ff.router_loss for m in modules if isinstance(m.ff, RxTMoE) and m.ff.router_loss is not None]
+    return torch.stack(losses).mean() if losses else None
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor | None, length: int, past_length: int, device) -> torch.Tensor:
+    """Token positions `[B or 1, T]`: `cumsum(mask) − 1` (so left padding keeps real tokens at 0..n−1), else arange."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions[:, -length:]
+    return torch.arange(past_length, past_length + length, device=device).unsqueeze(0)
+
+
+class RxTDecoder(nn.Module):
+    """Leading stateless layers → memory layers (layer `i` reads `STM[i]`) → final stateless layers → head norm."""
+
+    def __init__(self, config: RxTComponentConfig, rope_layout: str, attn_config):
+        super().__init__()
+        self.config = config
+        self.rotary = RxTRotaryEmbedding(config.head_dim, config.rope_base) if config.use_rope else None
+        kinds = list(config.stateless_layers_config or [])
+        final_kinds = list(config.final_stateless_layers_config or [])
+        has_memory = config.has_memory_cross_attention
+        self.stateless_layers = nn.ModuleList(
+            RxTDecoderLayer(config, j, rope_layout, attn_config, None, kind) for j, kind in enumerate(kinds)
+        )
+        offset = len(kinds)
+        self.layers = nn.ModuleList(
+            RxTDecoderLayer(config, offset + i, rope_layout, attn_config, i if has_memory else None)
+            for i in range(config.num_layers)
+        )
+        offset += config.num_layers
+        self.final_stateless_layers = nn.ModuleList(
+            RxTDecoderLayer(config, offset + j, rope_layout, attn_config, None, kind) for j, kind in enumerate(final_kinds)
+        )
+        self.head_norm = None
+        if config.use_head_norm:
+            self.head_norm = make_norm(config.embed_dim, config.head_norm_type == "rms_norm")
+
+    def forward(self, hidden_states, stm=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        """`hidden_states [B, T, D]`, `stm [L, B, S, D]` → `[B, T, D]` (after the head norm, before the LM head)."""
+        position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
+        common = dict(position_embeddings=position_embeddings, attention_mask=attention_mask)
+        for layer in self.stateless_layers:
+            hidden_states = layer(hidden_states, None, past_key_values=past_key_values, **common, **kwargs)
+        for i, layer in enumerate(self.layers):
+            stm_layer = stm[i] if stm is not None else None
+            hidden_states = layer(hidden_states, stm_layer, past_key_values=past_key_values, **common, **kwargs)
+        for layer in self.final_stateless_layers:
+            hidden_states = layer(hidden_states, None, past_key_values=past_key_values, **common, **kwargs)
+        if self.head_norm is not None:
+            hidden_states = self.head_norm(hidden_states)
+        return hidden_states
+
+    def router_loss(self, include_final: bool = True) -> torch.Tensor | None:
+        modules = list(self.stateless_layers) + list(self.layers)
+        if include_final:
+            modules += list(self.final_stateless_layers)
+        return _moe_router_loss(modules)
+
+
+class RxTEncoder(nn.Module):
+    """Bidirectional memory encoder: returns `ED [L, B, T, D]`, the un-normalised output of every layer."""
+
+    def __init__(self, config: RxTComponentConfig, rope_layout: str, attn_config):
+        super().__init__()
+        self.config = config
+        self.rotary = RxTRotaryEmbedding(config.head_dim, config.rope_base) if config.use_rope else None
+        self.layers = nn.ModuleList(
+            RxTEncoderLayer(config, i, rope_layout, attn_config) for i in range(config.num_layers)
+        )
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None) -> torch.Tensor:
+        position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
+        outputs = []
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, None, position_embeddings, attention_mask)
+            outputs.append(hidden_states)
+        return torch.stack(outputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory attention: norms, residual gates, network
+# ---------------------------------------------------------------------------------------------------------------------
+class RxTMemoryNorm(nn.Module):
+    """Gated memory norms `rms`, `adaptive`, `positional`, `layer` (§12.3): `y = σ(gate)·n(x) + (1−σ(gate))·x`.
+
+    (`classic-rms` is a plain `nn.RMSNorm`, built by `make_memory_norm`.)
+    """
+
+    def __init__(self, config: RxTMemoryAttentionConfig):
+        super().__init__()
+        self.norm_type, self.decay = config.norm_type, float(config.norm_decay)
+        dim, slots = config.embed_dim, config.stm_size
+        self.init_gate = float(config.norm_init_gate)
+        if self.norm_type == "positional":
+            self.scale = nn.Parameter(torch.ones(dim) if config.norm_per_dim_scale else torch.ones(slots, 1))
+            self.gate = nn.Parameter(torch.full((slots, 1), self.init_gate))
+            self.register_buffer("ema_rms", torch.ones(slots, 1))
+        else:
+            self.scale = nn.Parameter(torch.ones(dim))
+            self.gate = nn.Parameter(torch.full((1,), self.init_gate))
+            if self.norm_type == "adaptive":
+                self.register_buffer("ema_rms", torch.ones(1))
+            if self.norm_type == "layer":
+                self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x [B, S, D]` → same shape."""
+        if self.norm_type == "layer":
+            normed = self.norm(x) * self.scale
+        elif self.norm_type == "positional":
+            rms = self.ema_rms
+            if self.training:
+                current = x.detach().pow(2).mean(dim=-1, keepdim=True).sqrt().mean(dim=0)  # [S, 1]
+                rms = self.decay * self.ema_rms + (1 - self.decay) * current
+                self.ema_rms.copy_(rms)
+            normed = x * torch.rsqrt(rms + 1e-6) * self.scale
+        elif self.norm_type == "adaptive" and self.training:
+            current = x.pow(2).mean().sqrt()  # one scalar for the whole input; gradient flows through it
+            rms = self.decay * self.ema_rms + (1 - self.decay) * current
+            self.ema_rms.copy_(rms.detach())
+            normed = x * torch.rsqrt(rms + 1e-6) * self.scale
+        else:  # rms, and adaptive in eval mode: per-slot RMS
+            rms = x.pow(2).mean(dim=-1, keepdim=True).sqrt()
+            normed = x * torch.rsqrt(rms + 1e-6) * self.scale
+        gate = torch.sigmoid(self.gate)
+        return gate * normed + (1 - gate) * x
+
+
+def make_memory_norm(config: RxTMemoryAttentionConfig) -> nn.Module:
+    return nn.RMSNorm(config.embed_dim, eps=None) if config.norm_type == "classic-rms" else RxTMemoryNorm(config)
+
+
+class RxTResidualGate(nn.Module):
+    """`Gate(old, new)` (§12.4): `old + new` when disabled; else gate value `g` (static / elementwise / linear) and
+    sigmoid `g·new + (1−g)·old` or tanh `(1+g)·new + (1−g)·old`."""
+
+    def __init__(self, config: RxTMemoryAttentionConfig, enabled: bool):
+        super().__init__()
+        self.enabled = enabled
+        self.gate_type = config.residual_gate_type
+        self.per_slot = config.residual_per_slot_gate
+        self.use_tanh = config.use_tanh_residual_gate
+        self.slot_status = None
+        if not enabled:
+            return
+        slots = config.stm_size
+        self.init_value = float(config.residual_gate_init)
+        if self.gate_type == "linear":
+            self.gate = nn.Linear(slots, slots if self.per_slot else 1)
+            self.gate._torch_default_init = True
+        else:
+            self.gate = nn.Parameter(torch.full((slots, 1) if self.per_slot else (1,), self.init_value))
+        uses_status = self.gate_type == "linear" or (self.gate_type == "elementwise" and self.per_slot)
+        if config.residual_gate_slot_status_type == "linear" and uses_status:
+            self.slot_status = nn.Linear(config.embed_dim, 1)
+            self.slot_status._torch_default_init = True
+
+    def _status(self, x: torch.Tensor) -> torch.Tensor:
+        """Slot status `[B, S, 1]` of `x [B, S, D]`."""
+        return self.slot_status(x) if self.slot_status is not None else x.mean(dim=-1, keepdim=True)
+
+    def forward(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return old + new
+        if self.gate_type == "static":
+            logits = self.gate
+        elif self.gate_type == "elementwise":
+            status = self._status(old + new) if self.per_slot else (old + new).mean(dim=(1, 2), keepdim=True)
+            logits = self.gate * status
+        else:  # linear: [B, S] → [B, S] or [B, 1]
+            logits = self.gate(self._status(old + new).squeeze(-1)).unsqueeze(-1)
+        if self.use_tanh:
+            gate = torch.tanh(logits)
+            return (1 + gate) * new + (1 - gate) * old
+        gate = torch.sigmoid(logits)
+        return gate * new + (1 - gate) * old
+
+
+class RxTMemoryAttention(nn.Module):
+    """Memory-attention network: `STM_{t−1} [L, B, S, D]`, `ED [L, B, T, D]` → `STM_t [L, B, S, D]` (§12).
+
+    Variants: `simple`, `self` (STM self-attention pre-step), `interlayer` (attention to the mean of all STM layers),
+    `self-interlayer` (the interlayer keys/values are a gate of the layer and the mean) and
+    `grouped-self-interlayer` (means over `num_groups` contiguous groups of layers).
+    """
+
+    def __init__(self, config: RxTMemoryAttentionConfig, variant: str, rope_layout: str, attn_config):
+        super().__init__()
+        self.config, self.variant, self.rope_layout = config, variant, rope_layout
+        dim, hd, layers = config.embed_dim, config.head_dim, config.num_layers
+        self.rotary = RxTRotaryEmbedding(hd, config.rope_base)
+
+        def attention(prefix: str) -> RxTAttention:
+            return RxTAttention(attn_config, dim, hd, config.heads(prefix), dropout=getattr(config, prefix + "dropout"))
+
+        def norms() -> nn.ModuleList:
+            return nn.ModuleList(make_memory_norm(config) for _ in range(layers))
+
+        def gates(enabled: bool) -> nn.ModuleList:
+            return nn.ModuleList(RxTResidualGate(config, enabled) for _ in range(layers))
+
+        self.attention_layers = nn.ModuleList(attention("att_") for _ in range(layers))
+        self.memory_norm_layers = norms()
+        self.memory_input_norm_layers = nn.ModuleList(nn.RMSNorm(dim, eps=None) for _ in range(layers))
+        self.residual_gate_layers = None if config.disable_residual else gates(config.use_gated_residual)
+        if variant == "self":
+            self.self_attention_layers = nn.ModuleList(attention("self_att_") for _ in range(layers))
+            self.self_memory_norm_layers = norms()
+            self.self_residual_gate_layers = gates(config.use_gate_for_self_attention)
+        elif variant != "simple":
+            self.mean_attention_layers = nn.ModuleList(attention("interlayer_att_") for _ in range(layers))
+            self.mean_memory_norm_layers = norms()
+            self.mean_stm_norm = make_memory_norm(config)
+            self.mean_residual_gate_layers = gates(config.use_gated_residual)
+            if variant != "interlayer":
+                self.interlayer_gate_layers = gates(config.use_gated_residual)
+        self.num_groups = config.num_groups if variant == "grouped-self-interlayer" else 1
+
+    def _layer_means(self, stm: torch.Tensor) -> torch.Tensor:
+        """Normalised mean STM per group `[G, B, S, D]` (G = 1 except the grouped variant)."""
+        num_layers, batch = stm.shape[:2]
+        means = stm.view(self.num_groups, num_layers // self.num_groups, *stm.shape[1:]).mean(dim=1)
+        return self.mean_stm_norm(means.flatten(0, 1)).view_as(means)
+
+    def forward(self, stm, encoded, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """`stm [L, B|1, S, D]`, `encoded [L, B, T, D]`, `attention_mask` (prepared ED key mask) → `[L, B, S, D]`."""
+        stm = stm.expand(stm.shape[0], encoded.shape[1], *stm.shape[2:])
+        key_position_embeddings = self.rotary(position_ids, encoded.dtype)
+        group_size = stm.shape[0] // self.num_groups
+        means = self._layer_means(stm) if self.variant not in ("simple", "self") else None
+        new_layers = []
+        for i, stm_layer in enumerate(stm):
+            if self.variant == "simple":
+                x = stm_layer
+            elif self.variant == "self":
+                normed = self.self_memory_norm_layers[i](stm_layer)
+                x = self.self_residual_gate_layers[i](stm_layer, self.self_attention_layers[i](normed, normed))
+            else:
+                normed = self.mean_memory_norm_layers[i](stm_layer)
+                mean = means[i // group_size]
+                key_value = mean if self.variant == "interlayer" else self.interlayer_gate_layers[i](normed, mean)
+                x = self.mean_residual_gate_layers[i](stm_layer, self.mean_attention_layers[i](normed, key_value))
+            update = self.attention_layers[i](
+                self.memory_norm_layers[i](x),
+                self.memory_input_norm_layers[i](encoded[i]),
+                attention_mask,
+                key_position_embeddings,
+                self.rope_layout,
+            )
+            new_layers.append(update if self.residual_gate_layers is None else self.residual_gate_layers[i](x, update))
+        return torch.stack(new_layers)
+
+
+class RxTSTMInit(nn.Module):
+    """Initial STM `[L, 1, S, D]`: a trained parameter (`learned_stm_init`) or a deterministic draw from `stm_init`
+    seeded by `stm_init_seed` (not saved: recomputed identically on every load)."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__()
+        self.shape = (config.stm_shape[0], 1, *config.stm_shape[1:])
+        self.mode, self.seed = config.stm_init, config.stm_init_seed
+        self.stm = nn.Parameter(self.draw()) if config.learned_stm_init else None
+        self._fixed: dict[tuple, torch.Tensor] = {}
+
+    def draw(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.mode == "standard":
+            return torch.randn(self.shape, generator=generator)
+        if self.mode == "normal":
+            return torch.randn(self.shape, generator=generator) * 0.02
+        if self.mode == "uniform":
+            return torch.rand(self.shape, generator=generator) * 0.02
+        return torch.ones(self.shape) if self.mode == "ones" else torch.zeros(self.shape)
+
+    def forward(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        """A fresh `[L, batch_size, S, D]` tensor (differentiable w.r.t. `stm` when learned)."""
+        if self.stm is not None:
+            base = self.stm
+        else:
+            key = (torch.device(device or "cpu"), dtype or torch.float32)
+            if key not in self._fixed:
+                self._fixed[key] = self.draw().to(device=key[0], dtype=key[1])
+            base = self._fixed[key]
+        return base.expand(self.shape[0], batch_size, *self.shape[2:]).clone()
+
+
+class RxTMLMHead(nn.Module):
+    """Encoder MLM head: `decoder(layer_norm(gelu(dense(h))))` (§10.2)."""
+
+    def __init__(self, embed_dim: int, vocab_size: int):
+        super().__init__()
+        self.dense = nn.Linear(embed_dim, embed_dim)
+        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.decoder = nn.Linear(embed_dim, vocab_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(F.gelu(self.dense(hidden_states))))
+
+
+@torch.no_grad()
+def init_rxt_weights(model: PreTrainedModel, module: nn.Module) -> None:
+    """transformers' defaults (normal(0.02) linears/embeddings, unit norms), then the RxT-specific parameters:
+    gated-attention `gate_proj` N(1, 0.01), MoE expert stacks, memory norms, residual gates (`residual_gate_init`;
+    linear gates and slot status keep PyTorch's default init, as the reference), learned STM init."""
+    if isinstance(module, nn.Linear) and getattr(module, "_torch_default_init", False):
+        module.reset_parameters()
+        return
+    PreTrainedModel._init_weights(model, module)
+    if isinstance(module, RxTAttention) and module.gate_proj is not None:
+        init.normal_(module.gate_proj.weight, mean=1.0, std=0.01)
+    elif isinstance(module, RxTMoE):
+        for name in ("w1", "w2", "shared_w1", "shared_w2"):
+            if getattr(module, name) is not None:
+                init.normal_(getattr(module, name), mean=0.0, std=0.02)
+        for name in ("b1", "b2", "global_bias", "shared_b1", "shared_b2", "shared_experts_bias"):
+            if getattr(module, name) is not None:
+                init.zeros_(getattr(module, name))
+    elif isinstance(module, RxTMemoryNorm):
+        if module.norm_type == "positional" and module.scale.dim() == 2:
+            init.normal_(module.scale, mean=1.0, std=0.1)
+        else:
+            init.ones_(module.scale)
+        init.constant_(module.gate, module.init_gate)
+        if hasattr(module, "ema_rms"):
+            init.ones_(module.ema_rms)
+    elif isinstance(module, RxTResidualGate) and isinstance(getattr(module, "gate", None), nn.Parameter):
+        init.constant_(module.gate, module.init_value)
+    elif isinstance(module, RxTSTMInit) and module.stm is not None:
+        init.copy_(module.stm, module.draw())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class RxTModelOutput(ModelOutput):
+    """`last_hidden_state [B, T, D]` (decoder, or encoder's last layer in `encode` mode), `stm [L, B, S, D]`
+    (read by the decoder, or the updated STM in `memory_update` mode), `encoder_hidden_states` = ED `[L, B, T, D]`,
+    `aux_loss` = MoE router loss (training)."""
+
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: RxTCache | None = None
+    stm: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class RxTCausalLMOutput(ModelOutput):
+    """`logits [B, T, V]`; `loss` = LM loss (+ nothing else: add `aux_loss` in the trainer); `mlm_logits [B, T, V]`
+    in `mlm` mode; `stm` and `encoder_hidden_states` as in `RxTModelOutput`."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: RxTCache | None = None
+    stm: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+MODES = ("decode", "encode", "memory_update", "mlm")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pre-trained model classes
+# ---------------------------------------------------------------------------------------------------------------------
+class RxTPreTrainedModel(PreTrainedModel):
+    config_class = RxTConfig
+    config: RxTConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttention"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        init_rxt_weights(self, module)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights, config and the flat code files with a full `auto_map` (loads with `trust_remote_code`)."""
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class RxTModel(RxTPreTrainedModel):
+    """Decoder, memory encoder and memory-attention network with one shared token embedding and the STM init."""
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        dec = config.decoder_config
+        self.embed_tokens = nn.Embedding(dec.vocab_size, dec.embed_dim)
+        self.decoder = RxTDecoder(dec, config.rope_layout, config)
+        self.encoder = RxTEncoder(config.encoder_config, config.rope_layout, config)
+        self.memory_attention = RxTMemoryAttention(
+            config.memory_attention_config, config.memory_attention_variant, config.rope_layout, config
+        )
+        self.stm_init = RxTSTMInit(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    # -- validation -----------------------------------------------------------------------------------------------
+    def _check_input(self, input_ids, inputs_embeds, attention_mask, past_length: int = 0) -> tuple[int, int]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D].")
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if len(shape) != 2 or shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape {tuple(shape)}.")
+        batch, length = shape
+        limit = self.config.decoder_config.seq_len
+        if past_length + length > limit:
+            raise ValueError(
+                f"Input of {past_length + length} tokens exceeds the maximum sequence length {limit} "
+                "(decoder_config.seq_len / encoder_config.seq_len); shorten the interaction or raise seq_len."
+            )
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != batch:
+            raise ValueError(
+                f"attention_mask has batch {attention_mask.shape[0]}, expected {batch} (the input batch)."
+            )
+        return batch, length
+
+    def check_stm(self, stm: torch.Tensor, batch_size: int | None = None, check_finite: bool = True) -> None:
+        """Raise a ValueError naming the expected shape `[L, B|1, S, D]` unless `stm` fits this model."""
+        layers, slots, dim = self.config.stm_shape
+        if not isinstance(stm, torch.Tensor) or stm.dim() != 4:
+            got = tuple(stm.shape) if isinstance(stm, torch.Tensor) else type(stm).__name__
+            raise ValueError(f"stm must be a tensor [L={layers}, batch, S={slots}, D={dim}], got {got}.")
+        if (stm.shape[0], stm.shape[2], stm.shape[3]) != (layers, slots, dim):
+            raise ValueError(
+                f"stm has shape {tuple(stm.shape)}, expected [L={layers}, batch, S={slots}, D={dim}] "
+                "(layers, slots, width of this model)."
+            )
+        if batch_size is not None and stm.shape[1] not in (1, batch_size) and batch_size % stm.shape[1] != 0:
+            raise ValueError(
+                f"stm batch {stm.shape[1]} does not fit the input batch {batch_size}; expected 1 (broadcast), "
+                f"{batch_size}, or a divisor of it (rows repeated, e.g. num_return_sequences)."
+            )
+        if check_finite and not torch.isfinite(stm).all():
+            raise ValueError("stm contains NaN or Inf values; expected a finite STM (reset it with initial_stm()).")
+
+    @staticmethod
+    def _fit_stm_batch(stm: torch.Tensor, batch_size: int) -> torch.Tensor:
+        if stm.shape[1] == batch_size:
+            return stm
+        if stm.shape[1] == 1:
+            return stm.expand(stm.shape[0], batch_size, *stm.shape[2:])
+        return stm.repeat_interleave(batch_size // stm.shape[1], dim=1)
+
+    def initial_stm(self, batch_size: int = 1) -> torch.Tensor:
+        """The model's initial STM `[L, batch_size, S, D]` (deterministic, or learned)."""
+        param = self.embed_tokens.weight
+        return self.stm_init(batch_size, device=param.device, dtype=param.dtype)
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: RxTCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        stm: torch.Tensor | None = None,
+        mode: str = "decode",
+        **kwargs,
+    ) -> RxTModelOutput:
+        """`mode`: `decode` (decoder reading the STM), `encode` (ED of the memory encoder), `memory_update`
+        (encoder + memory attention: `stm` is the previous STM, the output `stm` the new one)."""
+        if mode not in ("decode", "encode", "memory_update"):
+            raise ValueError(f"mode={mode!r} is not supported by RxTModel; expected 'decode', 'encode' or 'memory_update'.")
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        batch, length = self._check_input(input_ids, inputs_embeds, attention_mask, past_length)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if mode != "decode":
+            return self._memory_forward(inputs_embeds, attention_mask, stm, mode)
+
+        if stm is not None:
+            self.check_stm(stm, batch, check_finite=not self.training)
+        if past_key_values is not None and hasattr(past_key_values, "set_stm"):
+            if stm is not None and stm is not past_key_values.stm:
+                past_key_values.set_stm(stm)
+            elif past_key_values.stm is None:
+                past_key_values.set_stm(self.initial_stm(1))
+            if past_key_values.stm.shape[1] != batch:
+                past_key_values.set_stm(self._fit_stm_batch(past_key_values.stm, batch))
+            stm = past_key_values.stm
+        elif stm is None:
+            stm = self.initial_stm(1)
+        stm = self._fit_stm_batch(stm, batch)
+        if use_cache and past_key_values is None and not self.training:
+            past_key_values = RxTCache(stm=stm)
+
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, length, past_length, inputs_embeds.device)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = self.decoder(
+            inputs_embeds, stm, causal_mask, position_ids, past_key_values=past_key_values, **kwargs
+        )
+        aux_loss = None
+        if self.training:
+            aux_loss = self.decoder.router_loss(include_final=self.config.moe_aux_layers == "all")
+        return RxTModelOutput(last_hidden_state=hidden_states, past_key_values=past_key_values, stm=stm, aux_loss=aux_loss)
+
+    def _memory_forward(self, inputs_embeds, attention_mask, stm, mode: str) -> RxTModelOutput:
+        length = inputs_embeds.shape[1]
+        position_ids = position_ids_from_mask(attention_mask, length, 0, inputs_embeds.device)
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+        )
+        encoded = self.encoder(inputs_embeds, mask, position_ids)  # [L, B, T, D]
+        if mode == "encode":
+            return RxTModelOutput(last_hidden_state=encoded[-1], encoder_hidden_states=encoded)
+        batch = inputs_embeds.shape[0]
+        if stm is None:
+            stm = self.initial_stm(1)
+        self.check_stm(stm, batch, check_finite=not self.training)
+        memory_mask = create_bidirectional_mask(
+            config=self.config,
+            inputs_embeds=stm[0].expand(batch, *stm.shape[2:]),
+            attention_mask=attention_mask,
+            encoder_hidden_states=encoded[0],
+        )
+        new_stm = self.memory_attention(self._fit_stm_batch(stm, batch), encoded, memory_mask, position_ids)
+        return RxTModelOutput(stm=new_stm, encoder_hidden_states=encoded)
+
+
+class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
+    """RxT with its LM head (`Linear(D, V)` with bias, untied) and optional MLM head; stateful generation.
+
+    Inference API: `forward(input_ids, attention_mask, stm=...)`, `encode`, `mlm_logits`, `update_memory`,
+    `initial_stm`, `generate(..., past_key_values=RxTCache(stm))`, `interact` and `RxTChatSession`.
+    """
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: RxTConfig):
+        super().__init__(config)
+        self.model = RxTModel(config)
+        dec = config.decoder_config
+        self.lm_head = nn.Linear(dec.embed_dim, dec.vocab_size, bias=True)
+        self.mlm_head = RxTMLMHead(dec.embed_dim, dec.vocab_size) if config.use_mlm_head else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: RxTCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        stm: torch.Tensor | None = None,
+        mode: str = "decode",
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> RxTCausalLMOutput:
+        """`decode` → `logits [B, T, V]` (+ `loss` with `labels`, shifted inside); `encode` → ED; `memory_update`
+        → new `stm`; `mlm` → `mlm_logits` (+ `loss` with unshifted MLM `labels`, -100 ignored)."""
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not supported; expected one of {list(MODES)}.")
+        if mode == "mlm":
+            if self.mlm_head is None:
+                raise ValueError("This model has no MLM head (config.use_mlm_head=False).")
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, mode="encode")
+            mlm_logits = self.mlm_head(outputs.last_hidden_state)
+            loss = None
+            if labels is not None:
+                loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            return RxTCausalLMOutput(loss=loss, mlm_logits=mlm_logits, encoder_hidden_states=outputs.encoder_hidden_states)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            stm=stm,
+            mode=mode,
+            **kwargs,
+        )
+        if mode != "decode":
+            return RxTCausalLMOutput(stm=outputs.stm, encoder_hidden_states=outputs.encoder_hidden_states)
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return RxTCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            stm=outputs.stm,
+            aux_loss=outputs.aux_loss,
+            last_hidden_state=outputs.last_hidden_state,
+        )
+
+    # -- inference API --------------------------------------------------------------------------------------------
+    def initial_stm(self, batch_size: int = 1) -> torch.Tensor:
+        """The initial STM `[L, batch_size, S, D]`."""
+        return self.model.initial_stm(batch_size)
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Memory-encoder outputs of every layer, `[L, B, T, D]`."""
+        return self(input_ids=input_ids, attention_mask=attention_mask, mode="encode").encoder_hidden_states
+
+    @torch.no_grad()
+    def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """MLM-head logits `[B, T, V]` over the encoder's last layer."""
+        return self(input_ids=input_ids, attention_mask=attention_mask, mode="mlm").mlm_logits
+
+    @torch.no_grad()
+    def update_memory(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        stm: torch.Tensor | RxTCache | None = None,
+    ) -> torch.Tensor:
+        """Encode the full interaction `[BOS][Q]query[A]answer[EOS]` and write it into memory → new STM `[L, B, S, D]`.
+
+        `stm` is the previous STM (default: the initial STM) or an `RxTCache`, whose STM is replaced by the new one
+        and whose turn state is reset (`start_new_turn`).
+        """
+        cache = stm if hasattr(stm, "set_stm") else None
+        previous = cache.stm if cache is not None else stm
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}."
+                )
+            empty = (attention_mask.sum(dim=-1) == 0).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"Rows {empty} of the interaction batch are empty (all padding); expected >= 1 token.")
+        new_stm = self(input_ids=input_ids, attention_mask=attention_mask, stm=previous, mode="memory_update").stm
+        if cache is not None:
+            cache.set_stm(new_stm)
+            cache.start_new_turn()
+        return new_stm
+
+    # -- generation hooks -----------------------------------------------------------------------------------------
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        cache = model_kwargs.get("past_key_values")
+        if cache is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = RxTCache()
+        elif cache is not None and not hasattr(cache, "set_stm"):
+            raise ValueError(
+                f"past_key_values must be an RxTCache (self-attention KV + STM), got {type(cache).__name__}."
+            )
+        elif cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"The RxTCache still holds {cache.get_seq_length()} tokens of the previous turn. Each generate() call "
+                "is one turn: call model.update_memory(interaction_ids, mask, cache) (or cache.start_new_turn()) first."
+            )
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    # -- chat-level API -------------------------------------------------------------------------------------------
+    def interact(self, query, session: "RxTChatSession | None" = None, tokenizer=None, streamer=None, **generate_kwargs):
+        """Answer `query` (a string, or a list of strings for a batch of conversations) in `session`, then update its
+        memory. Returns the decoded answer(s); see `RxTChatSession.interact`."""
+        if session is None:
+            if tokenizer is None:
+                raise ValueError("interact() needs a session or a tokenizer to start one.")
+            session = RxTChatSession(self, tokenizer)
+        return session.interact(query, streamer=streamer, **generate_kwargs)
+
+
+class RxTChatSession:
+    """One or more conversations with an RxT model: an `RxTCache` (STM + per-turn KV) plus a lock.
+
+    `interact(query)` renders `[BOS][Q]query[A]`, generates with stock `generate`, then encodes the full interaction
+    and updates the STM. With `background_update=True` the memory update runs in a thread after the answer is
+    returned; the next turn (and `stm`) waits for it.
+    """
+
+    def __init__(self, model: RxTForCausalLM, tokenizer, stm: torch.Tensor | None = None, batch_size: int = 1,
+                 background_update: bool = False):  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.background_update = background_update
+        self._lock = threading.Lock()
+        self._update_thread: threading.Thread | None = None
+        self._update_error: BaseException | None = None
+        if stm is not None:
+            model.model.check_stm(stm)
+        self.cache = RxTCache(stm=stm if stm is not None else model.initial_stm(batch_size))
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until a background memory update has finished (re-raises its error)."""
+        thread = self._update_thread
+        if thread is not None:
+            thread.join()
+            self._update_thread = None
+        if self._update_error is not None:
+            error, self._update_error = self._update_error, None
+            raise RuntimeError("The background memory update failed.") from error
+
+    @property
+    def stm(self) -> torch.Tensor:
+        self.wait()
+        return self.cache.stm
+
+    def reset(self, batch_size: int | None = None) -> None:
+        """Start over from the model's initial STM."""
+        self.wait()
+        self.cache = RxTCache(stm=self.model.initial_stm(batch_size or self.cache.stm.shape[1]))
+
+    def save(self, path: str) -> None:
+        """Save this conversation's STM to a safetensors file (bit-exact)."""
+        from safetensors.torch import save_file
+
+        save_file({"stm": self.stm.detach().contiguous().cpu()}, path, metadata={"format": "rxt-stm"})
+
+    @classmethod
+    def load(cls, model: RxTForCausalLM, tokenizer, path: str, **kwargs) -> "RxTChatSession":
+        """Restore a conversation saved with `save`."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if "stm" not in tensors:
+            raise ValueError(f"{path} has no 'stm' tensor; expected a file written by RxTChatSession.save().")
+        param = model.get_input_embeddings().weight
+        return cls(model, tokenizer, stm=tensors["stm"].to(device=param.device, dtype=param.dtype), **kwargs)
+
+    # -- one turn -------------------------------------------------------------------------------------------------
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        device = self.model.get_input_embeddings().weight.device
+        return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+    def interact(self, query, streamer=None, max_new_tokens: int = 64, **generate_kwargs):
+        """Answer `query` (str, or list of str — one per conversation in the batch) and update memory.
+
+        Returns the answer text (or a list). `streamer` (e.g. `TextIteratorStreamer`) receives tokens as they are
+        generated; the memory update starts after generation ends.
+        """
+        queries = [query] if isinstance(query, str) else list(query)
+        if any(not q for q in queries):
+            raise ValueError("Empty query: expected non-empty text for every conversation.")
+        with self._lock:
+            self.wait()
+            if len(queries) != self.cache.stm.shape[1]:
+                raise ValueError(
+                    f"{len(queries)} queries for a session of {self.cache.stm.shape[1]} conversations; expected equal."
+                )
+            config = self.model.config
+            eos = config.eos_token_id
+            # Left-pad prompts so every row's generation starts right after its own [A].
+            padding_side = self.tokenizer.padding_side
+            self.tokenizer.padding_side = "left"
+            try:
+                prompt = self._encode([f"[BOS][Q]{q}[A]" for q in queries])
+            finally:
+                self.tokenizer.padding_side = padding_side
+            generate_kwargs.setdefault("do_sample", False)
+            output = self.model.generate(
+                **prompt,
+                past_key_values=self.cache,
+                streamer=streamer,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=config.pad_token_id,
+                **generate_kwargs,
+            )
+            answer_ids = output[:, prompt["input_ids"].shape[1] :]
+            answers = self._answers(answer_ids, eos)
+            interaction = self._encode([f"[BOS][Q]{q}[A]{a}" for q, a in zip(queries, answers)])
+            interaction = self._append_eos(interaction, answer_ids, eos)
+            if self.background_update:
+                self._update_thread = threading.Thread(target=self._update, args=(interaction,), daemon=True)
+                self._update_thread.start()
+            else:
+                self._update(interaction)
+        return answers[0] if isinstance(query, str) else answers
+
+    def _answers(self, answer_ids: torch.Tensor, eos) -> list[str]:
+        texts = []
+        for row in answer_ids.tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+    def _append_eos(self, batch: dict, answer_ids: torch.Tensor, eos) -> dict:
+        """Add `[EOS]` after each answer that ended with it (a reply cut by the length limit has none, §13.3)."""
+        ended = (answer_ids == eos).any(dim=1) if eos is not None else torch.zeros(answer_ids.shape[0], dtype=torch.bool)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        pad = torch.full_like(ids[:, :1], self.model.config.pad_token_id)
+        ids, mask = torch.cat([ids, pad], dim=1), torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
+        lengths = batch["attention_mask"].sum(dim=1)
+        rows = ended.nonzero().flatten().to(ids.device)
+        ids[rows, lengths[rows]] = eos
+        mask[rows, lengths[rows]] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _update(self, interaction: dict) -> None:
+        try:
+            self.model.update_memory(interaction["input_ids"], interaction["attention_mask"], self.cache)
+        except BaseException as error:  # surfaced by wait()
+            self._update_error = error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stateless baseline
+# ---------------------------------------------------------------------------------------------------------------------
+AUTO_MAP = {
+    "AutoConfig": "configuration_rxt.RxTConfig",
+    "AutoModel": "modeling_rxt.RxTModel",
+    "AutoModelForCausalLM": "modeling_rxt.RxTForCausalLM",
+}
+STATELESS_AUTO_MAP = {
+    "AutoConfig": "configuration_rxt.RxTStatelessConfig",
+    "AutoModelForCausalLM": "modeling_rxt.RxTStatelessForCausalLM",
+}
+
+
+class RxTStatelessForCausalLM(PreTrainedModel, GenerationMixin):
+    """Decoder-only baseline from the same blocks, without memory (no STM, no cross-attention), for comparisons."""
+
+    config_class = RxTStatelessConfig
+    config: RxTStatelessConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RxTDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _tied_weights_keys = {}
+
+    def __init__(self, config: RxTStatelessConfig):
+        super().__init__(config)
+        dec = config.decoder_config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(dec.vocab_size, dec.embed_dim)
+        self.model.decoder = RxTDecoder(dec, config.rope_layout, config)
+        self.lm_head = nn.Linear(dec.embed_dim, dec.vocab_size, bias=True)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> RxTCausalLMOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D].")
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        length = inputs_embeds.shape[1]
+        if past_length + length > self.config.decoder_config.seq_len:
+            raise ValueError(
+                f"Input of {past_length + length} tokens exceeds the maximum sequence length "
+                f"{self.config.decoder_config.seq_len} (decoder_config.seq_len)."
+            )
+        if use_cache and past_key_values is None and not self.training:
+            from transformers import DynamicCache
+
+            past_key_values = DynamicCache()
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, length, past_length, inputs_embeds.device)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = self.model.decoder(inputs_embeds, None, mask, position_ids, past_key_values, **kwargs)
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        aux_loss = self.model.decoder.router_loss() if self.training else None
+        return RxTCausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values, aux_loss=aux_loss)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        init_rxt_weights(self, module)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save with a full `auto_map` (loads with `trust_remote_code`)."""
+        self.config.auto_map = dict(STATELESS_AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+RxTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+RxTStatelessForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+__all__ = [
+    "RxTPreTrainedModel",
+    "RxTModel",
+    "RxTForCausalLM",
+    "RxTStatelessForCausalLM",
+    "RxTChatSession",
+    "RxTCache",
+]

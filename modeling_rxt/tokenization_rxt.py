@@ -1,0 +1,217 @@
+"""Tokenizer of the Reactive Transformer (RxT).
+
+RxT processes one interaction at a time: the decoder sees `[BOS][Q]{query}[A]` and generates `{answer}[EOS]`, and the
+memory encoder sees the full interaction `[BOS][Q]{query}[A]{answer}[EOS]`. This module provides the special tokens,
+a chat template that renders conversations as such interactions, a byte-level BPE trainer wrapped in a
+[`PreTrainedTokenizerFast`], and a check that an existing tokenizer carries the tokens RxT needs.
+
+This file is self-contained (it only imports `tokenizers` and `transformers`) so it can be copied flat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+__all__ = [
+    "RXT_SPECIAL_TOKENS",
+    "RXT_CHAT_TEMPLATE",
+    "check_rxt_tokenizer",
+    "render_interaction",
+    "render_query",
+    "train_rxt_tokenizer",
+]
+
+PAD_TOKEN = "[PAD]"
+UNK_TOKEN = "[UNK]"
+BOS_TOKEN = "[BOS]"
+EOS_TOKEN = "[EOS]"
+MASK_TOKEN = "[MASK]"
+QUERY_TOKEN = "[Q]"
+ANSWER_TOKEN = "[A]"
+THINK_TOKEN = "[T]"
+TOOL_CALL_TOKEN = "[C]"
+TOOL_USE_TOKEN = "[U]"
+INTERNAL_TOKEN = "[I]"
+
+# Order fixes the ids: [PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3, [MASK]=4, [Q]=5, [A]=6, [T]=7, [C]=8, [U]=9, [I]=10.
+RXT_SPECIAL_TOKENS = [
+    PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN,
+    QUERY_TOKEN, ANSWER_TOKEN, THINK_TOKEN, TOOL_CALL_TOKEN, TOOL_USE_TOKEN, INTERNAL_TOKEN,
+]  # fmt: skip
+
+# Special tokens without a named attribute on `PreTrainedTokenizerBase`.
+RXT_EXTRA_SPECIAL_TOKENS = RXT_SPECIAL_TOKENS[5:]
+
+# `check_rxt_tokenizer` output key -> token; the first 7 are required, the last 4 optional.
+_REQUIRED_TOKEN_IDS = {
+    "pad_token_id": PAD_TOKEN,
+    "unk_token_id": UNK_TOKEN,
+    "bos_token_id": BOS_TOKEN,
+    "eos_token_id": EOS_TOKEN,
+    "mask_token_id": MASK_TOKEN,
+    "query_token_id": QUERY_TOKEN,
+    "answer_token_id": ANSWER_TOKEN,
+}
+_OPTIONAL_TOKEN_IDS = {
+    "think_token_id": THINK_TOKEN,
+    "tool_call_token_id": TOOL_CALL_TOKEN,
+    "tool_use_token_id": TOOL_USE_TOKEN,
+    "internal_token_id": INTERNAL_TOKEN,
+}
+
+# Byte-level BPE needs all 256 byte symbols besides the special tokens.
+MIN_VOCAB_SIZE = len(RXT_SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+# Matches the default `seq_len` of the RxT decoder / encoder (one interaction).
+DEFAULT_MODEL_MAX_LENGTH = 1024
+
+# Renders a conversation as RxT interactions:
+#   user + assistant          -> [BOS][Q]{user}[A]{assistant}[EOS]
+#   final user (+ gen prompt) -> [BOS][Q]{user}[A]     (without `add_generation_prompt`: [BOS][Q]{user})
+#   system                    -> [BOS][Q]{system}[A][EOS]
+#   user not followed by an assistant reply -> [BOS][Q]{user}[A][EOS]   (empty answer)
+#   assistant without a preceding user      -> [BOS][Q][A]{assistant}[EOS]  (empty query)
+# Content is inserted verbatim; a list of `{"type": "text", "text": ...}` parts is concatenated. The answer and its
+# [EOS] are wrapped in a `generation` block, so `return_assistant_tokens_mask=True` marks the generated tokens.
+RXT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is not defined -%}{%- set content = '' -%}"
+    "{%- elif message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set content = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join('') -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{- '[BOS][Q]' + content + '[A][EOS]' -}}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{- '[BOS][Q]' + content -}}"
+    "{%- if loop.last -%}"
+    "{%- if add_generation_prompt -%}{{- '[A]' -}}{%- endif -%}"
+    "{%- elif loop.nextitem['role'] != 'assistant' -%}"
+    "{{- '[A][EOS]' -}}"
+    "{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if loop.first or loop.previtem['role'] != 'user' -%}{{- '[BOS][Q]' -}}{%- endif -%}"
+    "{{- '[A]' -}}"
+    "{%- generation -%}{{- content + '[EOS]' -}}{%- endgeneration -%}"
+    "{%- else -%}"
+    "{{- raise_exception('RxT chat template: unsupported role ' + message['role'] "
+    "+ \"; expected 'user', 'assistant' or 'system'\") -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def render_query(query: str) -> str:
+    """Render a query as the decoder prompt `[BOS][Q]{query}[A]` (what the chat template renders with
+    `add_generation_prompt=True` after a final user message)."""
+    return f"{BOS_TOKEN}{QUERY_TOKEN}{query}{ANSWER_TOKEN}"
+
+
+def render_interaction(query: str, answer: str) -> str:
+    """Render a full interaction `[BOS][Q]{query}[A]{answer}[EOS]` (what the chat template renders for a user message
+    followed by an assistant message)."""
+    return f"{BOS_TOKEN}{QUERY_TOKEN}{query}{ANSWER_TOKEN}{answer}{EOS_TOKEN}"
+
+
+def _iter_texts(texts: Iterable[str]) -> Iterator[str]:
+    if isinstance(texts, str):
+        raise TypeError("`texts` must be an iterable of strings, not a single string.")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"`texts` item {index} is a {type(text).__name__}; expected str.")
+        if text:
+            yield text
+
+
+def train_rxt_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer for RxT.
+
+    Args:
+        texts (`Iterable[str]`):
+            Training corpus; consumed once.
+        vocab_size (`int`, *optional*, defaults to 1024):
+            Target vocabulary size, special tokens and the 256 byte symbols included (at least 267).
+        min_frequency (`int`, *optional*, defaults to 2):
+            Minimum pair frequency for a merge.
+
+    Returns:
+        [`PreTrainedTokenizerFast`]: the tokenizer, with [`RXT_SPECIAL_TOKENS`] at ids 0..10, the RxT chat template,
+        right padding, and no automatically added special tokens.
+    """
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size={vocab_size!r}: expected an integer >= {MIN_VOCAB_SIZE} "
+            f"({len(RXT_SPECIAL_TOKENS)} special tokens + 256 byte symbols)."
+        )
+    if not isinstance(min_frequency, int) or min_frequency < 0:
+        raise ValueError(f"min_frequency={min_frequency!r}: expected a non-negative integer.")
+
+    backend = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(RXT_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_iter_texts(texts), trainer=trainer)
+
+    for expected_id, token in enumerate(RXT_SPECIAL_TOKENS):
+        if backend.token_to_id(token) != expected_id:  # guards the id layout the model config relies on
+            raise RuntimeError(f"{token} got id {backend.token_to_id(token)}, expected {expected_id}.")
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        mask_token=MASK_TOKEN,
+        extra_special_tokens=list(RXT_EXTRA_SPECIAL_TOKENS),
+        chat_template=RXT_CHAT_TEMPLATE,
+        model_max_length=DEFAULT_MODEL_MAX_LENGTH,
+        padding_side="right",
+        truncation_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _single_token_id(tokenizer, token: str) -> int | None:
+    """Id of `token` if the tokenizer encodes it as exactly that one vocabulary entry, else None."""
+    token_id = tokenizer.get_vocab().get(token)
+    if token_id is None:
+        return None
+    if tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+        return None
+    return token_id
+
+
+def check_rxt_tokenizer(tokenizer) -> dict[str, int | None]:
+    """Check that `tokenizer` carries the RxT special tokens and return their ids.
+
+    `[PAD] [UNK] [BOS] [EOS] [MASK] [Q] [A]` are required, each as a single token; `[T] [C] [U] [I]` are optional.
+
+    Returns:
+        `dict[str, int | None]`: `pad_token_id`, `unk_token_id`, `bos_token_id`, `eos_token_id`, `mask_token_id`,
+        `query_token_id`, `answer_token_id`, and `think_token_id`, `tool_call_token_id`, `tool_use_token_id`,
+        `internal_token_id` (None when the token is absent).
+
+    Raises:
+        `ValueError`: if a required token is missing or is not a single token.
+    """
+    ids = {key: _single_token_id(tokenizer, token) for key, token in _REQUIRED_TOKEN_IDS.items()}
+    missing = [token for key, token in _REQUIRED_TOKEN_IDS.items() if ids[key] is None]
+    if missing:
+        raise ValueError(
+            f"tokenizer is missing RxT special tokens {missing} (each must encode as a single token); "
+            f"expected all of {list(_REQUIRED_TOKEN_IDS.values())}. Build it with train_rxt_tokenizer or add them "
+            "as special tokens (tokenizer.add_special_tokens)."
+        )
+    ids.update({key: _single_token_id(tokenizer, token) for key, token in _OPTIONAL_TOKEN_IDS.items()})
+    return ids

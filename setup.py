@@ -1,0 +1,33 @@
+"""Reactive Transformer (RxT) for the HuggingFace stack."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="reactive-transformer",
+    version="0.1.0",
+    description="Reactive Transformer (RxT): stateful, event-driven language models as native transformers models",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["modeling_rxt", "trainers"],
+    install_requires=[
+        "torch>=2.5",
+        "transformers>=5.23,<6",
+        "trl>=1.16,<1.17",
+        "peft>=0.21,<0.22",
+        "accelerate>=1.15,<2",
+        "datasets>=4",
+        "tokenizers>=0.22",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "nltk>=3.9", "tensorboard>=2.15"],
+        "flash": ["flash-attn>=2.6"],
+    },
+)

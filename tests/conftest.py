@@ -1,0 +1,24 @@
+"""Shared test set-up: offline hub, repo root importable, fixture paths."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "reference"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        raise FileNotFoundError(f"reference fixtures not found at {FIXTURES} (expected ../shared beside the repo)")
+    return FIXTURES

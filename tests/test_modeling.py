@@ -1,0 +1,327 @@
+"""Model behaviour: every architecture option runs and trains, cached generation equals recomputation, multi-turn
+memory through generate + update_memory, chat sessions, STM persistence, bad inputs."""
+
+import threading
+
+import pytest
+import torch
+from transformers import TextIteratorStreamer
+
+import modeling_rxt  # noqa: F401 - registers the Auto classes
+from modeling_rxt import RxTCache, RxTChatSession, RxTConfig, RxTForCausalLM, RxTStatelessConfig
+from modeling_rxt.modeling_rxt import RxTStatelessForCausalLM, apply_rotary
+from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
+
+V = 256
+
+
+def build(config: RxTConfig, seed: int = 0) -> RxTForCausalLM:
+    torch.manual_seed(seed)
+    return RxTForCausalLM(config).eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(7, V, (batch, length), generator=generator)
+
+
+MOE = dict(use_moe=True, num_experts=4, moe_top_k=2, ff_dim=16)
+GATED = dict(use_gated_residual=True)
+OPTION_CASES = {
+    "simple-static-sigmoid": ("simple", {}, {}, {**GATED, "residual_gate_type": "static", "use_tanh_residual_gate": False}),
+    "simple-ungated-disable-residual": ("simple", {}, {}, {"disable_residual": True}),
+    "self-gated-rms-tanh": (
+        "self",
+        {"use_rms_norm": False, "use_gated": False, "ff_activation": "gelu"},
+        {"use_rms_norm": False},
+        {**GATED, "norm_type": "rms", "use_gate_for_self_attention": True, "residual_per_slot_gate": False},
+    ),
+    "interlayer-linear-gates-linear-status": (
+        "interlayer",
+        {"use_gated_attention": True, "use_attention_output_bias": False},
+        {},
+        {**GATED, "residual_gate_type": "linear", "residual_gate_slot_status_type": "linear", "norm_type": "layer"},
+    ),
+    "self-interlayer-adaptive": ("self-interlayer", {"use_rope": False}, {"use_rope": False}, {**GATED, "norm_type": "adaptive"}),
+    "grouped-positional": (
+        "grouped-self-interlayer",
+        dict(num_layers=4),
+        dict(num_layers=4),
+        {**GATED, "num_layers": 4, "num_groups": 2, "norm_type": "positional", "residual_gate_type": "elementwise",
+         "residual_gate_slot_status_type": "linear"},
+    ),
+    "moe-shared1-global": ("simple", {**MOE, "num_shared_experts": 1, "shared_expert_dim": 12}, {}, {}),
+    "moe-shared2-local-weighted": (
+        "simple",
+        {**MOE, "num_shared_experts": 2, "moe_bias_mode": "local", "moe_shared_experts_bias_mode": "global",
+         "moe_use_weighted_shared_experts": True},
+        {},
+        {},
+    ),
+    "moe-top1-off-stateless": (
+        "self-interlayer",
+        {**MOE, "moe_top_k": 1, "num_shared_experts": 0, "moe_bias_mode": "off", "stateless_layers_config": ["dense", "moe"],
+         "final_stateless_layers_config": ["moe"], "dense_layer_dim": 24, "head_norm_type": "layer_norm"},
+        {},
+        {},
+    ),
+    "revsqa-mqa-gqa": (
+        "self-interlayer",
+        {"self_att_type": "sqa", "att_query_groups": 1, "att_groups": 2, "cross_att_type": "mqa"},
+        {"self_att_type": "gqa", "att_groups": 2},
+        {"att_type": "mha", "interlayer_att_type": "sqa", "interlayer_att_query_groups": 1, "interlayer_att_groups": 4},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_CASES))
+def test_every_option_runs_trains_and_round_trips(name, tmp_path):
+    variant, decoder, encoder, memory = OPTION_CASES[name]
+    layout = "split_concat" if "moe" in name else "interleaved"
+    config = RxTConfig.tiny(
+        memory_attention_variant=variant, decoder=decoder, encoder=encoder, memory_attention=memory,
+        rope_layout=layout, use_mlm_head=True, learned_stm_init=True,
+    )  # fmt: skip
+    model = build(config)
+    ids, mask = random_ids(2, 12), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+
+    model.train()
+    new_stm = model(ids, attention_mask=mask, stm=model.initial_stm(2), mode="memory_update").stm
+    out = model(ids, attention_mask=mask, stm=new_stm, labels=ids.masked_fill(mask == 0, -100))
+    mlm = model(ids, attention_mask=mask, labels=ids, mode="mlm")
+    loss = out.loss + mlm.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+    assert torch.isfinite(loss)
+    if "moe" in name:
+        assert out.aux_loss is not None and out.aux_loss > 0
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without finite gradients: {missing}"
+
+    model.eval()
+    stm = model.initial_stm(2)
+    logits = model(ids, attention_mask=mask, stm=stm).logits
+    updated = model.update_memory(ids, mask, stm)
+    assert updated.shape == stm.shape and torch.isfinite(updated).all()
+    model.save_pretrained(tmp_path)
+    reloaded = RxTForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(ids, attention_mask=mask, stm=stm).logits, logits, rtol=0, atol=0)
+    torch.testing.assert_close(reloaded.update_memory(ids, mask, stm), updated, rtol=0, atol=0)
+
+
+def test_rope_layouts_rotate_pairs_as_documented():
+    x = torch.zeros(1, 1, 1, 4)
+    x[..., 0] = 1.0
+    angle = torch.tensor(1.0)
+    cos, sin = torch.stack([angle, angle / 100]).cos(), torch.stack([angle, angle / 100]).sin()
+    interleaved = apply_rotary(x, cos, sin, "interleaved").flatten()
+    split = apply_rotary(x, cos, sin, "split_concat").flatten()
+    torch.testing.assert_close(interleaved, torch.tensor([angle.cos(), angle.sin(), 0.0, 0.0]))
+    torch.testing.assert_close(split, torch.tensor([angle.cos(), 0.0, angle.sin(), 0.0]))
+
+
+def test_padding_changes_nothing_on_real_positions():
+    model = build(RxTConfig.tiny())
+    stm = model.initial_stm(1)
+    ids = random_ids(1, 9)
+    padded = torch.cat([ids, torch.full((1, 4), 77)], dim=1)
+    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 4)], dim=1).long()
+    torch.testing.assert_close(model(padded, attention_mask=mask, stm=stm).logits[:, :9], model(ids, stm=stm).logits)
+    torch.testing.assert_close(model.update_memory(padded, mask, stm), model.update_memory(ids, None, stm))
+    torch.testing.assert_close(model.encode(padded, mask)[:, :, :9], model.encode(ids))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_cached_generation_equals_uncached_recomputation(batch_size):
+    model = build(RxTConfig.tiny(decoder=dict(stateless_layers_config=["dense"], final_stateless_layers_config=["dense"])))
+    ids = random_ids(batch_size, 7)
+    stm = torch.randn(2, batch_size, 8, 32, generator=torch.Generator().manual_seed(3))
+    cache = RxTCache(stm=stm)
+    out = model.generate(
+        ids, past_key_values=cache, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+        return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+    full = model(out.sequences, stm=stm).logits[:, ids.shape[1] - 1 : -1]
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), full, rtol=0, atol=1e-5)
+    assert torch.equal(full.argmax(-1), out.sequences[:, ids.shape[1] :])
+    assert out.past_key_values is cache and cache.stm is stm
+
+
+def test_memory_kv_projected_once_per_turn(monkeypatch):
+    model = build(RxTConfig.tiny())
+    calls = []
+    for layer in model.model.decoder.layers:
+        original = layer.project_memory
+        monkeypatch.setattr(layer, "project_memory", lambda s, original=original: calls.append(1) or original(s))
+    model.generate(random_ids(1, 5), past_key_values=RxTCache(), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert len(calls) == 2  # one projection per memory layer for the whole turn, not per token
+
+
+def test_left_padded_batch_generation_equals_single_rows():
+    model = build(RxTConfig.tiny())
+    rows = [random_ids(1, 6, seed=5), random_ids(1, 9, seed=6)]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, 9 - row.shape[1] :], mask[i, 9 - row.shape[1] :] = row, 1
+    batched = model.generate(ids, attention_mask=mask, past_key_values=RxTCache(), max_new_tokens=6, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)  # fmt: skip
+    for i, row in enumerate(rows):
+        single = model.generate(row, past_key_values=RxTCache(), max_new_tokens=6, do_sample=False, eos_token_id=None)
+        assert torch.equal(batched[i, 9:], single[0, row.shape[1] :])
+
+
+def test_two_turns_through_generate_and_update_memory():
+    model = build(RxTConfig.tiny())
+    cache = RxTCache()
+    turn1 = random_ids(1, 6, seed=11)
+    out1 = model.generate(turn1, past_key_values=cache, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    first_stm = cache.stm.clone()
+    torch.testing.assert_close(first_stm, model.initial_stm(1))
+    new_stm = model.update_memory(out1, None, cache)
+    assert cache.get_seq_length() == 0 and cache.memory_kv == {}
+    assert cache.stm is new_stm and not torch.allclose(new_stm, first_stm)
+
+    turn2 = random_ids(1, 8, seed=12)
+    out2 = model.generate(turn2, past_key_values=cache, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                          return_dict_in_generate=True, output_logits=True)  # fmt: skip
+    assert torch.equal(out2.sequences[:, :8], turn2)  # the turn-2 prompt is intact (nothing sliced off)
+    with_memory = model(out2.sequences, stm=new_stm).logits[:, 7:-1]
+    torch.testing.assert_close(torch.stack(out2.logits, 1), with_memory, rtol=0, atol=1e-5)
+    fresh = model(out2.sequences, stm=first_stm).logits[:, 7:-1]
+    assert (with_memory - fresh).abs().max() > 1e-3  # the output depends on the STM
+
+    with pytest.raises(ValueError, match="previous turn"):
+        model.generate(turn2, past_key_values=cache, max_new_tokens=2)
+
+
+def test_beams_and_return_sequences_with_batch1_stm():
+    model = build(RxTConfig.tiny())
+    stm = torch.randn(2, 1, 8, 32, generator=torch.Generator().manual_seed(0))
+    ids = random_ids(1, 5)
+    cache = RxTCache(stm=stm)
+    beams = model.generate(ids, past_key_values=cache, max_new_tokens=4, num_beams=3, do_sample=False, eos_token_id=None)
+    assert beams.shape == (1, 9)
+    greedy_first = model(ids, stm=stm).logits[0, -1].argmax()
+    cache = RxTCache(stm=stm)
+    sampled = model.generate(ids, past_key_values=cache, max_new_tokens=4, num_return_sequences=3, do_sample=True,
+                             top_k=5, eos_token_id=None)  # fmt: skip
+    assert sampled.shape == (3, 9) and cache.stm.shape == (2, 3, 8, 32)
+    torch.testing.assert_close(cache.stm, stm.expand(2, 3, 8, 32))
+    assert greedy_first.ndim == 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [f"my name is alice {i} and i live in paris number {i * 7}" for i in range(200)]
+    return train_rxt_tokenizer(texts, vocab_size=300, min_frequency=1)
+
+
+def test_streamer_in_thread_terminates(tokenizer):
+    model = build(RxTConfig.tiny(vocab_size=len(tokenizer)))
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=30)
+    prompt = tokenizer("[BOS][Q]hello[A]", add_special_tokens=False, return_tensors="pt")
+    thread = threading.Thread(
+        target=model.generate,
+        kwargs=dict(**prompt, past_key_values=RxTCache(), streamer=streamer, max_new_tokens=8, do_sample=False),
+    )
+    thread.start()
+    text = "".join(streamer)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and isinstance(text, str)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_chat_session_turns_update_memory(tokenizer, background, tmp_path):
+    model = build(RxTConfig.tiny(vocab_size=len(tokenizer)))
+    session = RxTChatSession(model, tokenizer, background_update=background)
+    initial = session.stm.clone()
+    answer = session.interact("my name is alice", max_new_tokens=6)
+    assert isinstance(answer, str)
+    after_one = session.stm.clone()  # waits for a background update
+    assert not torch.equal(after_one, initial)
+    session.interact("where do i live", max_new_tokens=6)
+    assert not torch.equal(session.stm, after_one)
+
+    path = tmp_path / "conversation.safetensors"
+    session.save(str(path))
+    restored = RxTChatSession.load(model, tokenizer, str(path))
+    assert torch.equal(restored.stm, session.stm)  # bit-exact
+
+    # the same turn from the same state gives the same answer and the same next STM
+    a = session.interact("what is my name", max_new_tokens=6)
+    b = restored.interact("what is my name", max_new_tokens=6)
+    assert a == b and torch.equal(session.stm, restored.stm)
+
+
+def test_chat_session_batches_conversations(tokenizer):
+    model = build(RxTConfig.tiny(vocab_size=len(tokenizer)))
+    batched = RxTChatSession(model, tokenizer, batch_size=2)
+    answers = batched.interact(["my name is alice", "i live in paris number 7 and more"], max_new_tokens=5)
+    singles = [RxTChatSession(model, tokenizer) for _ in range(2)]
+    expected = [s.interact(q, max_new_tokens=5) for s, q in zip(singles, ["my name is alice", "i live in paris number 7 and more"])]
+    assert answers == expected
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batched.stm[:, i : i + 1], single.stm, rtol=0, atol=1e-5)
+
+
+def test_stateless_baseline_same_blocks_no_memory(tmp_path):
+    config = RxTStatelessConfig.from_rxt_config(RxTConfig.tiny())
+    torch.manual_seed(0)
+    baseline = RxTStatelessForCausalLM(config).eval()
+    assert not any("memory" in name or "stm" in name for name, _ in baseline.named_parameters())
+    ids = random_ids(2, 8)
+    out = baseline.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, return_dict_in_generate=True,
+                            output_logits=True)  # fmt: skip
+    full = baseline(out.sequences).logits[:, 7:-1]
+    torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=0, atol=1e-5)
+    baseline.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(reloaded, RxTStatelessForCausalLM)
+
+
+# -- bad inputs ---------------------------------------------------------------------------------------------------
+def test_bad_stm_inputs_name_the_expected_shape():
+    model = build(RxTConfig.tiny())
+    ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match=r"expected \[L=2, batch, S=8, D=32\]"):
+        model(ids, stm=torch.zeros(3, 2, 8, 32))
+    with pytest.raises(ValueError, match="S=8"):
+        model(ids, stm=torch.zeros(2, 2, 9, 32))
+    with pytest.raises(ValueError, match="D=32"):
+        model.update_memory(ids, None, torch.zeros(2, 2, 8, 16))
+    with pytest.raises(ValueError, match="stm batch 3 does not fit the input batch 2"):
+        model(ids, stm=torch.zeros(2, 3, 8, 32))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model(ids, stm=torch.full((2, 2, 8, 32), float("nan")))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model.update_memory(ids, None, torch.full((2, 1, 8, 32), float("inf")))
+    with pytest.raises(ValueError, match="must be a tensor"):
+        model(ids, stm=torch.zeros(8, 32))
+
+
+def test_bad_token_inputs():
+    model = build(RxTConfig.tiny())
+    with pytest.raises(ValueError, match="exceeds the maximum sequence length 256"):
+        model(random_ids(1, 257))
+    with pytest.raises(ValueError, match="non-empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        model.update_memory(random_ids(2, 4), torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="mode='bogus'"):
+        model(random_ids(1, 4), mode="bogus")
+    with pytest.raises(ValueError, match="no MLM head"):
+        model.mlm_logits(random_ids(1, 4))
+    with pytest.raises(ValueError, match="RxTCache"):
+        from transformers import DynamicCache
+
+        model.generate(random_ids(1, 4), past_key_values=DynamicCache(), max_new_tokens=2)
+
+
+def test_missing_files_in_model_folder(tmp_path):
+    build(RxTConfig.tiny()).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin|no file named"):
+        RxTForCausalLM.from_pretrained(tmp_path)

@@ -258,6 +258,7 @@ class RxTMemoryAttentionConfig(PreTrainedConfig):
     residual_gate_type: str = "static"
     residual_per_slot_gate: bool = True
     residual_gate_init: float | int = 3.0
+    residual_gate_init_range: list[float] | None = None  # project: per-slot gate inits linspace(low, high, S)
     residual_gate_slot_status_type: str = "mean"
     use_tanh_residual_gate: bool = True
     rope_base: float | int = 10000.0
@@ -302,6 +303,13 @@ class RxTMemoryAttentionConfig(PreTrainedConfig):
         ):
             raise ValueError(
                 f"{owner}: residual_gate_slot_status_type='linear' needs residual_gate_type='linear' or "
+                "residual_per_slot_gate=True."
+            )
+        if self.residual_gate_init_range is not None and (
+            len(self.residual_gate_init_range) != 2 or not self.residual_per_slot_gate
+        ):
+            raise ValueError(
+                f"{owner}.residual_gate_init_range={self.residual_gate_init_range}: expected [low, high] with "
                 "residual_per_slot_gate=True."
             )
         if not 0.0 <= self.norm_decay <= 1.0:

@@ -648,15 +648,24 @@ class RxTResidualGate(nn.Module):
             return
         slots = config.stm_size
         self.init_value = float(config.residual_gate_init)
+        self.init_range = config.residual_gate_init_range
         if self.gate_type == "linear":
             self.gate = nn.Linear(slots, slots if self.per_slot else 1)
             self.gate._torch_default_init = True
         else:
-            self.gate = nn.Parameter(torch.full((slots, 1) if self.per_slot else (1,), self.init_value))
+            self.gate = nn.Parameter(self.initial_gate(slots))
         uses_status = self.gate_type == "linear" or (self.gate_type == "elementwise" and self.per_slot)
         if config.residual_gate_slot_status_type == "linear" and uses_status:
             self.slot_status = nn.Linear(config.embed_dim, 1)
             self.slot_status._torch_default_init = True
+
+    def initial_gate(self, slots: int) -> torch.Tensor:
+        """`residual_gate_init` everywhere, or per-slot values spread over `residual_gate_init_range`."""
+        if not self.per_slot:
+            return torch.full((1,), self.init_value)
+        if self.init_range is not None:
+            return torch.linspace(*self.init_range, slots).unsqueeze(-1)
+        return torch.full((slots, 1), self.init_value)
 
     def _status(self, x: torch.Tensor) -> torch.Tensor:
         """Slot status `[B, S, 1]` of `x [B, S, D]`."""
@@ -827,7 +836,7 @@ def init_rxt_weights(model: PreTrainedModel, module: nn.Module) -> None:
         if hasattr(module, "ema_rms"):
             init.ones_(module.ema_rms)
     elif isinstance(module, RxTResidualGate) and isinstance(getattr(module, "gate", None), nn.Parameter):
-        init.constant_(module.gate, module.init_value)
+        init.copy_(module.gate, module.initial_gate(module.gate.shape[0]))
     elif isinstance(module, RxTSTMInit) and module.stm is not None:
         init.copy_(module.stm, module.draw())
 
@@ -934,13 +943,18 @@ class RxTModel(RxTPreTrainedModel):
             )
         return batch, length
 
-    def check_stm(self, stm: torch.Tensor, batch_size: int | None = None, check_finite: bool = True) -> None:
-        """Raise a ValueError naming the expected shape `[L, B|1, S, D]` unless `stm` fits this model."""
+    def check_stm(
+        self, stm: torch.Tensor, batch_size: int | None = None, check_finite: bool = True, any_slots: bool = False
+    ) -> None:
+        """Raise a ValueError naming the expected shape `[L, B|1, S, D]` unless `stm` fits this model.
+
+        `any_slots=True` accepts any slot count (joint pre-training reads the encoder states `[L, B, T, D]` as a
+        stand-in memory)."""
         layers, slots, dim = self.config.stm_shape
         if not isinstance(stm, torch.Tensor) or stm.dim() != 4:
             got = tuple(stm.shape) if isinstance(stm, torch.Tensor) else type(stm).__name__
             raise ValueError(f"stm must be a tensor [L={layers}, batch, S={slots}, D={dim}], got {got}.")
-        if (stm.shape[0], stm.shape[2], stm.shape[3]) != (layers, slots, dim):
+        if (stm.shape[0], stm.shape[3]) != (layers, dim) or (not any_slots and stm.shape[2] != slots):
             raise ValueError(
                 f"stm has shape {tuple(stm.shape)}, expected [L={layers}, batch, S={slots}, D={dim}] "
                 "(layers, slots, width of this model)."
@@ -977,12 +991,16 @@ class RxTModel(RxTPreTrainedModel):
         use_cache: bool | None = None,
         stm: torch.Tensor | None = None,
         mode: str = "decode",
+        encoder_hidden_states: torch.Tensor | None = None,
         **kwargs,
     ) -> RxTModelOutput:
         """`mode`: `decode` (decoder reading the STM), `encode` (ED of the memory encoder), `memory_update`
-        (encoder + memory attention: `stm` is the previous STM, the output `stm` the new one)."""
+        (encoder + memory attention: `stm` is the previous STM, the output `stm` the new one; with a precomputed
+        `encoder_hidden_states` ED `[L, B, T, D]` the encoder is skipped)."""
         if mode not in ("decode", "encode", "memory_update"):
             raise ValueError(f"mode={mode!r} is not supported by RxTModel; expected 'decode', 'encode' or 'memory_update'.")
+        if mode == "memory_update" and encoder_hidden_states is not None:
+            return self._write_memory(encoder_hidden_states, attention_mask, stm)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         batch, length = self._check_input(input_ids, inputs_embeds, attention_mask, past_length)
         if inputs_embeds is None:
@@ -991,7 +1009,7 @@ class RxTModel(RxTPreTrainedModel):
             return self._memory_forward(inputs_embeds, attention_mask, stm, mode)
 
         if stm is not None:
-            self.check_stm(stm, batch, check_finite=not self.training)
+            self.check_stm(stm, batch, check_finite=not self.training, any_slots=self.training)
         if past_key_values is not None and hasattr(past_key_values, "set_stm"):
             if stm is not None and stm is not past_key_values.stm:
                 past_key_values.set_stm(stm)
@@ -1032,7 +1050,17 @@ class RxTModel(RxTPreTrainedModel):
         encoded = self.encoder(inputs_embeds, mask, position_ids)  # [L, B, T, D]
         if mode == "encode":
             return RxTModelOutput(last_hidden_state=encoded[-1], encoder_hidden_states=encoded)
-        batch = inputs_embeds.shape[0]
+        return self._write_memory(encoded, attention_mask, stm)
+
+    def _write_memory(self, encoded: torch.Tensor, attention_mask, stm) -> RxTModelOutput:
+        """Memory attention over `encoded [L, B, T, D]` (ED key mask from `attention_mask`) → new STM."""
+        layers, _, dim = self.config.stm_shape
+        if encoded.dim() != 4 or encoded.shape[0] != layers or encoded.shape[3] != dim:
+            raise ValueError(
+                f"encoder_hidden_states has shape {tuple(encoded.shape)}, expected [L={layers}, B, T, D={dim}]."
+            )
+        batch, length = encoded.shape[1:3]
+        position_ids = position_ids_from_mask(attention_mask, length, 0, encoded.device)
         if stm is None:
             stm = self.initial_stm(1)
         self.check_stm(stm, batch, check_finite=not self.training)
@@ -1101,7 +1129,9 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             mlm_logits = self.mlm_head(outputs.last_hidden_state)
             loss = None
             if labels is not None:
-                loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+                targets = labels.flatten()
+                loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), targets, ignore_index=-100, reduction="sum")
+                loss = loss / (targets != -100).sum().clamp(min=1)
             return RxTCausalLMOutput(loss=loss, mlm_logits=mlm_logits, encoder_hidden_states=outputs.encoder_hidden_states)
         outputs = self.model(
             input_ids=input_ids,

@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""The main job: train a small RxT end to end on CPU and show, with numbers, that it remembers across turns.
+
+    python scripts/quickstart.py [--preset quickstart|long|gpu|micro|FILE.json] [--output-dir runs/quickstart]
+
+Steps: synthetic data → tokenizer → the curriculum stages the preset names → `OUTPUT/model/` → a stateless baseline
+of the same size and budget → memory evaluation (`OUTPUT/memory_eval.json` + PNG) → a scripted chat in which a fact
+is recalled several turns later → a one-screen summary with the measured time of each step.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+def _flags(args: dict) -> list[str]:
+    flags = []
+    for key, value in args.items():
+        if isinstance(value, bool):
+            flags += [f"--{key}", str(value)]
+        elif isinstance(value, (list, dict)):
+            flags += [f"--{key}", json.dumps(value)]
+        elif value is not None:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def run_stage(stage: dict, model_flags: list[str], data_dir: Path, tokenizer_dir: Path, output: Path, seed: int):
+    """Run one curriculum stage in-process through its script's `main` (the same code path as the CLI)."""
+    import train_joint
+    import train_memory_attention
+    import train_smat
+
+    name = stage["stage"]
+    mains = {"joint": (train_joint.main, "pretrain"), "sft": (train_joint.main, "sft"),
+             "memory_attention": (train_memory_attention.main, "dialogues"), "smat": (train_smat.main, "dialogues")}  # fmt: skip
+    if name not in mains:
+        raise ValueError(f"unknown stage {name!r}; expected one of {list(mains)}")
+    main, prefix = mains[name]
+    args = {"output_dir": str(output), "report_to": "none", "save_strategy": "no", "seed": seed, "use_cpu": True,
+            "disable_tqdm": True, **stage.get("args", {})}  # fmt: skip
+    if name == "sft":
+        args["sft"] = True
+    flags = model_flags + ["--tokenizer_name_or_path", str(tokenizer_dir), "--train_file",
+                           str(data_dir / f"{prefix}_train.jsonl")] + _flags(args)  # fmt: skip
+    trainer = main(flags)
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return {"steps": trainer.state.global_step, "last_log": history[-1] if history else {}}
+
+
+def train_baseline(preset: dict, model_config: dict, data_dir: Path, tokenizer, output: Path, seed: int) -> dict:
+    """Stateless decoder of the same size, trained on the same dialogues turn by turn (current query only)."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from modeling_rxt import RxTConfig, RxTStatelessConfig, RxTStatelessForCausalLM
+    from trainers.data import InteractionCollator
+    from trainers.memory_eval import dialogue_turns
+
+    rows = [json.loads(line) for line in (data_dir / "dialogues_train.jsonl").read_text().splitlines()]
+    turns = Dataset.from_list([{"query": q, "answer": a} for row in rows for q, a in dialogue_turns(row)])
+    config = RxTStatelessConfig.from_rxt_config(RxTConfig(**model_config))
+    model = RxTStatelessForCausalLM(config)
+    collator = InteractionCollator(tokenizer, max_length=preset["stages"][-1]["args"].get("max_length", 256))
+
+    def decoder_batch(batch_rows):
+        return {k: v for k, v in collator(batch_rows).items() if k in ("input_ids", "attention_mask", "labels")}
+
+    args = TrainingArguments(output_dir=str(output), report_to="none", save_strategy="no", seed=seed, use_cpu=True,
+                             disable_tqdm=True, remove_unused_columns=False, **preset["baseline"]["args"])  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=turns, data_collator=decoder_batch)
+    trainer.train()
+    trainer.save_model(str(output))
+    tokenizer.save_pretrained(str(output))
+    return {"steps": trainer.state.global_step}
+
+
+def scripted_chat(model_dir: Path, chat: dict, seed: int) -> list[tuple[str, str]]:
+    """Play a held-out test dialogue whose question comes several turns after the fact; return (query, answer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modeling_rxt import RxTChatSession
+    from trainers.memory_eval import dialogue_turns
+    from trainers.synthetic import generate_dialogues
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    wanted = chat.get("distance", 3)
+    for row in generate_dialogues(200, seed=seed + 99, split="test", max_turns=chat.get("max_turns", 6)):
+        probe = next((p for p in row["probes"] if p["distance"] >= wanted), None)
+        if probe is not None:
+            break
+    session = RxTChatSession(model, tokenizer)
+    transcript = []
+    for query, _ in dialogue_turns(row)[: probe["turn"] + 1]:
+        transcript.append((query, session.interact(query, max_new_tokens=24)))
+    return transcript, probe
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="quickstart", help="preset name in scripts/presets or a JSON file")
+    parser.add_argument("--output-dir", default="runs/quickstart")
+    parser.add_argument("--skip-baseline", action="store_true", help="do not train/evaluate the stateless baseline")
+    options = parser.parse_args(argv)
+    preset_path = Path(options.preset) if options.preset.endswith(".json") else PRESETS / f"{options.preset}.json"
+    if not preset_path.is_file():
+        raise SystemExit(f"preset {options.preset!r} not found (expected {preset_path}); presets: "
+                         f"{sorted(p.stem for p in PRESETS.glob('*.json'))}")  # fmt: skip
+    preset = json.loads(preset_path.read_text())
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+    import torch
+
+    torch.set_num_threads(preset.get("threads", torch.get_num_threads()))
+    from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
+    from trainers.synthetic import generate_dialogues, write_jsonl, write_synthetic_data
+
+    out = Path(options.output_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    seed = preset.get("seed", 0)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def timed(name):
+        timings[name] = round(time.perf_counter() - timed.last, 1)
+        timed.last = time.perf_counter()
+        print(f"[quickstart] {name}: {timings[name]} s", flush=True)
+
+    timed.last = started
+
+    data_dir = out / "data"
+    write_synthetic_data(data_dir, seed=seed, **preset["data"])
+    evaluation = preset["eval"]
+    test_rows = generate_dialogues(evaluation["num_dialogues"], seed=seed + 1, split="test",
+                                   max_turns=evaluation["max_turns"], max_distance=evaluation["max_distance"])  # fmt: skip
+    write_jsonl(test_rows, data_dir / "memory_eval_test.jsonl")
+    timed("synthetic data")
+
+    texts = [json.loads(line)["text"] for line in (data_dir / "pretrain_train.jsonl").read_text().splitlines()]
+    tokenizer = train_rxt_tokenizer(texts, **preset["tokenizer"])
+    tokenizer_dir = out / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    timed("tokenizer")
+
+    config_file = out / "model_config.json"
+    config_file.write_text(json.dumps(preset["model"], indent=2))
+    model_flags = ["--model_config", str(config_file)]
+    stage_results = {}
+    for index, stage in enumerate(preset["stages"]):
+        stage_dir = out / f"stage{index + 1}_{stage['stage']}"
+        stage_results[stage["stage"]] = run_stage(stage, model_flags, data_dir, tokenizer_dir, stage_dir, seed)
+        model_flags = ["--model_name_or_path", str(stage_dir)]
+        timed(f"stage {stage['stage']}")
+    model_dir = out / "model"
+    shutil.copytree(stage_dir, model_dir)
+
+    baseline_dir = None
+    if preset.get("baseline") and not options.skip_baseline:
+        from transformers import AutoTokenizer
+
+        baseline_dir = out / "baseline_stateless"
+        model_config = json.loads(config_file.read_text())
+        for name in ("decoder_config", "encoder_config"):
+            model_config[name]["vocab_size"] = len(tokenizer)
+        train_baseline(preset, model_config, data_dir, AutoTokenizer.from_pretrained(tokenizer_dir), baseline_dir, seed)
+        timed("stateless baseline")
+
+    import eval_memory
+
+    eval_args = [str(model_dir), "--data", str(data_dir / "memory_eval_test.jsonl"), "--output",
+                 str(out / "memory_eval.json"), "--batch_size", str(evaluation.get("batch_size", 32)),
+                 "--max_new_tokens", str(evaluation.get("max_new_tokens", 24))]  # fmt: skip
+    if baseline_dir is not None:
+        eval_args += ["--baseline", str(baseline_dir)]
+    result = eval_memory.main(eval_args)
+    from trainers.synthetic import chance_level
+
+    result["chance"] = chance_level("test")  # the generated test split: uniform guess over the attribute's pool
+    (out / "memory_eval.json").write_text(json.dumps(result, indent=2))
+    from trainers.memory_eval import plot_recall
+
+    plot_recall(result, str(out / "memory_eval.png"))
+    timed("memory evaluation")
+
+    transcript, probe = scripted_chat(model_dir, preset.get("chat", {}), seed)
+    timed("scripted chat")
+    total = round(time.perf_counter() - started, 1)
+
+    lines = ["", "=" * 78, f"RxT quickstart ({preset_path.stem}) finished in {total} s ({total / 60:.1f} min)", "-" * 78]
+    lines += [f"  {name:<24s}{seconds:>8.1f} s" for name, seconds in timings.items()]
+    lines += ["-" * 78, "Recall of facts in generated answers (memory updated with the model's own answers):"]
+    distances = sorted(result["recall"], key=int)
+    lines.append("  distance          " + "".join(f"{d:>7s}" for d in distances))
+    for key, label in (("recall", "RxT with memory"), ("recall_memory_reset", "memory reset"),
+                       ("recall_stateless", "stateless baseline")):  # fmt: skip
+        if result.get(key):
+            lines.append(f"  {label:<18s}" + "".join(f"{result[key].get(d, float('nan')):>7.2f}" for d in distances))
+    lines.append(f"  chance            {result['chance']:.3f}   dialogues: {result['n_dialogues']}")
+    lines += ["-" * 78, f"Scripted chat (fact at turn {probe['turn'] - probe['distance'] + 1}, asked at turn "
+              f"{probe['turn'] + 1}, expected '{probe['expected']}'):"]  # fmt: skip
+    for i, (query, answer) in enumerate(transcript, 1):
+        lines.append(f"  [{i}] user: {query}")
+        lines.append(f"      rxt:  {answer}")
+    lines += ["-" * 78, f"model: {model_dir}/   evaluation: {out / 'memory_eval.json'} (+ .png)", "=" * 78]
+    print("\n".join(lines))
+    summary = {"preset": preset_path.stem, "seconds": total, "timings": timings, "stages": stage_results,
+               "recall": result["recall"], "recall_memory_reset": result["recall_memory_reset"],
+               "recall_stateless": result.get("recall_stateless", {}), "chance": result["chance"],
+               "chat": transcript, "probe": probe}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training utilities for the Reactive Transformer (RxT)."""

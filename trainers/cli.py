@@ -1,0 +1,90 @@
+"""Argument dataclasses and loading helpers shared by the stage scripts (`scripts/train_*.py`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.tokenization_rxt import check_rxt_tokenizer
+
+from .data import load_rows, validate_rows
+
+TOKEN_ID_FIELDS = ("pad_token_id", "unk_token_id", "bos_token_id", "eos_token_id", "mask_token_id", "query_token_id",
+                   "answer_token_id", "think_token_id", "tool_call_token_id", "tool_use_token_id",
+                   "internal_token_id")  # fmt: skip
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "RxT folder to continue from."})
+    model_config: str | None = field(default=None, metadata={"help": "JSON file of RxTConfig fields (new model)."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model)."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager | sdpa | flex_attention | ..."})
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(metadata={"help": "Local .json/.jsonl/.parquet file or hub dataset id."})
+    validation_file: str | None = field(default=None, metadata={"help": "Evaluation rows (same format)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset subset (e.g. steps-6)."})
+    on_error: str = field(default="error", metadata={"help": "Bad rows: 'error' (default) or 'skip' (logged)."})
+
+
+def parse_arguments(types, argv=None):
+    """Dataclasses from CLI flags, or from one JSON / YAML file given as the only argument."""
+    parser = HfArgumentParser(types)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def load_tokenizer(model_args: ModelArguments):
+    source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if source is None:
+        raise ValueError("Pass --tokenizer_name_or_path (or --model_name_or_path with a tokenizer inside).")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    check_rxt_tokenizer(tokenizer)
+    return tokenizer
+
+
+def load_model(model_args: ModelArguments, tokenizer, **config_overrides) -> RxTForCausalLM:
+    """Continue from `model_name_or_path`, or build a new model from `model_config` with the tokenizer's ids."""
+    kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    if model_args.model_name_or_path:
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, trust_remote_code=True, **kwargs)
+    if not model_args.model_config:
+        raise ValueError("Pass --model_name_or_path (existing RxT folder) or --model_config (JSON of RxTConfig fields).")
+    fields = json.loads(Path(model_args.model_config).read_text())
+    fields.update(config_overrides)
+    ids = check_rxt_tokenizer(tokenizer)
+    for name in ("decoder_config", "encoder_config"):
+        fields.setdefault(name, {})["vocab_size"] = len(tokenizer)
+    fields.update({k: v for k, v in ids.items() if k in TOKEN_ID_FIELDS})
+    model = RxTForCausalLM(RxTConfig(**fields))
+    if kwargs:
+        model.set_attn_implementation(kwargs["attn_implementation"])
+    return model
+
+
+def load_split(data_args: DataArguments, path: str | None, kind: str, tokenizer, max_length: int):
+    if path is None:
+        return None
+    kwargs = {"name": data_args.dataset_config} if data_args.dataset_config else {}
+    rows = load_rows(path, **kwargs)
+    return validate_rows(rows, kind, tokenizer=tokenizer, max_length=max_length, on_error=data_args.on_error)
+
+
+def train_and_save(trainer, tokenizer, args) -> None:
+    """Train (resuming if asked), then save a trust_remote_code folder with the tokenizer to `output_dir`."""
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)

@@ -1,0 +1,561 @@
+"""Data loading, validation, tokenization templates and collators for the RxT training stages.
+
+Templates (training.md §1): segments are tokenized **separately** with `add_special_tokens=False` and the ids
+concatenated, so BPE merges never cross a special token and training sees exactly the ids inference produces:
+
+    pre-training (stage 1)            [BOS] {text} [EOS]
+    interaction (stage 2, episodes)   [BOS] [Q] {query}   +   [A] {answer} [EOS]
+
+Special ids come from the tokenizer (`check_rxt_tokenizer`), never hard-coded.
+
+Targets (labels are aligned with `input_ids`; the model shifts them internally; `IGNORE_INDEX` = -100 is ignored):
+    - pre-training: every real token; pads -100 (`train_on_padding=True`: pads too, reference parity, §9 B1);
+    - supervised turns, `label_mode="project"` (default, one rule for every supervised stage, §3): the tokens after
+      `[A]` up to and including `[EOS]`; `[BOS]`, `[Q]`, the query, `[A]` itself and pads are -100;
+    - `label_mode="reference"`: SFT (`JointLMCollator(sft=True)`) trains only the answer body (no `[EOS]`), episodes
+      (`EpisodeCollator`, SMAT) train `[A]`, the answer and `[EOS]` (§5.2).
+
+MLM (stage 1/2 encoder, §2): every non-pad position (special tokens included) is selected with probability
+`mask_prob`; a selected token becomes `[MASK]` (no 80/10/10); `mlm_labels` hold the original id where selected and
+-100 elsewhere. The decoder gets the unmasked `input_ids`. A batch can have no selected position (the MLM loss of such
+a batch is the trainer's concern).
+
+Length policy (§1): a sequence longer than `max_length` raises `ValueError` (default, `overflow="error"`) or, with
+`overflow="truncate"`, loses the end of its text / answer body while keeping `[EOS]`. To drop over-long or broken rows
+before training use `validate_rows(..., on_error="skip")` (logged, never silent).
+
+Collators tokenize raw rows (strings) and pad dynamically (right padding with the pad id) to the longest sequence of
+the batch. With `transformers.Trainer` set `remove_unused_columns=False` (hf-integration.md §7.2), otherwise the
+`text` / `query` / `answer` / `interactions` columns are dropped before they reach the collator. Collators hold state
+(`torch.Generator`, `max_turns`) that a `DataLoader` with `num_workers > 0` copies into its workers: the workers then
+repeat the same masks and do not see `set_max_turns`; use `num_workers=0` (or seed per worker) where that matters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modeling_rxt.tokenization_rxt import check_rxt_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "EpisodeCollator",
+    "InteractionCollator",
+    "JointLMCollator",
+    "encode_interaction",
+    "encode_text",
+    "episode_turns",
+    "load_rows",
+    "truncate_episode",
+    "validate_rows",
+]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_KINDS = ("text", "interaction", "episode")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_rows(path_or_id: str | os.PathLike, split: str = "train", **kwargs: Any):
+    """Load rows as a `datasets.Dataset`.
+
+    Args:
+        path_or_id: a local `.json` / `.jsonl` / `.parquet` file (builder chosen by the extension; the file is one
+            split, so `split` is not used), a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a
+            hub dataset id / local dataset script directory (`datasets.load_dataset(path_or_id, split=split)`).
+        split: split to load from a hub dataset or a saved `DatasetDict`.
+        **kwargs: passed to `datasets.load_dataset` (e.g. `name="steps-6"` for a hub subset, `revision`).
+
+    Returns:
+        `datasets.Dataset`.
+    """
+    import datasets
+
+    path = Path(path_or_id)
+    builder = _FILE_BUILDERS.get(path.suffix.lower())
+    if builder is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"load_rows: no such file {str(path)!r}.")
+        return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **kwargs)
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return datasets.load_dataset(str(path_or_id), split=split, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def _special_ids(tokenizer) -> dict[str, int | None]:
+    return check_rxt_tokenizer(tokenizer)
+
+
+def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each string, without special tokens (one batched call)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _overflow_error(kind: str, length: int, max_length: int, text: str) -> ValueError:
+    preview = text if len(text) <= 60 else text[:57] + "..."
+    return ValueError(
+        f"{kind} of {length} tokens exceeds max_length={max_length} ({preview!r}); drop such rows with "
+        "validate_rows(..., on_error='skip') or pass overflow='truncate'."
+    )
+
+
+def _check_overflow(overflow: str) -> None:
+    if overflow not in ("error", "truncate"):
+        raise ValueError(f"overflow={overflow!r}: expected 'error' or 'truncate'.")
+
+
+def _build_text(ids: dict, body: list[int], max_length: int | None, overflow: str, text: str = "") -> list[int]:
+    if max_length is not None and len(body) + 2 > max_length:
+        if overflow != "truncate" or max_length < 2:
+            raise _overflow_error("text", len(body) + 2, max_length, text)
+        body = body[: max_length - 2]
+    return [ids["bos_token_id"], *body, ids["eos_token_id"]]
+
+
+def _build_interaction(
+    ids: dict,
+    query_body: list[int],
+    answer_body: list[int],
+    max_length: int | None,
+    overflow: str,
+    train_answer_token: bool,
+    train_eos: bool,
+    query: str = "",
+) -> tuple[list[int], list[int]]:
+    query_segment = [ids["bos_token_id"], ids["query_token_id"], *query_body]
+    length = len(query_segment) + len(answer_body) + 2
+    if max_length is not None and length > max_length:
+        room = max_length - len(query_segment) - 2
+        if overflow != "truncate" or room < 0:
+            raise _overflow_error("interaction", length, max_length, query)
+        answer_body = answer_body[:room]
+    answer_segment = [ids["answer_token_id"], *answer_body, ids["eos_token_id"]]
+    labels = [IGNORE_INDEX] * len(query_segment)
+    labels.append(ids["answer_token_id"] if train_answer_token else IGNORE_INDEX)
+    labels.extend(answer_body)
+    labels.append(ids["eos_token_id"] if train_eos else IGNORE_INDEX)
+    return query_segment + answer_segment, labels
+
+
+def encode_text(tokenizer, text: str, max_length: int | None = None, overflow: str = "error") -> list[int]:
+    """Pre-training template `[BOS]{text}[EOS]` as a list of ids (length `len(tokens(text)) + 2`)."""
+    _check_overflow(overflow)
+    return _build_text(_special_ids(tokenizer), _tokenize(tokenizer, [text])[0], max_length, overflow, text)
+
+
+def encode_interaction(
+    tokenizer,
+    query: str,
+    answer: str,
+    max_length: int | None = None,
+    overflow: str = "error",
+    train_answer_token: bool = False,
+    train_eos: bool = True,
+) -> tuple[list[int], list[int]]:
+    """Interaction template `[BOS][Q]{query}` + `[A]{answer}[EOS]` (query and answer tokenized separately).
+
+    Returns:
+        `(input_ids, labels)`, equal lengths. Labels are -100 on `[BOS] [Q]`, the query and (unless
+        `train_answer_token`) `[A]`; the answer ids; then `[EOS]` (or -100 if not `train_eos`). The defaults are the
+        project rule; `train_eos=False` is the reference SFT mask, `train_answer_token=True` the reference SMAT mask.
+    """
+    _check_overflow(overflow)
+    query_body, answer_body = _tokenize(tokenizer, [query, answer])
+    return _build_interaction(
+        _special_ids(tokenizer), query_body, answer_body, max_length, overflow, train_answer_token, train_eos, query
+    )
+
+
+def _pad_to(length: int, multiple: int | None) -> int:
+    if multiple:
+        length = -(-length // multiple) * multiple
+    return length
+
+
+def _fill_row(target: torch.Tensor, values: list[int]) -> None:
+    if values:
+        target[: len(values)] = torch.tensor(values, dtype=target.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _text_problem(row: dict, field: str) -> str | None:
+    if field not in row or row[field] is None:
+        return "missing"
+    if not isinstance(row[field], str):
+        return f"expected a string, got {type(row[field]).__name__}"
+    if not row[field].strip():
+        return "empty"
+    return None
+
+
+def _row_problems(row: dict, kind: str, text_field: str) -> tuple[str, str] | None:
+    """First structural problem of a row as `(field, reason)`, or None."""
+    if kind == "text":
+        reason = _text_problem(row, text_field)
+        return (text_field, reason) if reason else None
+    for field in ("query", "answer"):
+        reason = _text_problem(row, field)
+        if reason:
+            return field, reason
+    if kind == "interaction":
+        return None
+    interactions = row.get("interactions")
+    if interactions is None:
+        return "interactions", "missing"
+    if not isinstance(interactions, list):
+        return "interactions", f"expected a list, got {type(interactions).__name__}"
+    for k, turn in enumerate(interactions):
+        if not isinstance(turn, dict):
+            return f"interactions[{k}]", f"expected an object with query/answer, got {type(turn).__name__}"
+        for field in ("query", "answer"):
+            reason = _text_problem(turn, field)
+            if reason:
+                return f"interactions[{k}].{field}", reason
+    probes = row.get("probes")
+    if probes is not None:
+        num_turns = 1 + len(interactions)
+        for j, probe in enumerate(probes):
+            turn = probe.get("turn") if isinstance(probe, dict) else None
+            if not isinstance(turn, int) or not 0 <= turn < num_turns:
+                return f"probes[{j}].turn", f"expected a turn index in [0, {num_turns}), got {turn!r}"
+    return None
+
+
+def _row_segments(row: dict, kind: str, text_field: str) -> list[tuple[str, str, str | None]]:
+    """`(field, first string, second string or None)` per sequence the row produces."""
+    if kind == "text":
+        return [(text_field, row[text_field], None)]
+    segments = [("query/answer", row["query"], row["answer"])]
+    if kind == "episode":
+        segments += [(f"interactions[{k}]", t["query"], t["answer"]) for k, t in enumerate(row["interactions"])]
+    return segments
+
+
+def validate_rows(
+    dataset,
+    kind: str,
+    tokenizer=None,
+    max_length: int | None = None,
+    on_error: str = "error",
+    text_field: str = "text",
+):
+    """Check rows before training and return the valid ones.
+
+    Checks per `kind`:
+        - `"text"`: `text_field` present, a string, not empty/whitespace; `[BOS]{text}[EOS]` at most `max_length`.
+        - `"interaction"`: `query` and `answer` present, strings, not empty; `[BOS][Q]{query}[A]{answer}[EOS]` at most
+          `max_length` tokens.
+        - `"episode"`: as `"interaction"` for the top-level turn and every item of `interactions` (a list; may be
+          empty); `probes[j].turn`, when probes are present, indexes an existing turn; every turn at most `max_length`.
+
+    Args:
+        dataset: a `datasets.Dataset` (or a list of dicts, converted).
+        kind: `"text"`, `"interaction"` or `"episode"`.
+        tokenizer: RxT tokenizer; required when `max_length` is given.
+        max_length: longest allowed tokenized sequence (None: no length check).
+        on_error: `"error"` raises `ValueError("row {i}: field {field!r}: {reason} ...")` for the first invalid row;
+            `"skip"` drops invalid rows and logs a warning with their number. An all-invalid dataset raises anyway.
+        text_field: the text column for `kind="text"`.
+
+    Returns:
+        `datasets.Dataset`: the valid rows (the input object itself when nothing was dropped).
+    """
+    import datasets
+
+    if kind not in _KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {_KINDS}.")
+    if on_error not in ("error", "skip"):
+        raise ValueError(f"on_error={on_error!r}: expected 'error' or 'skip'.")
+    if max_length is not None and tokenizer is None:
+        raise ValueError("validate_rows: a tokenizer is needed to check max_length.")
+    if isinstance(dataset, list):
+        dataset = datasets.Dataset.from_list(dataset)
+
+    problems: dict[int, tuple[str, str]] = {}
+    pending: list[tuple[int, str, str, str | None]] = []  # rows to length-check: (row, field, text, answer)
+    for index, row in enumerate(dataset):
+        problem = _row_problems(row, kind, text_field)
+        if problem:
+            problems[index] = problem
+        elif max_length is not None:
+            pending.extend((index, *segment) for segment in _row_segments(row, kind, text_field))
+
+    if pending:
+        check_rxt_tokenizer(tokenizer)  # the +2 / +4 below assume the RxT special tokens
+        chunk = 1024
+        for start in range(0, len(pending), chunk):
+            part = pending[start : start + chunk]
+            firsts = _tokenize(tokenizer, [p[2] for p in part])
+            seconds = _tokenize(tokenizer, [p[3] for p in part if p[3] is not None])
+            second_iter = iter(seconds)
+            for (index, field, _, second), first_ids in zip(part, firsts):
+                # [BOS] text [EOS] = +2; [BOS] [Q] query [A] answer [EOS] = +4
+                length = len(first_ids) + 2 if second is None else len(first_ids) + len(next(second_iter)) + 4
+                if length > max_length and index not in problems:
+                    problems[index] = (field, f"{length} tokens exceed max_length={max_length}")
+
+    if not problems:
+        return dataset
+    total = len(dataset)
+    first = min(problems)
+    field, reason = problems[first]
+    detail = f"row {first}: field {field!r}: {reason}"
+    if on_error == "error":
+        raise ValueError(
+            f"invalid {kind} {detail} ({len(problems)} of {total} rows invalid; on_error='skip' drops them)."
+        )
+    if len(problems) == total:
+        raise ValueError(f"validate_rows: all {total} {kind} rows are invalid; first: {detail}.")
+    logger.warning("validate_rows: skipped %d of %d %s rows (first: %s).", len(problems), total, kind, detail)
+    return dataset.select([i for i in range(total) if i not in problems])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Collators
+
+
+def _check_label_mode(label_mode: str) -> None:
+    if label_mode not in ("project", "reference"):
+        raise ValueError(f"label_mode={label_mode!r}: expected 'project' or 'reference'.")
+
+
+class JointLMCollator:
+    """Collator of stage 1 (`sft=False`, rows `{"text"}`) and stage 2 (`sft=True`, rows `{"query", "answer"}`).
+
+    Args:
+        tokenizer: RxT tokenizer (special ids read with `check_rxt_tokenizer`).
+        mask_prob: MLM selection probability per non-pad position.
+        sft: interaction rows and answer-only labels instead of text rows and all-token labels.
+        max_length: longest sequence (None: no limit); see `overflow`.
+        seed: seed of a private `torch.Generator` for the MLM masks (reproducible per collator); None uses torch's
+            global RNG (reproducible under `transformers.set_seed`).
+        label_mode: `"project"` (answer + `[EOS]`) or `"reference"` (SFT: answer body only); only for `sft=True`.
+        train_on_padding: pre-training labels include the pads (reference parity).
+        overflow: `"error"` or `"truncate"` (cut the text / answer body, keep `[EOS]`).
+        pad_to_multiple_of: round the padded length up.
+        text_field: column of the text rows.
+
+    Returns (from `__call__(rows)`), `B` rows, `T` the longest sequence of the batch, all `torch.long`:
+        `input_ids [B, T]` (unmasked, right-padded with `[PAD]`), `attention_mask [B, T]` (1 on real tokens),
+        `labels [B, T]` (decoder targets aligned with `input_ids`, -100 ignored), `mlm_input_ids [B, T]`
+        (`input_ids` with selected positions replaced by `[MASK]`), `mlm_labels [B, T]` (original id where selected,
+        -100 elsewhere).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        mask_prob: float = 0.15,
+        sft: bool = False,
+        max_length: int | None = None,
+        seed: int | None = None,
+        label_mode: str = "project",
+        train_on_padding: bool = False,
+        overflow: str = "error",
+        pad_to_multiple_of: int | None = None,
+        text_field: str = "text",
+    ):
+        if not 0.0 <= mask_prob <= 1.0:
+            raise ValueError(f"mask_prob={mask_prob}: expected a probability in [0, 1].")
+        _check_label_mode(label_mode)
+        _check_overflow(overflow)
+        self.tokenizer = tokenizer
+        self.ids = _special_ids(tokenizer)
+        self.mask_prob = mask_prob
+        self.sft = sft
+        self.max_length = max_length
+        self.label_mode = label_mode
+        self.train_on_padding = train_on_padding
+        self.overflow = overflow
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.text_field = text_field
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(seed)
+
+    def _sequences(self, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+        if self.sft:
+            queries = [row["query"] for row in rows]
+            query_bodies = _tokenize(self.tokenizer, queries)
+            answer_bodies = _tokenize(self.tokenizer, [row["answer"] for row in rows])
+            pairs = [
+                _build_interaction(
+                    self.ids,
+                    q,
+                    a,
+                    self.max_length,
+                    self.overflow,
+                    train_answer_token=False,
+                    train_eos=self.label_mode == "project",
+                    query=text,
+                )
+                for q, a, text in zip(query_bodies, answer_bodies, queries)
+            ]
+            return [p[0] for p in pairs], [p[1] for p in pairs]
+        texts = [row[self.text_field] for row in rows]
+        seqs = [
+            _build_text(self.ids, body, self.max_length, self.overflow, text)
+            for body, text in zip(_tokenize(self.tokenizer, texts), texts)
+        ]
+        return seqs, [list(seq) for seq in seqs]
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        seqs, targets = self._sequences(rows)
+        length = _pad_to(max(len(seq) for seq in seqs), self.pad_to_multiple_of)
+        input_ids = torch.full((len(seqs), length), self.ids["pad_token_id"], dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
+        for b, (seq, target) in enumerate(zip(seqs, targets)):
+            _fill_row(input_ids[b], seq)
+            attention_mask[b, : len(seq)] = 1
+            _fill_row(labels[b], target)
+        if self.train_on_padding and not self.sft:
+            labels = input_ids.clone()
+
+        selected = torch.rand(input_ids.shape, generator=self.generator) < self.mask_prob
+        selected &= attention_mask.bool()
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "mlm_input_ids": input_ids.masked_fill(selected, self.ids["mask_token_id"]),
+            "mlm_labels": torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX)),
+        }
+
+
+class InteractionCollator(JointLMCollator):
+    """Stage-2 collator: `JointLMCollator(tokenizer, sft=True, **kwargs)` (rows `{"query", "answer"}`)."""
+
+    def __init__(self, tokenizer, **kwargs: Any):
+        if kwargs.pop("sft", True) is not True:
+            raise ValueError("InteractionCollator is the sft=True case of JointLMCollator.")
+        super().__init__(tokenizer, sft=True, **kwargs)
+
+
+def episode_turns(row: dict, max_turns: int | None = None) -> list[tuple[str, str]]:
+    """Turn list `[(query, answer), ...]` of an episode row: the top-level pair, then `interactions`; at most
+    `max_turns` (None: all)."""
+    turns = [(row["query"], row["answer"])]
+    turns += [(turn["query"], turn["answer"]) for turn in row.get("interactions") or []]
+    return turns if max_turns is None else turns[:max_turns]
+
+
+def truncate_episode(row: dict, max_turns: int | None) -> dict:
+    """Copy of an episode row cut to its first `max_turns` turns; probes with `turn >= max_turns` are dropped."""
+    if max_turns is None:
+        return dict(row)
+    if max_turns < 1:
+        raise ValueError(f"max_turns={max_turns}: expected >= 1 or None.")
+    out = dict(row)
+    out["interactions"] = list(row.get("interactions") or [])[: max_turns - 1]
+    if row.get("probes") is not None:
+        out["probes"] = [probe for probe in row["probes"] if probe["turn"] < max_turns]
+    return out
+
+
+class EpisodeCollator:
+    """Collator of episode rows `{"query", "answer", "interactions": [{"query", "answer"}, ...]}` (stages 3-5).
+
+    The turn list of a row is `[(query, answer)] + interactions`, cut to `max_turns` when set (see `set_max_turns`;
+    `truncate_episode` cuts a row and its probes the same way). Every turn is encoded as
+    `[BOS][Q]{query}` + `[A]{answer}[EOS]`. Other row fields (`probes`, `system`) are not used here.
+
+    Args:
+        tokenizer: RxT tokenizer.
+        max_length: longest turn (None: no limit); see `overflow`.
+        max_turns: keep the first `max_turns` turns of each episode (None: all).
+        label_mode: `"project"` (answer + `[EOS]`) or `"reference"` (SMAT: `[A]`, answer, `[EOS]`).
+        overflow: `"error"` or `"truncate"` (cut the answer body, keep `[EOS]`).
+        pad_to_multiple_of: round `T` up.
+
+    Returns (from `__call__(rows)`), `B` rows, `N` = most turns of an episode in the batch, `T` = longest turn in the
+    batch, all `torch.long`:
+        `input_ids [N, B, T]`, `attention_mask [N, B, T]`, `labels [N, B, T]` (answer-only targets, -100 ignored);
+        turn `k` of episode `b` is `[k, b]`; a missing turn (`k >= num_turns[b]`) is all pad, mask 0, labels -100;
+        `turn_mask [N, B]` (1 where episode `b` has turn `k`); `num_turns [B]`.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        max_length: int | None = None,
+        max_turns: int | None = None,
+        label_mode: str = "project",
+        overflow: str = "error",
+        pad_to_multiple_of: int | None = None,
+    ):
+        _check_label_mode(label_mode)
+        _check_overflow(overflow)
+        self.tokenizer = tokenizer
+        self.ids = _special_ids(tokenizer)
+        self.max_length = max_length
+        self.label_mode = label_mode
+        self.overflow = overflow
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_turns = None
+        self.set_max_turns(max_turns)
+
+    def set_max_turns(self, max_turns: int | None) -> None:
+        """Change the episode length used from the next batch on (e.g. from a `TrainerCallback`)."""
+        if max_turns is not None and (not isinstance(max_turns, int) or max_turns < 1):
+            raise ValueError(f"max_turns={max_turns!r}: expected a positive integer or None.")
+        self.max_turns = max_turns
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        episodes = [episode_turns(row, self.max_turns) for row in rows]
+        flat = [turn for turns in episodes for turn in turns]
+        query_bodies = _tokenize(self.tokenizer, [q for q, _ in flat])
+        answer_bodies = _tokenize(self.tokenizer, [a for _, a in flat])
+        reference = self.label_mode == "reference"
+        encoded = [
+            _build_interaction(
+                self.ids, q, a, self.max_length, self.overflow, train_answer_token=reference, train_eos=True, query=text
+            )
+            for q, a, (text, _) in zip(query_bodies, answer_bodies, flat)
+        ]
+
+        num_turns = torch.tensor([len(turns) for turns in episodes], dtype=torch.long)
+        n, b = int(num_turns.max()), len(rows)
+        length = _pad_to(max(len(seq) for seq, _ in encoded), self.pad_to_multiple_of)
+        input_ids = torch.full((n, b, length), self.ids["pad_token_id"], dtype=torch.long)
+        attention_mask = torch.zeros((n, b, length), dtype=torch.long)
+        labels = torch.full((n, b, length), IGNORE_INDEX, dtype=torch.long)
+        turn_mask = torch.zeros((n, b), dtype=torch.long)
+        position = 0
+        for j, turns in enumerate(episodes):
+            for k in range(len(turns)):
+                seq, target = encoded[position]
+                position += 1
+                _fill_row(input_ids[k, j], seq)
+                attention_mask[k, j, : len(seq)] = 1
+                _fill_row(labels[k, j], target)
+                turn_mask[k, j] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "turn_mask": turn_mask,
+            "num_turns": num_turns,
+        }

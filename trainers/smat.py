@@ -1,0 +1,146 @@
+"""Stage 4: supervised memory-aware training (SMAT, training.md §5, §10.1).
+
+One Trainer step is one batch of episodes (`trainers.data.EpisodeCollator`: `input_ids [N, B, T]`, `labels`,
+`attention_mask`, `turn_mask [N, B]`). The STM starts from the model's initial STM; before turn `k > 0` the previous
+interaction is encoded and written into memory; the decoder is teacher-forced on turn `k` reading the STM, with
+answer-only targets. `bptt_turns` sets where the STM is detached: `1` every turn (the reference's truncation),
+`k` every `k` turns, `0` never (backprop through the whole episode, the paper). The loss is the mean of the per-turn
+answer losses.
+
+Schedules (callbacks, DDP-safe: nothing flips `requires_grad`; frozen components run under `no_grad`):
+- gradual unfreezing of memory attention / encoder by epoch (`memory_attention_unfreeze_epoch`,
+  `encoder_unfreeze_epoch`; `None` = never, `0` = from the start; `train_only_decoder` = never both);
+- episode-length schedule: `episode_length_start` turns until `episode_ramp_start` (fraction of training), then a
+  linear ramp to `episode_max_turns` at `episode_ramp_end` (the schedule that makes memory learnable, §10.1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainerCallback
+
+from .common import RxTTrainer, RxTTrainingArguments, stm_update_norm, token_accuracy
+
+
+@dataclass
+class SMATConfig(RxTTrainingArguments):
+    bptt_turns: int = field(default=1, metadata={"help": "Detach the STM every k turns; 0 = whole-episode backprop."})
+    train_only_decoder: bool = field(default=False, metadata={"help": "Memory attention and encoder never train."})
+    memory_attention_unfreeze_epoch: int | None = field(default=0, metadata={"help": "Epoch memory attention trains."})
+    encoder_unfreeze_epoch: int | None = field(default=0, metadata={"help": "Epoch the encoder starts training."})
+    freeze_embeddings: bool = field(default=False, metadata={"help": "Keep the shared embedding fixed."})
+    episode_length_start: int | None = field(default=None, metadata={"help": "Turns per episode at the start."})
+    episode_ramp_start: float = field(default=0.25, metadata={"help": "Fraction of training when lengthening starts."})
+    episode_ramp_end: float = field(default=0.6, metadata={"help": "Fraction of training when the maximum is reached."})
+    episode_max_turns: int | None = field(default=None, metadata={"help": "Maximum turns (None: all of the episode)."})
+    max_length: int = field(default=256, metadata={"help": "Maximum tokens of one interaction."})
+    ddp_find_unused_parameters: bool | None = field(default=True, metadata={"help": "Frozen components are unused."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bptt_turns < 0:
+            raise ValueError(f"bptt_turns={self.bptt_turns}: expected 0 (whole episode) or a positive window.")
+        if not 0.0 <= self.episode_ramp_start <= self.episode_ramp_end <= 1.0:
+            raise ValueError(
+                f"episode schedule: expected 0 <= episode_ramp_start ({self.episode_ramp_start}) <= episode_ramp_end "
+                f"({self.episode_ramp_end}) <= 1."
+            )
+        if self.episode_length_start is not None and self.episode_length_start < 1:
+            raise ValueError(f"episode_length_start={self.episode_length_start}: expected >= 1 turns.")
+
+    def episode_turns(self, progress: float) -> int | None:
+        """Turns per episode at `progress` ∈ [0, 1] of training (None: no limit)."""
+        if self.episode_length_start is None:
+            return self.episode_max_turns
+        top = self.episode_max_turns or self.episode_length_start
+        if progress <= self.episode_ramp_start or top <= self.episode_length_start:
+            return self.episode_length_start
+        if progress >= self.episode_ramp_end:
+            return top
+        fraction = (progress - self.episode_ramp_start) / max(self.episode_ramp_end - self.episode_ramp_start, 1e-9)
+        return self.episode_length_start + math.floor(fraction * (top - self.episode_length_start) + 1e-9)
+
+
+class SMATScheduleCallback(TrainerCallback):
+    """Applies the episode-length schedule (to the collator) and the unfreeze epochs (to the trainer)."""
+
+    def __init__(self, trainer: "SupervisedMemoryAwareTrainer"):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        turns = args.episode_turns(state.global_step / max(state.max_steps, 1))
+        collator = self.trainer.data_collator
+        if hasattr(collator, "set_max_turns"):
+            collator.set_max_turns(turns)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer.update_frozen(int(state.epoch or 0))
+
+
+class SupervisedMemoryAwareTrainer(RxTTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.freeze_embeddings:
+            self.rxt_model().get_input_embeddings().weight.requires_grad_(False)
+        self.memory_attention_trains = self.encoder_trains = True
+        self.update_frozen(0)
+        self.add_callback(SMATScheduleCallback(self))
+        self.data_collator_schedule_ready = hasattr(self.data_collator, "set_max_turns")
+        if self.args.episode_turns(0.0) is not None and not self.data_collator_schedule_ready:
+            raise ValueError("The episode-length schedule needs a collator with set_max_turns (EpisodeCollator).")
+        if self.data_collator_schedule_ready:
+            self.data_collator.set_max_turns(self.args.episode_turns(0.0))
+
+    def update_frozen(self, epoch: int) -> None:
+        """Memory attention / encoder train from their unfreeze epoch on (never with `train_only_decoder`)."""
+
+        def trains(start: int | None) -> bool:
+            return not self.args.train_only_decoder and start is not None and epoch >= start
+
+        self.memory_attention_trains = trains(self.args.memory_attention_unfreeze_epoch)
+        self.encoder_trains = trains(self.args.encoder_unfreeze_epoch)
+
+    def write_memory(self, model, ids, mask, stm):
+        """Encode the previous interaction and update the STM, with frozen components under `no_grad`."""
+        if self.encoder_trains and self.memory_attention_trains:
+            return model(input_ids=ids, attention_mask=mask, stm=stm, mode="memory_update").stm
+        with contextlib.nullcontext() if self.encoder_trains else torch.no_grad():
+            encoded = model(input_ids=ids, attention_mask=mask, mode="encode").encoder_hidden_states
+        with contextlib.nullcontext() if self.memory_attention_trains else torch.no_grad():
+            return model(attention_mask=mask, stm=stm, encoder_hidden_states=encoded, mode="memory_update").stm
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids, masks, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        turn_mask = inputs["turn_mask"].bool()
+        stm = self.rxt_model().initial_stm(ids.shape[1])
+        losses, accuracies, norms = [], [], []
+        for turn in range(ids.shape[0]):
+            valid = turn_mask[turn]
+            if not valid.any():
+                break
+            if turn > 0:
+                mask = masks[turn - 1].clone()
+                mask[~valid, 0] = 1  # finished episodes keep one visible key; their STM rows are kept below
+                new_stm = self.write_memory(model, ids[turn - 1], mask, stm)
+                norms.append(stm_update_norm(new_stm[:, valid], stm[:, valid]))
+                stm = torch.where(valid[None, :, None, None], new_stm, stm)
+            if self.args.bptt_turns and turn % self.args.bptt_turns == 0:
+                stm = stm.detach()
+            turn_labels = labels[turn].masked_fill(~valid[:, None], -100)
+            mask = masks[turn].clone()
+            mask[~valid, 0] = 1
+            out = model(input_ids=ids[turn], attention_mask=mask, labels=turn_labels, stm=stm)
+            losses.append(out.loss + self.moe_aux(out))
+            accuracies.append(token_accuracy(out.logits, turn_labels))
+        loss = torch.stack(losses).mean()
+        self.record(
+            answer_loss=loss,
+            answer_accuracy=torch.stack(accuracies).mean(),
+            stm_update_norm=torch.stack(norms).mean() if norms else None,
+            episode_turns=float(len(losses)),
+        )
+        return (loss, {"stm": stm}) if return_outputs else loss

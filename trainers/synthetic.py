@@ -1,0 +1,546 @@
+"""Synthetic data for RxT: a fact-recall dialogue task that a stateless model cannot solve (training.md §10, §10.1).
+
+The user states personal facts ("My cat is called Brindle."), the assistant acknowledges them briefly ("Noted: your
+cat is called Brindle."), and later turns ask about them ("What is my cat called?" -> "Your cat is called
+Brindle.") after distractor turns (chit-chat, other facts). Everything is generated procedurally and deterministically
+from a seed; `scripts/make_synthetic_data.py` is the command-line front end.
+
+Value pools
+    Every attribute (`ATTRIBUTES`) has `POOL_SIZES["train"] + POOL_SIZES["validation"] + POOL_SIZES["test"]`
+    = 300 + 100 + 200 values built by combination (syllable-built names and towns, 4-digit codes, modifier x colour,
+    flavour x dish, domain x role, activity x object). The pools are fixed (built from the constant `POOL_SEED`, never
+    from the episode seed), all values are distinct across attributes, and the three splits hold **disjoint** values,
+    so a model can only answer a test question by carrying the value through its memory. Values are 1-2 words.
+
+Files (all JSON Lines, UTF-8, one object per line), written by `write_synthetic_data` / the CLI:
+    - `pretrain_{train,validation}.jsonl`: `{"text": str}` -- a few statements, questions, answers and chit-chat
+      joined into one paragraph (stage 1 / tokenizer corpus).
+    - `sft_{train,validation}.jsonl`: `{"query": str, "answer": str}` -- single, unconnected turns (stage 2): a
+      statement and its acknowledgement, a question and an answer (with a random value: no memory in stage 2), or
+      chit-chat.
+    - `dialogues_{train,validation,test}.jsonl` (`dialogues_long_range_*.jsonl` with `--long-range`): episodes for
+      stages 3-5 and for the memory evaluation (`scripts/eval_memory.py --data`)::
+
+          {"query": str, "answer": str,                       # turn 0
+           "interactions": [{"query": str, "answer": str}, ...],  # turns 1 .. n-1
+           "probes": [{"turn": int, "distance": int, "attribute": str, "expected": str}, ...]}
+
+      `probes[j].turn` indexes the whole turn list (0 = the top-level query/answer, k = `interactions[k-1]`); that
+      turn's query asks about an attribute that was stated in turn `turn - distance` (distance 1 = the question is the
+      very next turn), `expected` is the stated value. Guarantees: every episode has at least one probe; `expected`
+      appears verbatim in the query of turn `turn - distance` and in the reference answer of turn `turn`; every
+      attribute is stated at most once per episode and asked about at most once, so `expected` occurs in no other
+      turn (no value is a substring of another value of the episode or of the fixed template / chit-chat text);
+      `1 <= distance <= max_distance`.
+      A memory evaluation counts a probe as recalled when `expected` appears in the generated answer of that turn
+      (normalised match; match at word boundaries, since a value can be a prefix of another value of the pools,
+      e.g. a name `Pilon` and `Pilona`).
+
+Episode sampling (one episode; `rng` seeded from `(seed, split)`):
+    1. the main probe's distance `d` is uniform on `1 .. min(max_distance, max_turns - 1)` (so every distance is
+       equally represented), the episode length `n` uniform on `max(min_turns, d + 1) .. max_turns`, the statement
+       turn `s` uniform on `0 .. n - 1 - d`, the question turn `s + d`;
+    2. each other turn is, in order of preference, a question about an earlier, not yet asked fact within
+       `max_distance` (probability 0.35), a new fact of an unused attribute (0.4), else chit-chat.
+    With `long_range=True` (topic-change episodes, "is_long_range" subsets of training.md §8): `n = d + 1` with `d`
+    uniform on `max(1, min_turns - 1) .. min(max_distance, max_turns - 1)`; the fact is turn 0, turns `1 .. d - 1`
+    are off-topic chit-chat only, the question is turn `d`.
+
+Chance level (`chance_level(split)`): the probability of naming the right value by guessing uniformly from the
+attribute's pool of that split, averaged over attributes (episodes draw attributes uniformly): mean over attributes
+of `1 / |pool(attribute, split)|` = 1/300 (train), 1/100 (validation), 1/200 = 0.005 (test). A model that memorised
+the *train* pools and guesses from them scores 0 on test, so this is an upper bound for guessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from functools import cache
+from itertools import product
+from pathlib import Path
+
+__all__ = [
+    "ATTRIBUTES",
+    "POOL_SEED",
+    "POOL_SIZES",
+    "SPLITS",
+    "chance_level",
+    "generate_dialogues",
+    "generate_pretrain",
+    "generate_sft",
+    "value_pools",
+    "write_jsonl",
+    "write_synthetic_data",
+]
+
+SPLITS = ("train", "validation", "test")
+POOL_SIZES = {"train": 300, "validation": 100, "test": 200}
+POOL_SEED = 20251020  # fixes the value pools and their split; independent of the episode seed
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attributes and templates. `{v}` is the value; `{a}` the indefinite article of the value ("a" / "an").
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    statements: tuple[str, ...]  # user states the fact
+    acks: tuple[str, ...]  # assistant acknowledges (echoes the value)
+    questions: tuple[str, ...]  # user asks (no value)
+    answers: tuple[str, ...]  # assistant answers (contains the value)
+
+
+ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute(
+        "name",
+        ("My name is {v}.", "Call me {v}, please.", "Hi, I am {v}."),
+        ("Nice to meet you, {v}.", "Hello {v}, good to meet you."),
+        ("What is my name?", "Do you remember my name?", "What am I called?"),
+        ("Your name is {v}.", "You are {v}."),
+    ),
+    Attribute(
+        "cat",
+        ("My cat is called {v}.", "I have a cat named {v}.", "Our cat's name is {v}."),
+        ("Noted: your cat is called {v}.", "A cat named {v}, lovely."),
+        ("What is my cat called?", "What is the name of my cat?", "Do you remember my cat's name?"),
+        ("Your cat is called {v}.", "Your cat's name is {v}."),
+    ),
+    Attribute(
+        "dog",
+        ("My dog is called {v}.", "I have a dog named {v}.", "Our dog's name is {v}."),
+        ("Noted: your dog is called {v}.", "A dog named {v}, how nice."),
+        ("What is my dog called?", "What is the name of my dog?", "Do you remember my dog's name?"),
+        ("Your dog is called {v}.", "Your dog's name is {v}."),
+    ),
+    Attribute(
+        "sister",
+        ("My sister is called {v}.", "My sister's name is {v}.", "I have a sister named {v}."),
+        ("Noted: your sister is called {v}.", "Your sister {v}, got it."),
+        ("What is my sister called?", "What is my sister's name?", "Do you remember my sister's name?"),
+        ("Your sister is called {v}.", "Your sister's name is {v}."),
+    ),
+    Attribute(
+        "city",
+        ("I live in {v}.", "My home town is {v}.", "I moved to {v} last year."),
+        ("Noted: you live in {v}.", "I will remember that you live in {v}."),
+        ("Where do I live?", "Which town do I live in?", "What is my home town?"),
+        ("You live in {v}.", "Your home town is {v}."),
+    ),
+    Attribute(
+        "locker_code",
+        ("My locker code is {v}.", "The code of my locker is {v}.", "Please remember my locker code: {v}."),
+        ("Noted: your locker code is {v}.", "Locker code {v}, saved."),
+        ("What is my locker code?", "Which code opens my locker?", "Do you remember my locker code?"),
+        ("Your locker code is {v}.", "The code is {v}."),
+    ),
+    Attribute(
+        "colour",
+        ("My favourite colour is {v}.", "I like the colour {v} best.", "The colour I love most is {v}."),
+        ("Noted: your favourite colour is {v}.", "A fine choice, {v} it is."),
+        ("What is my favourite colour?", "Which colour do I like best?", "Do you remember my favourite colour?"),
+        ("Your favourite colour is {v}.", "You like {v} best."),
+    ),
+    Attribute(
+        "job",
+        ("I work as {a} {v}.", "My job: I am {a} {v}.", "I earn my living as {a} {v}."),
+        ("Noted: you work as {a} {v}.", "Interesting, you are {a} {v}."),
+        ("What is my job?", "What do I do for a living?", "Do you remember my job?"),
+        ("You work as {a} {v}.", "You are {a} {v}."),
+    ),
+    Attribute(
+        "food",
+        ("My favourite food is {v}.", "I love eating {v}.", "Nothing beats {v} for me."),
+        ("Noted: your favourite food is {v}.", "Sounds tasty: {v}."),
+        ("What is my favourite food?", "What do I love to eat?", "Do you remember my favourite food?"),
+        ("Your favourite food is {v}.", "You love {v}."),
+    ),
+    Attribute(
+        "hobby",
+        ("My hobby is {v}.", "In my free time I enjoy {v}.", "I spend weekends {v}."),
+        ("Noted: your hobby is {v}.", "What a nice hobby: {v}."),
+        ("What is my hobby?", "What do I enjoy in my free time?", "Do you remember my hobby?"),
+        ("Your hobby is {v}.", "You enjoy {v}."),
+    ),
+)
+_ATTRIBUTE_BY_NAME = {attribute.name: attribute for attribute in ATTRIBUTES}
+
+# Off-topic turns. Fixed pairs plus a few combinatorial families (no pool values in them).
+_CHITCHAT = (
+    ("How are you today?", "I am doing well, thank you for asking."),
+    ("Tell me something interesting.", "Octopuses have three hearts."),
+    ("What should I cook tonight?", "A simple vegetable soup is quick and warm."),
+    ("Is it going to rain?", "I cannot see the sky, but an umbrella never hurts."),
+    ("Can you tell me a joke?", "Why did the scarecrow win a prize? He was outstanding in his field."),
+    ("I am a bit tired.", "Maybe a short break and a glass of water will help."),
+    ("What time is it?", "I do not have a clock, but your device should show it."),
+    ("Thanks for your help.", "You are welcome, happy to help."),
+    ("Do you like music?", "I enjoy talking about music of all kinds."),
+    ("What is a good way to relax?", "A slow walk outside works for many people."),
+    ("How do plants grow?", "They use sunlight, water and air to make sugar."),
+    ("Any tips for sleeping better?", "Keep a regular bedtime and avoid screens late at night."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Why is the sky blue?", "Air scatters blue light more than red light."),
+    ("Say something nice.", "You are doing a great job today."),
+    ("I just finished my work.", "Well done, enjoy the rest of your day."),
+    ("Should I go for a run?", "A run sounds great if you feel up to it."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is your favourite season?", "I like spring, when everything starts to grow."),
+    ("Good morning!", "Good morning, I hope you slept well."),
+    ("Can you help me plan my day?", "Start with the hardest task, then take a short break."),
+    ("What is water made of?", "Water is made of hydrogen and oxygen."),
+    ("I watched a film yesterday.", "Nice, I hope it was a good one."),
+    ("Is coffee bad for me?", "A cup or two a day is fine for most people."),
+)
+_CHITCHAT_TOPICS = ("history", "space", "the ocean", "birds", "old trains", "mountains", "rivers", "insects")
+_CHITCHAT_GENRES = ("mystery", "adventure", "science fiction", "poetry", "fantasy", "travel")
+
+
+def _chitchat(rng: random.Random) -> tuple[str, str]:
+    kind = rng.random()
+    if kind < 0.6:
+        return rng.choice(_CHITCHAT)
+    if kind < 0.75:
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+    if kind < 0.9:
+        topic = rng.choice(_CHITCHAT_TOPICS)
+        return f"Tell me a fact about {topic}.", f"There is a lot to learn about {topic}; it is a fun subject."
+    genre = rng.choice(_CHITCHAT_GENRES)
+    article = "an" if genre[0] in "aeiou" else "a"
+    return f"Can you recommend {article} {genre} book?", f"Try a short {genre} book from your local library."
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Value pools.
+
+_ONSETS = ("b", "br", "d", "f", "g", "j", "k", "l", "m", "n", "p", "r", "s", "st", "t", "v", "z", "h")
+_VOWELS = ("a", "e", "i", "o", "u")
+_NAME_ENDINGS = ("", "n", "l", "ra", "na", "th", "x", "ssa", "mo", "ri")
+_TOWN_CODAS = ("", "n", "l", "r", "m", "s")
+_TOWN_SUFFIXES = (
+    "ford", "ton", "by", "ville", "burg", "mouth", "field", "port", "wick", "dale", "haven", "stead", "bridge",
+    "holm", "moor",
+)  # fmt: skip
+_COLOUR_MODIFIERS = (
+    "light", "dark", "pale", "deep", "bright", "soft", "dusty", "misty", "warm", "cool", "neon", "pastel", "muted",
+    "vivid", "smoky", "frosty", "sunny", "stormy", "rich", "faded", "glossy", "electric", "royal", "dull",
+)  # fmt: skip
+_COLOURS = (
+    "red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "grey", "black", "white", "teal", "gold",
+    "silver", "violet", "navy", "olive", "coral", "mint", "peach", "lilac", "amber", "cream", "rust", "plum", "jade",
+)  # fmt: skip
+_FLAVOURS = (
+    "spicy", "sweet", "lemon", "garlic", "cheese", "mushroom", "tomato", "chicken", "beef", "honey", "ginger",
+    "coconut", "pumpkin", "apple", "cherry", "salmon", "potato", "onion", "pepper", "bean", "carrot", "spinach",
+    "banana", "walnut", "chocolate",
+)  # fmt: skip
+_DISHES = (
+    "soup", "pie", "noodles", "curry", "salad", "tacos", "pizza", "stew", "bread", "pancakes", "dumplings", "risotto",
+    "burgers", "pasta", "omelette", "sandwiches", "cake", "muffins", "waffles", "rolls", "skewers", "fritters",
+    "toast", "porridge", "crumble",
+)  # fmt: skip
+_JOB_DOMAINS = (
+    "piano", "bike", "boat", "garden", "bread", "music", "science", "history", "art", "dance", "film", "software",
+    "bridge", "furniture", "jewellery", "toy", "shoe", "clock", "map", "book", "glass", "candle", "kite", "tea", "ice",
+)  # fmt: skip
+_JOB_ROLES = (
+    "teacher", "maker", "designer", "repairer", "seller", "tester", "builder", "painter", "collector", "inspector",
+    "photographer", "writer", "engineer", "dealer", "restorer", "mechanic", "cleaner", "buyer", "critic", "curator",
+    "trader", "keeper", "polisher", "printer", "planner",
+)  # fmt: skip
+_HOBBY_ACTIVITIES = (
+    "painting", "collecting", "drawing", "building", "photographing", "sketching", "carving", "repairing", "sorting",
+    "racing", "flying", "restoring", "designing", "decorating", "cleaning", "counting", "trading", "printing",
+    "polishing", "making", "knitting", "sewing", "gluing", "folding", "weaving",
+)  # fmt: skip
+_HOBBY_OBJECTS = (
+    "stamps", "coins", "kites", "boats", "shells", "maps", "clocks", "lamps", "birds", "trains", "rocks", "leaves",
+    "cards", "bottles", "robots", "puzzles", "masks", "bells", "candles", "gliders", "fossils", "posters", "models",
+    "tiles", "badges",
+)  # fmt: skip
+
+
+@cache
+def _name_candidates() -> tuple[str, ...]:
+    return tuple(
+        (o1 + v1 + o2 + v2 + end).capitalize()
+        for o1, v1, o2, v2, end in product(_ONSETS, _VOWELS, _ONSETS, _VOWELS, _NAME_ENDINGS)
+    )
+
+
+def _town_candidates() -> list[str]:
+    return [(o + v + c + s).capitalize() for o, v, c, s in product(_ONSETS, _VOWELS, _TOWN_CODAS, _TOWN_SUFFIXES)]
+
+
+_CANDIDATES = {
+    "name": _name_candidates,
+    "cat": _name_candidates,
+    "dog": _name_candidates,
+    "sister": _name_candidates,
+    "city": _town_candidates,
+    "locker_code": lambda: [str(number) for number in range(1000, 10000)],
+    "colour": lambda: [f"{m} {c}" for m, c in product(_COLOUR_MODIFIERS, _COLOURS)],
+    "food": lambda: [f"{f} {d}" for f, d in product(_FLAVOURS, _DISHES)],
+    "job": lambda: [f"{d} {r}" for d, r in product(_JOB_DOMAINS, _JOB_ROLES)],
+    "hobby": lambda: [f"{a} {o}" for a, o in product(_HOBBY_ACTIVITIES, _HOBBY_OBJECTS)],
+}
+
+_POOLS: dict[str, dict[str, tuple[str, ...]]] | None = None
+
+
+def _fixed_text() -> str:
+    """All fixed text of the generator (templates, chit-chat), lower-cased: no value may occur in it."""
+    parts = [text for pair in _CHITCHAT for text in pair] + list(_CHITCHAT_TOPICS) + list(_CHITCHAT_GENRES)
+    for attribute in ATTRIBUTES:
+        parts += [*attribute.statements, *attribute.acks, *attribute.questions, *attribute.answers]
+    return "\n".join(parts).lower()
+
+
+def _build_pools() -> dict[str, dict[str, tuple[str, ...]]]:
+    rng = random.Random(POOL_SEED)
+    total = sum(POOL_SIZES.values())
+    fixed_text = _fixed_text()
+    used: set[str] = set()
+    pools: dict[str, dict[str, tuple[str, ...]]] = {split: {} for split in SPLITS}
+    for attribute in ATTRIBUTES:
+        candidates = sorted(c for c in set(_CANDIDATES[attribute.name]()) - used if c.lower() not in fixed_text)
+        if len(candidates) < total:
+            raise RuntimeError(f"only {len(candidates)} candidate values for {attribute.name!r}, need {total}")
+        chosen = rng.sample(candidates, total)
+        used.update(chosen)
+        start = 0
+        for split in SPLITS:
+            pools[split][attribute.name] = tuple(chosen[start : start + POOL_SIZES[split]])
+            start += POOL_SIZES[split]
+    return pools
+
+
+def value_pools(split: str) -> dict[str, tuple[str, ...]]:
+    """The value pool of every attribute for `split` (`"train"`, `"validation"` or `"test"`): `{attribute: values}`.
+    Fixed (independent of any seed); disjoint between splits and between attributes."""
+    global _POOLS
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {SPLITS}.")
+    if _POOLS is None:
+        _POOLS = _build_pools()
+    return dict(_POOLS[split])
+
+
+def chance_level(split: str = "test") -> float:
+    """Probability of naming the expected value by guessing: mean over attributes of `1 / |pool(attribute, split)|`
+    (0.005 for the test split)."""
+    pools = value_pools(split)
+    return sum(1.0 / len(values) for values in pools.values()) / len(pools)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation.
+
+
+def _rng(seed: int, *parts: str) -> random.Random:
+    digest = hashlib.sha256("/".join([str(int(seed)), *parts]).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def _fill(template: str, value: str) -> str:
+    article = "an" if value[:1].lower() in "aeiou" else "a"
+    text = template.format(v=value, a=article)
+    return text[:1].upper() + text[1:]
+
+
+def _statement(rng: random.Random, attribute: Attribute, value: str) -> tuple[str, str]:
+    return _fill(rng.choice(attribute.statements), value), _fill(rng.choice(attribute.acks), value)
+
+
+def _question(rng: random.Random, attribute: Attribute, value: str) -> tuple[str, str]:
+    return rng.choice(attribute.questions), _fill(rng.choice(attribute.answers), value)
+
+
+def _draw(rng: random.Random, pool: tuple[str, ...], taken) -> str:
+    """A value of `pool` that is not a substring of a value already in the episode, nor contains one (so a probe's
+    value occurs only in its statement and question turns)."""
+    taken = [value.lower() for value in taken]
+    while True:
+        value = rng.choice(pool)
+        lowered = value.lower()
+        if not any(lowered in other or other in lowered for other in taken):
+            return value
+
+
+def _check_episode_args(min_turns: int, max_turns: int, max_distance: int, long_range: bool) -> None:
+    if min_turns < 2:
+        raise ValueError(f"min_turns={min_turns}: an episode needs at least 2 turns (a fact and a question).")
+    if max_turns < min_turns:
+        raise ValueError(f"max_turns={max_turns} < min_turns={min_turns}.")
+    if max_distance < 1:
+        raise ValueError(f"max_distance={max_distance}: expected >= 1.")
+    if long_range and min_turns - 1 > max_distance:
+        raise ValueError(
+            f"long_range episodes have distance = turns - 1, but min_turns - 1 = {min_turns - 1} > "
+            f"max_distance={max_distance}."
+        )
+
+
+def _episode(
+    rng: random.Random, pools: dict[str, tuple[str, ...]], min_turns: int, max_turns: int, max_distance: int,
+    long_range: bool,
+) -> dict:  # fmt: skip
+    if long_range:
+        distance = rng.randint(max(1, min_turns - 1), min(max_distance, max_turns - 1))
+        num_turns, stated_at = distance + 1, 0
+    else:
+        distance = rng.randint(1, min(max_distance, max_turns - 1))
+        num_turns = rng.randint(max(min_turns, distance + 1), max_turns)
+        stated_at = rng.randint(0, num_turns - 1 - distance)
+    asked_at = stated_at + distance
+
+    unused = [attribute.name for attribute in ATTRIBUTES]
+    rng.shuffle(unused)
+    main = unused.pop()
+    values = {main: _draw(rng, pools[main], ())}
+    stated: dict[str, int] = {main: stated_at}  # attribute -> statement turn
+    asked: set[str] = {main}
+    turns: list[tuple[str, str]] = []
+    probes: list[dict] = []
+
+    for turn in range(num_turns):
+        if turn == stated_at:
+            turns.append(_statement(rng, _ATTRIBUTE_BY_NAME[main], values[main]))
+            continue
+        if turn == asked_at:
+            turns.append(_question(rng, _ATTRIBUTE_BY_NAME[main], values[main]))
+            probes.append({"turn": turn, "distance": distance, "attribute": main, "expected": values[main]})
+            continue
+        if long_range:
+            turns.append(_chitchat(rng))
+            continue
+        askable = sorted(name for name, at in stated.items() if name not in asked and 0 < turn - at <= max_distance)
+        roll = rng.random()
+        if askable and roll < 0.35:
+            name = rng.choice(askable)
+            asked.add(name)
+            turns.append(_question(rng, _ATTRIBUTE_BY_NAME[name], values[name]))
+            probes.append({"turn": turn, "distance": turn - stated[name], "attribute": name, "expected": values[name]})
+        elif unused and roll < 0.75:
+            name = unused.pop()
+            values[name] = _draw(rng, pools[name], values.values())
+            stated[name] = turn
+            turns.append(_statement(rng, _ATTRIBUTE_BY_NAME[name], values[name]))
+        else:
+            turns.append(_chitchat(rng))
+
+    probes.sort(key=lambda probe: probe["turn"])
+    (query, answer), rest = turns[0], turns[1:]
+    return {
+        "query": query,
+        "answer": answer,
+        "interactions": [{"query": q, "answer": a} for q, a in rest],
+        "probes": probes,
+    }
+
+
+def generate_dialogues(
+    num: int,
+    seed: int = 0,
+    split: str = "train",
+    min_turns: int = 2,
+    max_turns: int = 10,
+    max_distance: int = 8,
+    long_range: bool = False,
+) -> list[dict]:
+    """Generate `num` recall episodes with values from `split`'s pools (format in the module docstring).
+
+    Deterministic in `(num, seed, split, min_turns, max_turns, max_distance, long_range)`; the first `k` episodes do
+    not depend on `num`.
+    """
+    _check_episode_args(min_turns, max_turns, max_distance, long_range)
+    pools = value_pools(split)
+    rng = _rng(seed, "dialogues", split, "long_range" if long_range else "mixed")
+    return [_episode(rng, pools, min_turns, max_turns, max_distance, long_range) for _ in range(num)]
+
+
+def _random_turn(rng: random.Random, pools: dict[str, tuple[str, ...]]) -> tuple[str, str]:
+    roll = rng.random()
+    if roll < 0.65:
+        attribute = rng.choice(ATTRIBUTES)
+        value = rng.choice(pools[attribute.name])
+        return (_statement if roll < 0.4 else _question)(rng, attribute, value)
+    return _chitchat(rng)
+
+
+def generate_sft(num: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """`num` single-turn rows `{"query", "answer"}`: statement + acknowledgement (40 %), question + answer with a
+    random value of `split`'s pools (25 %), chit-chat (35 %)."""
+    pools = value_pools(split)
+    rng = _rng(seed, "sft", split)
+    rows = []
+    for _ in range(num):
+        query, answer = _random_turn(rng, pools)
+        rows.append({"query": query, "answer": answer})
+    return rows
+
+
+def generate_pretrain(num: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """`num` rows `{"text"}`: 2-4 random turns (query and answer) of `generate_sft`'s kinds joined by spaces."""
+    pools = value_pools(split)
+    rng = _rng(seed, "pretrain", split)
+    rows = []
+    for _ in range(num):
+        parts = []
+        for _ in range(rng.randint(2, 4)):
+            parts.extend(_random_turn(rng, pools))
+        rows.append({"text": " ".join(parts)})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    """Write `rows` as JSON Lines (UTF-8, one object per line, keys in insertion order)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_synthetic_data(
+    output_dir: str | Path = "runs/data",
+    seed: int = 0,
+    num_train: int = 4000,
+    num_validation: int = 200,
+    num_test: int = 500,
+    min_turns: int = 2,
+    max_turns: int = 10,
+    max_distance: int = 8,
+    num_pretrain: int = 10000,
+    num_pretrain_validation: int | None = None,
+    num_sft: int = 5000,
+    num_sft_validation: int | None = None,
+    long_range: bool = False,
+) -> dict[str, Path]:
+    """Write every file of the module docstring into `output_dir`; returns `{file stem: path}`.
+
+    Validation sizes of the pre-training / SFT files default to a tenth of the training size (at least 1).
+    """
+    _check_episode_args(min_turns, max_turns, max_distance, long_range)
+    output_dir = Path(output_dir)
+    written: dict[str, Path] = {}
+
+    def put(stem: str, rows: list[dict]) -> None:
+        written[stem] = write_jsonl(rows, output_dir / f"{stem}.jsonl")
+
+    if num_pretrain_validation is None:
+        num_pretrain_validation = max(1, num_pretrain // 10)
+    if num_sft_validation is None:
+        num_sft_validation = max(1, num_sft // 10)
+    put("pretrain_train", generate_pretrain(num_pretrain, seed, "train"))
+    put("pretrain_validation", generate_pretrain(num_pretrain_validation, seed, "validation"))
+    put("sft_train", generate_sft(num_sft, seed, "train"))
+    put("sft_validation", generate_sft(num_sft_validation, seed, "validation"))
+    prefix = "dialogues_long_range" if long_range else "dialogues"
+    for split, num in (("train", num_train), ("validation", num_validation), ("test", num_test)):
+        put(f"{prefix}_{split}", generate_dialogues(num, seed, split, min_turns, max_turns, max_distance, long_range))
+    return written

@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput, logging
 
 from .cache_rxt import RxTCache
 from .configuration_rxt import RxTComponentConfig, RxTConfig, RxTMemoryAttentionConfig, RxTStatelessConfig
+from .tokenization_rxt import check_rxt_tokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -1008,9 +1009,15 @@ class RxTModel(RxTPreTrainedModel):
         if mode != "decode":
             return self._memory_forward(inputs_embeds, attention_mask, stm, mode)
 
+        if past_key_values is not None and not hasattr(past_key_values, "set_stm"):
+            raise ValueError(
+                f"past_key_values must be an RxTCache (it carries the STM), got {type(past_key_values).__name__}. "
+                "PEFT prefix tuning / P-tuning / CPT replace past_key_values and would drop the STM: use a LoRA-family "
+                "adapter instead."
+            )
         if stm is not None:
             self.check_stm(stm, batch, check_finite=not self.training, any_slots=self.training)
-        if past_key_values is not None and hasattr(past_key_values, "set_stm"):
+        if past_key_values is not None:
             if stm is not None and stm is not past_key_values.stm:
                 past_key_values.set_stm(stm)
             elif past_key_values.stm is None:
@@ -1243,6 +1250,16 @@ class RxTChatSession:
     def __init__(self, model: RxTForCausalLM, tokenizer, stm: torch.Tensor | None = None, batch_size: int = 1,
                  background_update: bool = False):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
+        ids = check_rxt_tokenizer(tokenizer)
+        config = model.config
+        wrong = {k: (v, getattr(config, k)) for k, v in ids.items() if k in ("pad_token_id", "bos_token_id",
+                 "eos_token_id", "query_token_id", "answer_token_id") and v != getattr(config, k)}  # fmt: skip
+        if wrong:
+            raise ValueError(
+                "tokenizer and model disagree on special-token ids (tokenizer, model): "
+                + ", ".join(f"{k}={t} vs {m}" for k, (t, m) in wrong.items())
+                + "; use the tokenizer saved with the model."
+            )
         self.background_update = background_update
         self._lock = threading.Lock()
         self._update_thread: threading.Thread | None = None

@@ -325,3 +325,21 @@ def test_missing_files_in_model_folder(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin|no file named"):
         RxTForCausalLM.from_pretrained(tmp_path)
+
+
+def test_chat_session_rejects_tokenizer_without_rxt_tokens():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel()
+    raw.add_special_tokens(["<unk>", "<pad>"])
+    plain = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>")
+    with pytest.raises(ValueError, match=r"missing RxT special tokens .*\[Q\]"):
+        RxTChatSession(build(RxTConfig.tiny()), plain)
+
+
+def test_chat_session_rejects_mismatched_token_ids(tokenizer):
+    model = build(RxTConfig.tiny(vocab_size=len(tokenizer), answer_token_id=7))
+    with pytest.raises(ValueError, match="answer_token_id=6 vs 7"):
+        RxTChatSession(model, tokenizer)

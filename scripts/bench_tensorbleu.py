@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Benchmark TensorBLEU (trainers/tensorbleu.py) against a per-sentence NLTK ``sentence_bleu`` loop.
+
+Both sides score the same batch of token-id sequences (candidates = references with a fraction of tokens
+replaced, so every n-gram order has matches). TensorBLEU is timed from the id tensors to the score tensor;
+the NLTK side is timed from the same tensors, including the ``.tolist()`` conversion a training loop would need.
+Each measurement is preceded by warm-up calls; the two implementations are timed in alternation (so both see
+the same background load on a shared machine) and the median and spread (min, max, IQR) over ``--repeats`` runs
+are reported, with the load average before and after. torch's intra-op threads are pinned with
+``torch.set_num_threads(--threads)`` (default 1, like the single-threaded NLTK loop) and recorded.
+
+Writes JSON (``--output``, default ``runs/bench/tensorbleu.json``) and a PNG next to it (same stem) with time
+per batch vs batch size for both implementations (log scale).
+
+    python scripts/bench_tensorbleu.py                 # full sweep, batch sizes 16..512 x 256 tokens
+    python scripts/bench_tensorbleu.py --quick         # seconds; for smoke tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402  (after the sys.path insert)
+
+from trainers.tensorbleu import NLTK_SMOOTHING_METHOD, tensor_sentence_bleu  # noqa: E402
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _machine_info(threads: int, device: str) -> dict:
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        affinity = os.cpu_count()
+    import nltk
+
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cores_available": affinity,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch_version": torch.__version__,
+        "nltk_version": nltk.__version__,
+        "torch_threads": threads,
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def make_batch(batch: int, length: int, vocab: int, noise: float, refs: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randint(1, vocab, (batch, refs, length), generator=g)
+    cand = ref[:, 0].clone()
+    replace = torch.rand(batch, length, generator=g) < noise
+    cand[replace] = torch.randint(1, vocab, (int(replace.sum()),), generator=g)
+    return cand, (ref[:, 0] if refs == 1 else ref)
+
+
+def _timeit(fn, repeats: int, warmup: int, sync) -> list:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _timeit_interleaved(fns, repeats: int, warmup: int, sync) -> list:
+    """Time several callables in alternation (A B A B ...), so that both see the same background load."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    sync()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _spread(times: list) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "iqr_ms": q[2] - q[0],
+        "repeats": len(times),
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sweep (smoke test): batch 4/8, length 32, 2 repeats")
+    ap.add_argument("--output", default="runs/bench/tensorbleu.json", help="JSON path; the PNG goes next to it")
+    ap.add_argument("--batch", type=int, default=64, help="headline batch size (always part of the sweep)")
+    ap.add_argument("--length", type=int, default=256, help="tokens per sequence")
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=None,
+                    help="sweep (default 16 32 64 128 256 512; quick: 4 8)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per point (default 15; quick: 2)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls per point")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: NLTK is single-threaded, and on a shared 2-core VM a "
+                         "descheduled OpenMP worker can stall every parallel op by a scheduler tick)")
+    ap.add_argument("--max-n", type=int, default=4)
+    ap.add_argument("--smoothing", default="floor", choices=sorted(NLTK_SMOOTHING_METHOD))
+    ap.add_argument("--refs", type=int, default=1, help="references per sample")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--noise", type=float, default=0.3, help="fraction of candidate tokens replaced")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-unfold", action="store_true",
+                    help="skip timing the unfold/unique(dim=0) backend at the headline batch")
+    args = ap.parse_args(argv)
+
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    if args.quick:
+        length = min(args.length, 32)
+        sizes = args.batch_sizes or [4, 8]
+        headline = args.batch if args.batch in sizes else sizes[-1]
+        repeats = args.repeats or 2
+    else:
+        length = args.length
+        sizes = args.batch_sizes or [16, 32, 64, 128, 256, 512]
+        headline = args.batch
+        repeats = args.repeats or 15
+    sizes = sorted(set(sizes) | {headline})
+    threads = max(1, args.threads)
+    torch.set_num_threads(threads)
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    smoothing_fn = getattr(SmoothingFunction(), NLTK_SMOOTHING_METHOD[args.smoothing])
+    weights = tuple([1.0 / args.max_n] * args.max_n)
+
+    def tb(cand, ref, backend="rolling"):
+        return tensor_sentence_bleu(cand, ref, max_n=args.max_n, smoothing=args.smoothing, backend=backend,
+                                    dtype=torch.float64)
+
+    def nltk_loop(cand, ref):
+        c = cand.tolist()
+        r = ref.tolist()
+        if ref.dim() == 2:
+            r = [[x] for x in r]
+        return [sentence_bleu(r[i], c[i], weights, smoothing_function=smoothing_fn) for i in range(len(c))]
+
+    results = []
+    unfold = None
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NLTK method0 warns per sentence
+        for bs in sizes:
+            cand, ref = make_batch(bs, length, args.vocab, args.noise, args.refs, args.seed + bs)
+            cand_d, ref_d = cand.to(device), ref.to(device)
+            t_tb, t_nl = _timeit_interleaved(
+                [lambda c=cand_d, r=ref_d: tb(c, r), lambda c=cand, r=ref: nltk_loop(c, r)],
+                repeats, args.warmup, sync)
+            ours = tb(cand_d, ref_d).cpu()
+            oracle = torch.tensor(nltk_loop(cand, ref), dtype=torch.float64)
+            row = {
+                "batch": bs,
+                "length": length,
+                "tensorbleu": _spread(t_tb),
+                "nltk": _spread(t_nl),
+                "speedup": statistics.median(t_nl) / statistics.median(t_tb),
+                "max_abs_diff_vs_nltk": float((ours - oracle).abs().max()),
+                "mean_bleu": float(oracle.mean()),
+            }
+            results.append(row)
+            print(f"batch {bs:4d} x {length}: tensorbleu {row['tensorbleu']['median_ms']:8.2f} ms  "
+                  f"nltk {row['nltk']['median_ms']:9.2f} ms  speedup {row['speedup']:6.1f}x  "
+                  f"max|diff| {row['max_abs_diff_vs_nltk']:.1e}", flush=True)
+            if bs == headline and not args.no_unfold:
+                t_un = _timeit(lambda c=cand_d, r=ref_d: tb(c, r, "unfold"), max(2, repeats // 3), 1, sync)
+                unfold = _spread(t_un)
+
+    head = next(r for r in results if r["batch"] == headline)
+    summary = {
+        "tensorbleu_speedup_vs_nltk": head["speedup"],
+        "headline_batch": headline,
+        "headline_length": length,
+        "tensorbleu_median_ms": head["tensorbleu"]["median_ms"],
+        "nltk_median_ms": head["nltk"]["median_ms"],
+        "max_abs_diff_vs_nltk": max(r["max_abs_diff_vs_nltk"] for r in results),
+        "target_speedup": 10.0,
+        "meets_target": bool(head["speedup"] >= 10.0),
+        "min_speedup": min(r["speedup"] for r in results),
+        "max_speedup": max(r["speedup"] for r in results),
+    }
+    if unfold is not None:
+        summary["unfold_backend_median_ms"] = unfold["median_ms"]
+        summary["unfold_backend_speedup_vs_nltk"] = head["nltk"]["median_ms"] / unfold["median_ms"]
+    machine = _machine_info(threads, str(device))
+    if load_before is not None:
+        machine["loadavg_1min_before"] = load_before[0]
+        machine["loadavg_1min_after"] = os.getloadavg()[0]
+    out = {
+        "machine": machine,
+        "config": {
+            "quick": bool(args.quick),
+            "batch": headline,
+            "length": length,
+            "batch_sizes": sizes,
+            "repeats": repeats,
+            "warmup": args.warmup,
+            "threads": threads,
+            "max_n": args.max_n,
+            "smoothing": args.smoothing,
+            "nltk_smoothing": NLTK_SMOOTHING_METHOD[args.smoothing],
+            "refs": args.refs,
+            "vocab": args.vocab,
+            "noise": args.noise,
+            "seed": args.seed,
+            "backend": "rolling",
+            "nltk_timing_includes_tolist": True,
+            "timing": "interleaved (tensorbleu, nltk) pairs, time.perf_counter wall clock",
+        },
+        "results": results,
+        "summary": summary,
+    }
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png = path.with_suffix(".png")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["batch"] for r in results]
+        for key, label in (("tensorbleu", "TensorBLEU (torch)"), ("nltk", "NLTK sentence_bleu loop")):
+            med = [r[key]["median_ms"] for r in results]
+            lo = [r[key]["median_ms"] - r[key]["min_ms"] for r in results]
+            hi = [r[key]["max_ms"] - r[key]["median_ms"] for r in results]
+            ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size (sequences)")
+        ax.set_ylabel("time per batch (ms, median; bars min-max)")
+        ax.set_title(f"BLEU-{args.max_n}, {length} tokens, {threads} torch thread(s), {args.device}\n"
+                     f"speed-up at batch {headline}: {head['speedup']:.1f}x", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+        out["plot"] = str(png)
+    except Exception as exc:  # pragma: no cover - plotting is best effort
+        print(f"plot skipped: {exc}", file=sys.stderr)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"speed-up at batch {headline} x {length}: {head['speedup']:.1f}x  -> {path}")
+    if not all(math.isfinite(r["speedup"]) for r in results):  # pragma: no cover
+        raise SystemExit("non-finite timing")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -6,8 +6,9 @@ Brindle.") after distractor turns (chit-chat, other facts). Everything is genera
 from a seed; `scripts/make_synthetic_data.py` is the command-line front end.
 
 Value pools
-    Every attribute (`ATTRIBUTES`) has `POOL_SIZES["train"] + POOL_SIZES["validation"] + POOL_SIZES["test"]`
-    = 300 + 100 + 200 values built by combination (syllable-built names and towns, 4-digit codes, modifier x colour,
+    Every attribute (`ATTRIBUTES`) has `POOL_SIZES["validation"] + POOL_SIZES["test"]` = 100 + 200 held-out values
+    and up to `POOL_SIZES["train"]` = 4000 training values (fewer where the attribute has fewer candidates: 324 for
+    the word-combination attributes), built by combination (syllable-built names and towns, 4-digit codes, modifier x colour,
     flavour x dish, domain x role, activity x object). The pools are fixed (built from the constant `POOL_SEED`, never
     from the episode seed), all values are distinct across attributes, and the three splits hold **disjoint** values,
     so a model can only answer a test question by carrying the value through its memory. Values are 1-2 words.
@@ -48,7 +49,8 @@ Episode sampling (one episode; `rng` seeded from `(seed, split)`):
 
 Chance level (`chance_level(split)`): the probability of naming the right value by guessing uniformly from the
 attribute's pool of that split, averaged over attributes (episodes draw attributes uniformly): mean over attributes
-of `1 / |pool(attribute, split)|` = 1/300 (train), 1/100 (validation), 1/200 = 0.005 (test). A model that memorised
+of `1 / |pool(attribute, split)|` = 1/100 (validation), 1/200 = 0.005 (test); train pools are large on purpose
+(a model cannot memorise thousands of names per attribute, so it has to learn to copy values). A model that memorised
 the *train* pools and guesses from them scores 0 on test, so this is an upper bound for guessing.
 """
 
@@ -77,7 +79,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "validation", "test")
-POOL_SIZES = {"train": 300, "validation": 100, "test": 200}
+POOL_SIZES = {"train": 4000, "validation": 100, "test": 200}  # train: at most (limited by the candidates)
 POOL_SEED = 20251020  # fixes the value pools and their split; independent of the episode seed
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -301,20 +303,21 @@ def _fixed_text() -> str:
 
 def _build_pools() -> dict[str, dict[str, tuple[str, ...]]]:
     rng = random.Random(POOL_SEED)
-    total = sum(POOL_SIZES.values())
+    held_out = POOL_SIZES["validation"] + POOL_SIZES["test"]
     fixed_text = _fixed_text()
     used: set[str] = set()
     pools: dict[str, dict[str, tuple[str, ...]]] = {split: {} for split in SPLITS}
     for attribute in ATTRIBUTES:
         candidates = sorted(c for c in set(_CANDIDATES[attribute.name]()) - used if c.lower() not in fixed_text)
-        if len(candidates) < total:
-            raise RuntimeError(f"only {len(candidates)} candidate values for {attribute.name!r}, need {total}")
-        chosen = rng.sample(candidates, total)
+        sizes = {**POOL_SIZES, "train": min(POOL_SIZES["train"], len(candidates) - held_out)}
+        if sizes["train"] < 100:
+            raise RuntimeError(f"only {len(candidates)} candidate values for {attribute.name!r}, need >= {held_out + 100}")
+        chosen = rng.sample(candidates, sum(sizes.values()))
         used.update(chosen)
         start = 0
         for split in SPLITS:
-            pools[split][attribute.name] = tuple(chosen[start : start + POOL_SIZES[split]])
-            start += POOL_SIZES[split]
+            pools[split][attribute.name] = tuple(chosen[start : start + sizes[split]])
+            start += sizes[split]
     return pools
 
 

@@ -1,0 +1,273 @@
+"""Stage trainers: losses fall, formulas hold, STM is carried, frozen parts get no gradient, resume is exact, DDP
+replicas stay in sync, and the quickstart pipeline is wired end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+
+from conftest import REPO_ROOT
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.tokenization_rxt import check_rxt_tokenizer, train_rxt_tokenizer
+from trainers.common import component_of
+from trainers.data import EpisodeCollator, JointLMCollator
+from trainers.joint import JointLMConfig, JointLMTrainer
+from trainers.memory_attention import MemoryAttentionConfig, MemoryAttentionTrainer, memory_attention_loss, pseudo_label_ed
+from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer
+from trainers.synthetic import generate_dialogues, generate_pretrain, generate_sft
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [row["text"] for row in generate_pretrain(400, seed=3)]
+    return train_rxt_tokenizer(texts, vocab_size=400, min_frequency=1)
+
+
+def tiny_model(tokenizer, seed=0, **kwargs) -> RxTForCausalLM:
+    ids = {k: v for k, v in check_rxt_tokenizer(tokenizer).items() if v is not None}
+    torch.manual_seed(seed)
+    config = RxTConfig.tiny(vocab_size=len(tokenizer), use_mlm_head=True, learned_stm_init=True,
+                            stm_init="normal", **ids, **kwargs)  # fmt: skip
+    return RxTForCausalLM(config)
+
+
+def common_args(tmp_path, **kwargs):
+    base = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
+                disable_tqdm=True, learning_rate=3e-3, warmup_steps=0, seed=0, per_device_train_batch_size=8)  # fmt: skip
+    return {**base, **kwargs}
+
+
+def losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def falls(values: list[float]) -> bool:
+    head, tail = values[:3], values[-3:]
+    return sum(tail) / len(tail) < 0.8 * sum(head) / len(head)
+
+
+def test_joint_pretraining_and_sft_losses_fall(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    rows = Dataset.from_list(generate_pretrain(64, seed=1))
+    args = JointLMConfig(**common_args(tmp_path, max_steps=20), fake_stm_noise_level=0.05, fake_stm_masking_prob=0.1)
+    trainer = JointLMTrainer(model=model, args=args, train_dataset=rows,
+                             data_collator=JointLMCollator(tokenizer, max_length=256, seed=0))  # fmt: skip
+    trainer.train()
+    assert falls(losses(trainer)), losses(trainer)
+    logged = trainer.state.log_history[0]
+    assert {"mlm_loss", "ar_loss", "mlm_accuracy", "ar_accuracy"} <= set(logged)
+
+    sft = Dataset.from_list(generate_sft(64, seed=2))
+    args = JointLMConfig(**common_args(tmp_path, max_steps=20), sft=True)
+    trainer = JointLMTrainer(model=model, args=args, train_dataset=sft,
+                             data_collator=JointLMCollator(tokenizer, sft=True, max_length=128, seed=0))  # fmt: skip
+    trainer.train()
+    assert falls(losses(trainer)), losses(trainer)
+
+
+def test_joint_trainer_needs_mlm_head(tokenizer, tmp_path):
+    model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tokenizer)))
+    with pytest.raises(ValueError, match="use_mlm_head=True"):
+        JointLMTrainer(model=model, args=JointLMConfig(**common_args(tmp_path, max_steps=1)))
+
+
+def test_memory_attention_loss_equals_formula():
+    torch.manual_seed(0)
+    new, previous = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)
+    encoded = torch.randn(2, 3, 4, 8)
+    w_acc, w_new = 0.3, 0.7
+    label = w_acc * previous + w_new * pseudo_label_ed(encoded, 4, "elementwise")
+    loss = memory_attention_loss(new, previous, label, turn=3, stm_diff_factor=0.5)
+    cosines = [
+        torch.dot(new[l, b, s], label[l, b, s]) / (new[l, b, s].norm() * label[l, b, s].norm())
+        for l in range(2) for b in range(3) for s in range(4)
+    ]  # fmt: skip
+    expected = -torch.stack(cosines).mean() + 0.5 * (4**0.5) * ((new - previous) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
+    pooled = pseudo_label_ed(torch.arange(2 * 1 * 6 * 1.0).view(2, 1, 6, 1), 3, "pool")
+    torch.testing.assert_close(pooled.flatten(), torch.tensor([0.5, 2.5, 4.5, 6.5, 8.5, 10.5]))
+    with pytest.raises(ValueError, match="stm_size"):
+        pseudo_label_ed(encoded, 5, "elementwise")
+
+
+def test_memory_attention_trainer_trains_only_memory_attention(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = Dataset.from_list(generate_dialogues(48, seed=4, max_turns=4))
+    args = MemoryAttentionConfig(**common_args(tmp_path, max_steps=20), ed_label_mode="pool", max_length=64,
+                                 label_weights_random_factor=0.1, input_noise=0.01, label_noise=0.01)  # fmt: skip
+    trainer = MemoryAttentionTrainer(model=model, args=args, train_dataset=rows,
+                                     data_collator=EpisodeCollator(tokenizer, max_length=64))  # fmt: skip
+    trainer.train()
+    assert falls(losses(trainer)), losses(trainer)
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param.detach(), before[name])
+        assert changed == (component_of(name) == "memory_attention"), name
+    with pytest.raises(ValueError, match="max_length"):
+        MemoryAttentionTrainer(model=model, args=MemoryAttentionConfig(**common_args(tmp_path), max_length=64))
+
+
+def episode_batch(tokenizer, turns=3):
+    rows = generate_dialogues(4, seed=5, min_turns=turns, max_turns=turns)
+    return EpisodeCollator(tokenizer, max_length=64)(rows)
+
+
+@pytest.mark.parametrize("bptt_turns", [0, 1])
+def test_smat_carries_stm_and_gradients_follow_freezing(tokenizer, tmp_path, bptt_turns):
+    model = tiny_model(tokenizer)
+    args = SMATConfig(**common_args(tmp_path, max_steps=1), bptt_turns=bptt_turns)
+    trainer = SupervisedMemoryAwareTrainer(model=model, args=args, data_collator=EpisodeCollator(tokenizer))
+    batch = episode_batch(tokenizer)
+    model.train()
+
+    def grads(memory_trains: bool, encoder_trains: bool) -> dict[str, bool]:
+        model.zero_grad()
+        trainer.memory_attention_trains, trainer.encoder_trains = memory_trains, encoder_trains
+        loss, out = trainer.compute_loss(model, batch, return_outputs=True)
+        loss.backward()
+        by_component = {}
+        for name, param in model.named_parameters():
+            has = param.grad is not None and param.grad.abs().sum() > 0
+            by_component[component_of(name)] = by_component.get(component_of(name), False) or has
+        assert not torch.allclose(out["stm"], model.initial_stm(4))  # the STM was written across turns
+        return by_component
+
+    assert grads(True, True) == {"embedding": True, "encoder": True, "decoder": True, "memory_attention": True,
+                                 "mlm_head": False}  # fmt: skip
+    frozen = grads(False, False)
+    assert not frozen["encoder"] and frozen["decoder"] and frozen["embedding"]
+    # with memory attention frozen only the learned STM init (read by the first turn) still gets gradient
+    memory_grads = [n for n, p in model.named_parameters()
+                    if n.startswith("model.memory_attention.") and p.grad is not None and p.grad.abs().sum() > 0]  # fmt: skip
+    assert memory_grads == []
+    only_memory = grads(True, False)
+    assert only_memory["memory_attention"] and not only_memory["encoder"]
+
+
+def test_smat_episode_schedule_and_unfreeze_epochs(tokenizer, tmp_path):
+    args = SMATConfig(**common_args(tmp_path, max_steps=1), episode_length_start=2, episode_ramp_start=0.25,
+                      episode_ramp_end=0.75, episode_max_turns=6)  # fmt: skip
+    assert [args.episode_turns(p) for p in (0.0, 0.25, 0.5, 0.75, 1.0)] == [2, 2, 4, 6, 6]
+    model = tiny_model(tokenizer)
+    args = SMATConfig(**common_args(tmp_path, max_steps=1), memory_attention_unfreeze_epoch=1,
+                      encoder_unfreeze_epoch=None)  # fmt: skip
+    trainer = SupervisedMemoryAwareTrainer(model=model, args=args, data_collator=EpisodeCollator(tokenizer))
+    assert (trainer.memory_attention_trains, trainer.encoder_trains) == (False, False)
+    trainer.update_frozen(1)
+    assert (trainer.memory_attention_trains, trainer.encoder_trains) == (True, False)
+    with pytest.raises(ValueError, match="bptt_turns"):
+        SMATConfig(**common_args(tmp_path), bptt_turns=-1)
+
+
+def test_smat_loss_falls_with_schedule(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    rows = Dataset.from_list(generate_dialogues(96, seed=6, max_turns=4))
+    collator = EpisodeCollator(tokenizer, max_length=64)
+    args = SMATConfig(**common_args(tmp_path, max_steps=20), bptt_turns=0, episode_length_start=2,
+                      episode_max_turns=4, episode_ramp_start=0.5, episode_ramp_end=0.8)  # fmt: skip
+    trainer = SupervisedMemoryAwareTrainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    trainer.train()
+    history = [e for e in trainer.state.log_history if "loss" in e]
+    assert falls([e["loss"] for e in history[:10]]), history
+    assert history[0]["episode_turns"] == 2 and history[-1]["episode_turns"] > 2
+    assert {"answer_accuracy", "stm_update_norm"} <= set(history[-1])
+
+
+def test_per_component_learning_rates(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    args = SMATConfig(**common_args(tmp_path, max_steps=1), decoder_lr=1e-4, memory_attention_lr=5e-3)
+    trainer = SupervisedMemoryAwareTrainer(model=model, args=args, data_collator=EpisodeCollator(tokenizer))
+    optimizer = trainer.create_optimizer()
+    lrs = {group["name"]: (group["lr"], group["weight_decay"]) for group in optimizer.param_groups}
+    assert lrs["decoder"][0] == 1e-4 and lrs["memory_attention"][0] == 5e-3 and lrs["encoder"][0] == 3e-3
+    assert lrs["decoder.no_decay"][1] == 0.0
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tokenizer, tmp_path):
+    rows = Dataset.from_list(generate_dialogues(64, seed=7, max_turns=3))
+
+    def run(output, max_steps, resume=None):
+        model = tiny_model(tokenizer, seed=1)
+        args = SMATConfig(**common_args(output, max_steps=max_steps, save_strategy="steps", save_steps=3),
+                          bptt_turns=0)  # fmt: skip
+        trainer = SupervisedMemoryAwareTrainer(model=model, args=args, train_dataset=rows,
+                                               data_collator=EpisodeCollator(tokenizer, max_length=64))  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+    full = run(tmp_path / "full", 6)
+    run(tmp_path / "part", 3)
+    resumed = run(tmp_path / "part", 6, resume=str(tmp_path / "part" / "checkpoint-3"))
+    assert set(resumed) == {4, 5, 6}
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-5)
+
+
+DDP_SCRIPT = r"""
+import os, sys, json, torch
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+from datasets import Dataset
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.tokenization_rxt import train_rxt_tokenizer, check_rxt_tokenizer
+from trainers.data import EpisodeCollator
+from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer
+from trainers.synthetic import generate_dialogues, generate_pretrain
+torch.set_num_threads(1)
+tok = train_rxt_tokenizer([r["text"] for r in generate_pretrain(200, seed=3)], vocab_size=400, min_frequency=1)
+ids = {k: v for k, v in check_rxt_tokenizer(tok).items() if v is not None}
+torch.manual_seed(0)
+model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tok), learned_stm_init=True, **ids))
+before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("model.encoder.")}
+args = SMATConfig(output_dir=sys.argv[2], max_steps=4, per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                  save_strategy="no", disable_tqdm=True, learning_rate=3e-3, bptt_turns=0, encoder_unfreeze_epoch=None,
+                  logging_steps=1)
+rows = Dataset.from_list(generate_dialogues(64, seed=9, max_turns=3))
+trainer = SupervisedMemoryAwareTrainer(model=model, args=args, train_dataset=rows,
+                                       data_collator=EpisodeCollator(tok, max_length=64))
+trainer.train()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(gathered, flat)
+encoder_same = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if n in before)
+if dist.get_rank() == 0:
+    print(json.dumps({"world": dist.get_world_size(), "max_diff": (gathered[0] - gathered[1]).abs().max().item(),
+                      "encoder_unchanged": encoder_same, "steps": trainer.state.global_step}))
+"""
+
+
+def test_smat_two_process_ddp_keeps_replicas_in_sync(tmp_path):
+    script = tmp_path / "ddp_smat.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               str(script), str(REPO_ROOT), str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+    assert report["world"] == 2 and report["steps"] == 4
+    assert report["max_diff"] == 0.0  # replicas identical after 4 steps
+    assert report["encoder_unchanged"]  # a frozen component stays bit-identical under DDP
+
+
+def test_quickstart_micro_pipeline(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "quickstart.py"), "--preset", "micro", "--output-dir",
+               str(tmp_path / "qs")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "qs"
+    evaluation = json.loads((out / "memory_eval.json").read_text())
+    assert {"recall", "recall_memory_reset", "recall_stateless", "chance", "n_dialogues"} <= set(evaluation)
+    assert evaluation["recall_stateless"] and evaluation["n_dialogues"] == 6
+    assert (out / "memory_eval.png").is_file() and (out / "model" / "config.json").is_file()
+    assert (out / "model" / "tokenizer.json").is_file() and (out / "model" / "modeling_rxt.py").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["stages"]) == {"joint", "sft", "memory_attention", "smat"}
+    assert "finished in" in result.stdout

@@ -78,7 +78,7 @@ def memory_attention_loss(
 
 
 class MemoryAttentionTrainer(RxTTrainer):
-    """Trains memory attention only; batches come from `trainers.data.EpisodeCollator` (`input_ids [N, B, T]`,
+    """Trains the memory-attention network only; batches come from `trainers.data.EpisodeCollator` (`input_ids [N, B, T]`,
     `attention_mask`, `turn_mask [N, B]`). Give it a model whose other components are frozen
     (`freeze_for_memory_attention_stage(model)`), or it freezes them itself."""
 
@@ -128,6 +128,6 @@ class MemoryAttentionTrainer(RxTTrainer):
 
 
 def freeze_for_memory_attention_stage(model) -> None:
-    """Stage 3 trains memory attention (and a learned STM init) only."""
+    """Stage 3 trains the memory-attention network only (each episode starts from the detached initial STM)."""
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(("model.memory_attention.", "model.stm_init.")))
+        param.requires_grad_(name.startswith("model.memory_attention."))

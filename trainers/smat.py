@@ -122,14 +122,14 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
             valid = turn_mask[turn]
             if not valid.any():
                 break
+            if self.args.bptt_turns and turn % self.args.bptt_turns == 0:
+                stm = stm.detach()  # truncate before the write, so the update feeding this turn keeps its gradient
             if turn > 0:
                 mask = masks[turn - 1].clone()
                 mask[~valid, 0] = 1  # finished episodes keep one visible key; their STM rows are kept below
                 new_stm = self.write_memory(model, ids[turn - 1], mask, stm)
                 norms.append(stm_update_norm(new_stm[:, valid], stm[:, valid]))
                 stm = torch.where(valid[None, :, None, None], new_stm, stm)
-            if self.args.bptt_turns and turn % self.args.bptt_turns == 0:
-                stm = stm.detach()
             turn_labels = labels[turn].masked_fill(~valid[:, None], -100)
             mask = masks[turn].clone()
             mask[~valid, 0] = 1

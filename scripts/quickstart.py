@@ -20,6 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PRESETS = Path(__file__).resolve().parent / "presets"
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _flags(args: dict) -> list[str]:
     flags = []
     for key, value in args.items():
@@ -44,8 +50,8 @@ def run_stage(stage: dict, model_flags: list[str], data_dir: Path, tokenizer_dir
     if name not in mains:
         raise ValueError(f"unknown stage {name!r}; expected one of {list(mains)}")
     main, prefix = mains[name]
-    args = {"output_dir": str(output), "report_to": "none", "save_strategy": "no", "seed": seed, "use_cpu": True,
-            "disable_tqdm": True, **stage.get("args", {})}  # fmt: skip
+    args = {"output_dir": str(output), "report_to": "none", "save_strategy": "no", "seed": seed,
+            "use_cpu": not _has_gpu(), "disable_tqdm": True, **stage.get("args", {})}  # fmt: skip
     if name == "sft":
         args["sft"] = True
     flags = model_flags + ["--tokenizer_name_or_path", str(tokenizer_dir), "--train_file",
@@ -73,8 +79,9 @@ def train_baseline(preset: dict, model_config: dict, data_dir: Path, tokenizer, 
     def decoder_batch(batch_rows):
         return {k: v for k, v in collator(batch_rows).items() if k in ("input_ids", "attention_mask", "labels")}
 
-    args = TrainingArguments(output_dir=str(output), report_to="none", save_strategy="no", seed=seed, use_cpu=True,
-                             disable_tqdm=True, remove_unused_columns=False, **preset["baseline"]["args"])  # fmt: skip
+    settings = {"use_cpu": not _has_gpu(), **preset["baseline"]["args"]}
+    args = TrainingArguments(output_dir=str(output), report_to="none", save_strategy="no", seed=seed,
+                             disable_tqdm=True, remove_unused_columns=False, **settings)  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=turns, data_collator=decoder_batch)
     trainer.train()
     trainer.save_model(str(output))

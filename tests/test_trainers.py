@@ -237,7 +237,9 @@ dist.all_gather(gathered, flat)
 encoder_same = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if n in before)
 if dist.get_rank() == 0:
     print(json.dumps({"world": dist.get_world_size(), "max_diff": (gathered[0] - gathered[1]).abs().max().item(),
-                      "encoder_unchanged": encoder_same, "steps": trainer.state.global_step}))
+                      "encoder_unchanged": encoder_same, "steps": trainer.state.global_step}), flush=True)
+dist.barrier()
+dist.destroy_process_group()
 """
 
 

@@ -88,3 +88,4 @@ def train_and_save(trainer, tokenizer, args) -> None:
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
+    trainer.accelerator.wait_for_everyone()

@@ -81,6 +81,27 @@ def _reject_out_of_scope(owner: str, kwargs: dict) -> None:
             )
 
 
+class _DecoderSizes:
+    """`vocab_size`, `hidden_size`, `num_hidden_layers`, `num_attention_heads` of the decoder (used by transformers
+    utilities that expect them on the top-level config)."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.decoder_config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.decoder_config.embed_dim
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.decoder_config.num_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.decoder_config.att_heads
+
+
 @strict
 class RxTComponentConfig(PreTrainedConfig):
     r"""Decoder or memory-encoder settings (architecture.md §2.1).
@@ -317,7 +338,7 @@ class RxTMemoryAttentionConfig(PreTrainedConfig):
 
 
 @strict
-class RxTConfig(PreTrainedConfig):
+class RxTConfig(_DecoderSizes, PreTrainedConfig):
     r"""Reactive Transformer: decoder + memory encoder + memory-attention network around a fixed-size STM.
 
     Args:
@@ -377,22 +398,6 @@ class RxTConfig(PreTrainedConfig):
         self.encoder_config.is_decoder = False
         self.validate_model()
 
-    # -- convenience accessors used by transformers utilities ---------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return self.decoder_config.vocab_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.decoder_config.embed_dim
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.decoder_config.num_layers
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.decoder_config.att_heads
 
     @property
     def stm_shape(self) -> tuple[int, int, int]:
@@ -489,7 +494,7 @@ class RxTConfig(PreTrainedConfig):
 
 
 @strict
-class RxTStatelessConfig(PreTrainedConfig):
+class RxTStatelessConfig(_DecoderSizes, PreTrainedConfig):
     r"""Stateless decoder-only baseline built from RxT blocks (no STM, no memory cross-attention).
 
     `RxTStatelessConfig.from_rxt_config(config)` gives the same-size decoder as an RxT model.
@@ -513,22 +518,6 @@ class RxTStatelessConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.decoder_config.skip_memory_cross_attention = True
         _check_choice("RxTStatelessConfig", "rope_layout", self.rope_layout, ROPE_LAYOUTS)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.decoder_config.vocab_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.decoder_config.embed_dim
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.decoder_config.num_layers
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.decoder_config.att_heads
 
     @classmethod
     def from_rxt_config(cls, config: RxTConfig, **kwargs) -> "RxTStatelessConfig":

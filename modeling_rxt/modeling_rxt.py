@@ -1081,7 +1081,23 @@ class RxTModel(RxTPreTrainedModel):
         return RxTModelOutput(stm=new_stm, encoder_hidden_states=encoded)
 
 
-class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
+class _LMHeadAccessors:
+    """Embedding / LM-head accessors shared by the causal-LM classes (`self.model.embed_tokens`, `self.lm_head`)."""
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+
+class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
     """RxT with its LM head (`Linear(D, V)` with bias, untied) and optional MLM head; stateful generation.
 
     Inference API: `forward(input_ids, attention_mask, stm=...)`, `encode`, `mlm_logits`, `update_memory`,
@@ -1098,17 +1114,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         self.mlm_head = RxTMLMHead(dec.embed_dim, dec.vocab_size) if config.use_mlm_head else None
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(
@@ -1398,7 +1404,7 @@ STATELESS_AUTO_MAP = {
 }
 
 
-class RxTStatelessForCausalLM(PreTrainedModel, GenerationMixin):
+class RxTStatelessForCausalLM(_LMHeadAccessors, PreTrainedModel, GenerationMixin):
     """Decoder-only baseline from the same blocks, without memory (no STM, no cross-attention), for comparisons."""
 
     config_class = RxTStatelessConfig
@@ -1421,14 +1427,6 @@ class RxTStatelessForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(dec.embed_dim, dec.vocab_size, bias=True)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
 
     def forward(
         self,

@@ -10,25 +10,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers.cli import DataArguments, ModelArguments, load_model, load_split, load_tokenizer, parse_arguments, train_and_save  # noqa: E402
+from trainers.cli import run_stage  # noqa: E402
 from trainers.data import EpisodeCollator  # noqa: E402
 from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer  # noqa: E402
 
 
+def episode_collator(tokenizer, args):
+    return EpisodeCollator(tokenizer, max_length=args.max_length)
+
+
 def main(argv=None):
-    model_args, data_args, args = parse_arguments((ModelArguments, DataArguments, SMATConfig), argv)
-    tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, tokenizer)
-    trainer = SupervisedMemoryAwareTrainer(
-        model=model,
-        args=args,
-        train_dataset=load_split(data_args, data_args.train_file, "episode", tokenizer, args.max_length),
-        eval_dataset=load_split(data_args, data_args.validation_file, "episode", tokenizer, args.max_length),
-        data_collator=EpisodeCollator(tokenizer, max_length=args.max_length),
-        processing_class=tokenizer,
-    )
-    train_and_save(trainer, tokenizer, args)
-    return trainer
+    return run_stage(SupervisedMemoryAwareTrainer, SMATConfig, "episode", episode_collator, argv)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,23 @@ def train_and_save(trainer, tokenizer, args) -> None:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def run_stage(trainer_cls, config_cls, kind: str, make_collator, argv=None, **config_overrides):
+    """Parse `(ModelArguments, DataArguments, config_cls)`, load tokenizer, model and data, train, save.
+
+    `kind` is the row kind for validation (`text`, `interaction`, `episode`); `make_collator(tokenizer, args)` builds
+    the batch collator. Returns the trainer."""
+    model_args, data_args, args = parse_arguments((ModelArguments, DataArguments, config_cls), argv)
+    kind = kind(args) if callable(kind) else kind
+    tokenizer = load_tokenizer(model_args)
+    trainer = trainer_cls(
+        model=load_model(model_args, tokenizer, **config_overrides),
+        args=args,
+        train_dataset=load_split(data_args, data_args.train_file, kind, tokenizer, args.max_length),
+        eval_dataset=load_split(data_args, data_args.validation_file, kind, tokenizer, args.max_length),
+        data_collator=make_collator(tokenizer, args),
+        processing_class=tokenizer,
+    )
+    train_and_save(trainer, tokenizer, args)
+    return trainer

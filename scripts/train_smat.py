@@ -16,7 +16,7 @@ from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer  # noqa: E402
 
 
 def episode_collator(tokenizer, args):
-    return EpisodeCollator(tokenizer, max_length=args.max_length)
+    return EpisodeCollator(tokenizer, max_length=args.max_length, window=args.episode_window, seed=args.seed)
 
 
 def main(argv=None):

@@ -330,3 +330,27 @@ def test_load_rows(tmp_path):
     assert load_rows(str(tmp_path / "rows.json"))["text"] == ["a", "b"]
     with pytest.raises(FileNotFoundError):
         load_rows(tmp_path / "missing.jsonl")
+
+
+def test_episode_collator_probe_window_keeps_fact_and_question():
+    from trainers.data import EpisodeCollator, episode_turns
+
+    tokenizer = train_rxt_tokenizer(SENTENCES, vocab_size=300, min_frequency=1)
+    rows = generate_dialogues(40, seed=11, min_turns=4, max_turns=8, max_distance=3)
+    collator = EpisodeCollator(tokenizer, max_turns=2, window="probe", seed=0)
+    with_question = 0
+    for row in rows:
+        window = collator._turns(row)
+        turns = episode_turns(row)
+        assert len(window) <= 2
+        start = next(i for i in range(len(turns)) if turns[i : i + len(window)] == window)
+        fitting = [p for p in row["probes"] if p["distance"] == 1]
+        if fitting:
+            asked = [p for p in fitting if p["turn"] == start + len(window) - 1]
+            assert asked and asked[0]["expected"] in window[0][0]  # the fact is in the window's first query
+            with_question += 1
+        else:
+            assert window == turns[:2]
+    assert with_question > 0
+    with pytest.raises(ValueError, match="window='middle'"):
+        EpisodeCollator(tokenizer, window="middle")

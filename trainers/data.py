@@ -33,6 +33,8 @@ repeat the same masks and do not see `set_max_turns`; use `num_workers=0` (or se
 
 from __future__ import annotations
 
+import random
+
 import logging
 import os
 from collections.abc import Sequence
@@ -485,7 +487,12 @@ class EpisodeCollator:
     Args:
         tokenizer: RxT tokenizer.
         max_length: longest turn (None: no limit); see `overflow`.
-        max_turns: keep the first `max_turns` turns of each episode (None: all).
+        max_turns: keep `max_turns` turns of each episode (None: all).
+        window: which `max_turns` turns: `"head"` (the first ones) or `"probe"` (a window ending at a question whose
+            fact lies inside the window, chosen at random among such probes; the head when none fits). `"probe"`
+            keeps the memory signal in short episodes: cutting an episode to its first two turns rarely leaves a
+            fact-then-question pair.
+        seed: seed of the `"probe"` window choice.
         label_mode: `"project"` (answer + `[EOS]`) or `"reference"` (SMAT: `[A]`, answer, `[EOS]`).
         overflow: `"error"` or `"truncate"` (cut the answer body, keep `[EOS]`).
         pad_to_multiple_of: round `T` up.
@@ -505,9 +512,15 @@ class EpisodeCollator:
         label_mode: str = "project",
         overflow: str = "error",
         pad_to_multiple_of: int | None = None,
+        window: str = "head",
+        seed: int = 0,
     ):
         _check_label_mode(label_mode)
         _check_overflow(overflow)
+        if window not in ("head", "probe"):
+            raise ValueError(f"window={window!r}: expected 'head' or 'probe'.")
+        self.window = window
+        self._rng = random.Random(seed)
         self.tokenizer = tokenizer
         self.ids = _special_ids(tokenizer)
         self.max_length = max_length
@@ -523,8 +536,19 @@ class EpisodeCollator:
             raise ValueError(f"max_turns={max_turns!r}: expected a positive integer or None.")
         self.max_turns = max_turns
 
+    def _turns(self, row: dict) -> list[tuple[str, str]]:
+        if self.window == "head" or self.max_turns is None:
+            return episode_turns(row, self.max_turns)
+        fitting = [p for p in row.get("probes") or [] if p["distance"] <= self.max_turns - 1]
+        turns = episode_turns(row)
+        if not fitting:
+            return turns[: self.max_turns]
+        end = self._rng.choice(fitting)["turn"]
+        start = max(0, end - (self.max_turns - 1))
+        return turns[start : end + 1]
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        episodes = [episode_turns(row, self.max_turns) for row in rows]
+        episodes = [self._turns(row) for row in rows]
         flat = [turn for turns in episodes for turn in turns]
         query_bodies = _tokenize(self.tokenizer, [q for q, _ in flat])
         answer_bodies = _tokenize(self.tokenizer, [a for _, a in flat])

@@ -37,6 +37,10 @@ class SMATConfig(RxTTrainingArguments):
     episode_ramp_start: float = field(default=0.25, metadata={"help": "Fraction of training when lengthening starts."})
     episode_ramp_end: float = field(default=0.6, metadata={"help": "Fraction of training when the maximum is reached."})
     episode_max_turns: int | None = field(default=None, metadata={"help": "Maximum turns (None: all of the episode)."})
+    episode_window: str = field(
+        default="probe",
+        metadata={"help": "Shortened episodes: 'probe' (end at a question whose fact is inside) or 'head'."},
+    )
     max_length: int = field(default=256, metadata={"help": "Maximum tokens of one interaction."})
     ddp_find_unused_parameters: bool | None = field(default=True, metadata={"help": "Frozen components are unused."})
 

@@ -467,8 +467,10 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
             self.ff = RxTFeedForward(config.embed_dim, width, config.use_gated, config.ff_activation, config.ff_dropout)
 
     def project_memory(self, stm_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`STM[i] [B, S, D]` → memory `k, v [B, Hkv, S, hd]` (once per turn at inference)."""
-        return self.memory_cross_attention.project_key_value(self.stm_norm(stm_layer))
+        """`STM[i] [B, S, D]` → memory `k, v [B, Hkv, S, hd]` (once per turn at inference; contiguous, since they are
+        read by every generated token)."""
+        key, value = self.memory_cross_attention.project_key_value(self.stm_norm(stm_layer))
+        return key.contiguous(), value.contiguous()
 
     def forward(
         self,

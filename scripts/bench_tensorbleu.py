@@ -22,54 +22,22 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # puts the repository root on sys.path
+import torch
 
-import torch  # noqa: E402  (after the sys.path insert)
-
-from trainers.tensorbleu import NLTK_SMOOTHING_METHOD, tensor_sentence_bleu  # noqa: E402
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+from trainers.tensorbleu import NLTK_SMOOTHING_METHOD, tensor_sentence_bleu
 
 
 def _machine_info(threads: int, device: str) -> dict:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        affinity = os.cpu_count()
     import nltk
 
-    info = {
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cores_available": affinity,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch_version": torch.__version__,
-        "nltk_version": nltk.__version__,
-        "torch_threads": threads,
-        "device": device,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
+    return bc.machine_info(threads, device, nltk_version=nltk.__version__)
 
 
 def make_batch(batch: int, length: int, vocab: int, noise: float, refs: int, seed: int):
@@ -81,44 +49,9 @@ def make_batch(batch: int, length: int, vocab: int, noise: float, refs: int, see
     return cand, (ref[:, 0] if refs == 1 else ref)
 
 
-def _timeit(fn, repeats: int, warmup: int, sync) -> list:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _timeit_interleaved(fns, repeats: int, warmup: int, sync) -> list:
-    """Time several callables in alternation (A B A B ...), so that both see the same background load."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    sync()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, times, strict=True):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _spread(times: list) -> dict:
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {
-        "median_ms": statistics.median(times),
-        "min_ms": min(times),
-        "max_ms": max(times),
-        "iqr_ms": q[2] - q[0],
-        "repeats": len(times),
-    }
+_timeit = bc.timeit
+_timeit_interleaved = bc.timeit_interleaved
+_spread = bc.spread
 
 
 def main(argv=None) -> dict:

@@ -1,0 +1,337 @@
+#!/usr/bin/env python
+"""Per-token decode latency: RxT vs a same-size Llama, and RxT with vs without its per-turn memory K/V cache.
+
+Both models get the same prompt (`--prompt-lens`, random ids) and generate `--new-tokens` tokens greedily (EOS
+disabled), batch 1. Measured, median and quartiles over `--repeats`, systems in alternation after warm-up:
+
+- **generate**: stock `generate()` (RxT with `past_key_values=RxTCache(stm)`); per-token decode latency from the
+  streamer's time stamps, `(t_last_token - t_first_token) / (N - 1)` (the prefill excluded), and, as a cross-check,
+  `(time(generate N) - time(generate 1)) / (N - 1)`;
+- **manual loop**: `model(input_ids=token, past_key_values=cache)` per step with argmax, for Llama, RxT (memory
+  K/V projected once per turn and reused, the normal path) and RxT re-projecting the memory K/V from the STM at
+  every token (`cache.memory_kv.clear()` before each step: what an implementation without the memory K/V cache does);
+- **memory K/V projection**: the once-per-turn cost (`stm_norm` + `k_proj`/`v_proj` of every memory layer);
+- **breakdown**: one extra pass with the manual loop where the decoder sub-modules are timed (self-attention,
+  memory cross-attention, feed-forward, norms, LM head); instrumentation adds a little time, so these numbers
+  only show where the per-token time goes.
+
+Writes `runs/bench/decode.json` and `.png`.
+
+    python scripts/bench_decode.py            # D=256, 4 layers, 512 STM slots, prompts 64/256, 128 new tokens
+    python scripts/bench_decode.py --quick    # tiny model (seconds)
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import bench_common as bc
+import torch
+
+SUMMARY_KEYS = ("decode_ratio_rxt_vs_llama", "memory_kv_cache_speedup")
+
+
+def _generate(model, ids, new_tokens, **kwargs) -> dict:
+    streamer = bc.TimingStreamer()
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, streamer=streamer, **kwargs)  # fmt: skip
+    t1 = time.perf_counter()
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    s = streamer.stamps
+    per_token = (s[-1] - s[1]) / (new_tokens - 1) if new_tokens > 1 else float("nan")
+    return {"total_ms": (t1 - t0) * 1e3, "prefill_ms": (s[1] - t0) * 1e3, "per_token_ms": per_token * 1e3}
+
+
+def _loop(model, ids, new_tokens, cache, reproject: bool = False) -> dict:
+    """Greedy manual loop; returns the prefill time and the mean decode step."""
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1:].argmax(-1)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        if reproject:
+            cache.memory_kv.clear()
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    t2 = time.perf_counter()
+    return {"prefill_ms": (t1 - t0) * 1e3, "per_token_ms": (t2 - t1) / new_tokens * 1e3}
+
+
+def _breakdown(rxt, llama, ids, new_tokens, make_rxt_cache, make_llama_cache) -> dict:
+    """Per-token milliseconds spent in decoder sub-modules (instrumented manual loop)."""
+    acc: dict[str, float] = collections.defaultdict(float)
+    patched = []
+
+    def wrap(module, name):
+        forward = module.forward
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            r = forward(*a, **k)
+            acc[name] += time.perf_counter() - t
+            return r
+
+        module.forward = timed
+        patched.append(module)
+
+    for layer in rxt.model.decoder.layers:
+        wrap(layer.attention, "rxt.self_attention")
+        wrap(layer.memory_cross_attention, "rxt.memory_cross_attention")
+        wrap(layer.ff, "rxt.feed_forward")
+        for norm in (layer.norm1, layer.norm2, layer.norm3):
+            wrap(norm, "rxt.norms")
+    if rxt.model.decoder.head_norm is not None:
+        wrap(rxt.model.decoder.head_norm, "rxt.norms")
+    if rxt.model.decoder.rotary is not None:
+        wrap(rxt.model.decoder.rotary, "rxt.rope_table")
+    wrap(rxt.model, "rxt.model_total")
+    wrap(rxt.lm_head, "rxt.lm_head")
+    for layer in llama.model.layers:
+        wrap(layer.self_attn, "llama.self_attention")
+        wrap(layer.mlp, "llama.feed_forward")
+        wrap(layer.input_layernorm, "llama.norms")
+        wrap(layer.post_attention_layernorm, "llama.norms")
+    wrap(llama.model.norm, "llama.norms")
+    wrap(llama.model.rotary_emb, "llama.rope_table")
+    wrap(llama.model, "llama.model_total")
+    wrap(llama.lm_head, "llama.lm_head")
+    result = {}
+    try:
+        for prefix, model, make in (("rxt", rxt, make_rxt_cache), ("llama", llama, make_llama_cache)):
+            _loop(model, ids, 2, make())  # warm
+            cache = make()
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            acc.clear()
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            step = (time.perf_counter() - t0) / new_tokens * 1e3
+            parts = {k.split(".", 1)[1]: v / new_tokens * 1e3 for k, v in acc.items() if k.startswith(prefix)}
+            parts["step_total"] = step
+            parts["other"] = step - parts.pop("model_total") - parts["lm_head"]
+            parts["model_rest"] = (step - parts["other"] - parts["lm_head"]) - sum(
+                v for k, v in parts.items() if k not in ("step_total", "other", "lm_head"))
+            result[prefix] = parts
+    finally:
+        for module in patched:
+            del module.forward  # back to the class method
+    return result
+
+
+def main(argv=None) -> dict:
+    ap = bc.base_parser("decode", __doc__)
+    ap.add_argument("--prompt-lens", type=int, nargs="*", default=None, help="prompt tokens (64 256; quick 16)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens (128; quick 16)")
+    ap.add_argument("--stm-size", type=int, default=None, help="STM slots (512; quick 32)")
+    ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--stm-sweep", type=int, nargs="*", default=None,
+                    help="STM sizes for the decode-ratio sweep (128 512 1024; quick 16)")
+    ap.add_argument("--global-warmup", type=int, default=2, help="untimed generate() calls per model before the sweep")
+    args = ap.parse_args(argv)
+
+    from transformers import DynamicCache
+
+    from modeling_rxt import RxTCache, RxTForCausalLM
+
+    quick = args.quick
+    threads = bc.pin_threads(args.threads)
+    if quick:
+        dims = dict(embed_dim=64, num_layers=2, att_heads=4, query_heads=2, kv_heads=2, ff_dim=192, vocab_size=512,
+                    stm_size=32)  # fmt: skip
+        prompt_lens, new_tokens, repeats = [16], 16, 2
+    else:
+        dims = dict(embed_dim=256, num_layers=4, att_heads=16, query_heads=8, kv_heads=8, ff_dim=768, vocab_size=8192,
+                    stm_size=512)  # fmt: skip
+        prompt_lens, new_tokens, repeats = [64, 256], 128, 9
+    if args.stm_size:
+        dims["stm_size"] = args.stm_size
+    stm_sizes = args.stm_sweep if args.stm_sweep is not None else ([16] if quick else [128, 512, 1024])
+    prompt_lens = sorted(set(args.prompt_lens or prompt_lens))
+    new_tokens = args.new_tokens or new_tokens
+    repeats = args.repeats or repeats
+    headline = prompt_lens[0]
+    machine = bc.machine_info(threads)
+    torch.manual_seed(args.seed)
+    config = bc.rxt_config(**dims, seq_len=max(1024, max(prompt_lens) + new_tokens + 8))
+    rxt = RxTForCausalLM(config).eval()
+    llama = bc.llama_like(config)
+    gen = torch.Generator().manual_seed(args.seed)
+    stm = rxt.initial_stm(1)
+    results = []
+    breakdown = None
+    t_start = time.perf_counter()
+    with torch.inference_mode():
+        warm = bc.rxt_query(gen, 1, prompt_lens[0], dims["vocab_size"], config)
+        for _ in range(args.global_warmup):  # whole-process warm-up before the first point
+            _generate(rxt, warm, new_tokens, past_key_values=RxTCache(stm=stm))
+            _generate(llama, warm, new_tokens)
+        for plen in prompt_lens:
+            ids = bc.rxt_query(gen, 1, plen, dims["vocab_size"], config)
+            # all systems in one alternation group (same background load for every ratio)
+            g_rxt, g_llama, g1_rxt, g1_llama, l_llama, l_rxt, l_noreuse = bc.measure_interleaved([
+                lambda: _generate(rxt, ids, new_tokens, past_key_values=RxTCache(stm=stm)),
+                lambda: _generate(llama, ids, new_tokens),
+                lambda: _generate(rxt, ids, 1, past_key_values=RxTCache(stm=stm)),
+                lambda: _generate(llama, ids, 1),
+                lambda: _loop(llama, ids, new_tokens, DynamicCache()),
+                lambda: _loop(rxt, ids, new_tokens, RxTCache(stm=stm)),
+                lambda: _loop(rxt, ids, new_tokens, RxTCache(stm=stm), reproject=True),
+            ], repeats, args.warmup)  # fmt: skip
+
+            def project_all():
+                for layer in rxt.model.decoder.layers:
+                    layer.project_memory(stm[layer.memory_layer_idx])
+
+            (proj,) = bc.timeit_interleaved([project_all], repeats, args.warmup)
+            diff = {
+                name: (bc.median(gn["total_ms"]) - bc.median(g1["total_ms"])) / (new_tokens - 1)
+                for name, gn, g1 in (("rxt", g_rxt, g1_rxt), ("llama", g_llama, g1_llama))
+            }
+            row = {
+                "prompt_len": plen,
+                "new_tokens": new_tokens,
+                "generate": {
+                    "rxt": {k: bc.spread(v) for k, v in g_rxt.items()},
+                    "llama": {k: bc.spread(v) for k, v in g_llama.items()},
+                    "per_token_ms_from_time_difference": diff,
+                },
+                "manual_loop": {
+                    "llama": {k: bc.spread(v) for k, v in l_llama.items()},
+                    "rxt_memory_kv_cached": {k: bc.spread(v) for k, v in l_rxt.items()},
+                    "rxt_memory_kv_reprojected_per_token": {k: bc.spread(v) for k, v in l_noreuse.items()},
+                },
+                "rxt_memory_kv_projection_per_turn": bc.spread(proj),
+            }
+            r_g = (row["generate"]["rxt"]["per_token_ms"]["median_ms"]
+                   / row["generate"]["llama"]["per_token_ms"]["median_ms"])  # fmt: skip
+            r_l = (row["manual_loop"]["rxt_memory_kv_cached"]["per_token_ms"]["median_ms"]
+                   / row["manual_loop"]["llama"]["per_token_ms"]["median_ms"])  # fmt: skip
+            sp = (row["manual_loop"]["rxt_memory_kv_reprojected_per_token"]["per_token_ms"]["median_ms"]
+                  / row["manual_loop"]["rxt_memory_kv_cached"]["per_token_ms"]["median_ms"])  # fmt: skip
+            row.update({"decode_ratio_rxt_vs_llama_generate": r_g, "decode_ratio_rxt_vs_llama_manual_loop": r_l,
+                        "memory_kv_cache_speedup": sp})  # fmt: skip
+            results.append(row)
+            print(f"prompt {plen:4d}: per-token ms generate rxt "
+                  f"{row['generate']['rxt']['per_token_ms']['median_ms']:.2f}"
+                  f" llama {row['generate']['llama']['per_token_ms']['median_ms']:.2f} (x{r_g:.3f}) | loop rxt "
+                  f"{row['manual_loop']['rxt_memory_kv_cached']['per_token_ms']['median_ms']:.2f} re-projecting "
+                  f"{row['manual_loop']['rxt_memory_kv_reprojected_per_token']['per_token_ms']['median_ms']:.2f}"
+                  f" llama {row['manual_loop']['llama']['per_token_ms']['median_ms']:.2f} | memory K/V cache x{sp:.2f}"
+                  f" | projection {row['rxt_memory_kv_projection_per_turn']['median_ms']:.2f} ms/turn", flush=True)
+        # decode ratio vs STM size: the memory cross-attention reads S slots per layer and token
+        stm_sweep = []
+        if stm_sizes:
+            ids = bc.rxt_query(gen, 1, headline, dims["vocab_size"], config)
+            models = {}
+            for size in stm_sizes:
+                torch.manual_seed(args.seed)
+                models[size] = RxTForCausalLM(bc.rxt_config(**{**dims, "stm_size": size},
+                                                            seq_len=config.decoder_config.seq_len)).eval()  # fmt: skip
+            fns = [lambda: _loop(llama, ids, new_tokens, DynamicCache())]
+            fns += [lambda m=m: _loop(m, ids, new_tokens, RxTCache(stm=m.initial_stm(1))) for m in models.values()]
+            times = bc.measure_interleaved(fns, repeats, args.warmup)
+            llama_ms = bc.median(times[0]["per_token_ms"])
+            for size, t in zip(stm_sizes, times[1:], strict=True):
+                per = bc.spread(t["per_token_ms"])
+                stm_sweep.append({"stm_size": size, "rxt_per_token_ms": per, "llama_per_token_ms": llama_ms,
+                                  "decode_ratio_rxt_vs_llama_manual_loop": per["median_ms"] / llama_ms})  # fmt: skip
+            print("decode ratio (manual loop) by STM slots: " + ", ".join(
+                f"S={r['stm_size']} x{r['decode_ratio_rxt_vs_llama_manual_loop']:.3f}" for r in stm_sweep), flush=True)
+        if not args.no_breakdown:
+            ids = bc.rxt_query(gen, 1, headline, dims["vocab_size"], config)
+            breakdown = _breakdown(rxt, llama, ids, new_tokens, lambda: RxTCache(stm=stm), DynamicCache)
+            for name, parts in breakdown.items():
+                print(f"breakdown {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items())))
+    elapsed = time.perf_counter() - t_start
+    head = next(r for r in results if r["prompt_len"] == headline)
+    summary = {
+        "decode_ratio_rxt_vs_llama": head["decode_ratio_rxt_vs_llama_generate"],
+        "memory_kv_cache_speedup": head["memory_kv_cache_speedup"],
+        "decode_ratio_rxt_vs_llama_manual_loop": head["decode_ratio_rxt_vs_llama_manual_loop"],
+        "rxt_per_token_ms": head["generate"]["rxt"]["per_token_ms"]["median_ms"],
+        "llama_per_token_ms": head["generate"]["llama"]["per_token_ms"]["median_ms"],
+        "rxt_memory_kv_projection_ms_per_turn": head["rxt_memory_kv_projection_per_turn"]["median_ms"],
+        "headline_prompt_len": headline,
+        "decode_ratio_by_prompt_len": {str(r["prompt_len"]): r["decode_ratio_rxt_vs_llama_generate"] for r in results},
+        "decode_ratio_manual_loop_by_stm_size": {
+            str(r["stm_size"]): r["decode_ratio_rxt_vs_llama_manual_loop"] for r in stm_sweep
+        },
+        "target": {"decode_ratio_rxt_vs_llama": "<= 1.25", "memory_kv_cache_speedup": "> 1"},
+        "meets_target": {
+            "decode_ratio_rxt_vs_llama": head["decode_ratio_rxt_vs_llama_generate"] <= 1.25,
+            "memory_kv_cache_speedup": head["memory_kv_cache_speedup"] > 1.0,
+        },
+    }
+    config_out = {
+        "quick": bool(quick),
+        "threads": threads,
+        "repeats": repeats,
+        "warmup_per_point": args.warmup,
+        "global_warmup": args.global_warmup,
+        "timing": "generate and manual-loop systems timed in one alternation group per prompt length",
+        "seed": args.seed,
+        "dtype": "float32",
+        "batch": 1,
+        "prompt_lens": prompt_lens,
+        "new_tokens": new_tokens,
+        "rxt": {**bc.rxt_dims(config), **bc.describe_model(rxt)},
+        "llama": {**bc.describe_model(llama), "num_attention_heads": llama.config.num_attention_heads,
+                  "num_key_value_heads": llama.config.num_key_value_heads, "head_dim": llama.config.head_dim,
+                  "intermediate_size": llama.config.intermediate_size},  # fmt: skip
+        "summary_measure": f"generate(), streamer per-token decode, prompt {headline}; memory K/V speed-up from the "
+                           "manual loop",
+        "elapsed_s": elapsed,
+    }
+
+    def plot(png):
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2 if breakdown else 1, figsize=(11 if breakdown else 6, 4.2), squeeze=False)
+        ax = axes[0, 0]
+        labels = ["Llama generate", "RxT generate", "Llama loop", "RxT loop", "RxT loop, K/V re-projected"]
+        width = 0.8 / len(results)
+        for i, r in enumerate(results):
+            rows = [r["generate"]["llama"]["per_token_ms"], r["generate"]["rxt"]["per_token_ms"],
+                    r["manual_loop"]["llama"]["per_token_ms"], r["manual_loop"]["rxt_memory_kv_cached"]["per_token_ms"],
+                    r["manual_loop"]["rxt_memory_kv_reprojected_per_token"]["per_token_ms"]]  # fmt: skip
+            xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(labels))]
+            ax.bar(xs, [x["median_ms"] for x in rows], width,
+                   yerr=[[x["median_ms"] - x["q1_ms"] for x in rows], [x["q3_ms"] - x["median_ms"] for x in rows]],
+                   capsize=2, label=f"prompt {r['prompt_len']}")  # fmt: skip
+        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
+        ax.set_ylabel("ms per generated token (median, IQR)")
+        ax.set_title(f"decode ratio RxT/Llama {summary['decode_ratio_rxt_vs_llama']:.2f}, memory K/V cache "
+                     f"x{summary['memory_kv_cache_speedup']:.1f}", fontsize=9)  # fmt: skip
+        ax.legend(fontsize=7)
+        ax.grid(True, axis="y", alpha=0.3)
+        if breakdown:
+            ax = axes[0, 1]
+            parts = sorted({k for p in breakdown.values() for k in p} - {"step_total"})
+            bottom = [0.0, 0.0]
+            for part in parts:
+                vals = [breakdown[s].get(part, 0.0) for s in ("llama", "rxt")]
+                ax.bar(["Llama", "RxT"], vals, bottom=bottom, label=part)
+                bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+            ax.set_ylabel("ms per token (instrumented loop)")
+            ax.set_title("where a decode step goes", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"decode, D={dims['embed_dim']}, {dims['num_layers']} layers, STM {dims['stm_size']} slots, "
+                     f"{threads} thread(s)", fontsize=10)  # fmt: skip
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+
+    out = bc.write_outputs(args.output, machine, config_out, results, summary, plot, SUMMARY_KEYS,
+                           extra={"breakdown_ms_per_token": breakdown, "results_stm_sweep": stm_sweep})  # fmt: skip
+    for key in SUMMARY_KEYS:
+        print(f"{key}: {summary[key]:.3f}")
+    print(f"-> {args.output}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

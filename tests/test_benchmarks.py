@@ -1,0 +1,115 @@
+"""Benchmark scripts (`scripts/bench_*.py`): each runs with `--quick` in its own subprocess and writes a valid JSON
+(`machine`, `config`, `results`, `summary` with the documented keys, all finite) plus a PNG. No timing assertions.
+
+The subprocesses run two at a time (the scripts are single-threaded: OMP_NUM_THREADS=1, `--threads 1`).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {
+    "conversation": (
+        "rxt_prompt_latency_ratio_turn64_vs_turn1",
+        "prompt_speedup_vs_llama_reread_turn32",
+        "turn_speedup_vs_llama_reread_turn32",
+        "turn_latency_ratio_rxt_vs_llama_kvcache_turn32",
+        "state_bytes_ratio_llama_kvcache_vs_rxt_turn64",
+    ),
+    "sqa": ("xsqa_speedup_vs_mha_16k", "sqa_speedup_vs_gqa_16k"),
+    "decode": ("decode_ratio_rxt_vs_llama", "memory_kv_cache_speedup"),
+    "memory_update": ("update_ms_per_1k_tokens",),
+    "batch": ("throughput_ratio_rxt_vs_llama_b32_turn16",),
+}
+MEMORY_VARIANTS = {"simple", "self", "interlayer", "self-interlayer", "grouped-self-interlayer"}
+
+
+def _run(name: str, out_dir: Path):
+    out = out_dir / name / f"{name}.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / f"bench_{name}.py"), "--quick", "--output", str(out)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=out_dir,
+    )  # fmt: skip
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def bench_runs(request, tmp_path_factory):
+    """Start the selected scripts (two at a time) once; each test waits for its own."""
+    selected = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.originalname == "test_bench_quick" and hasattr(item, "callspec")
+    ]
+    out_dir = tmp_path_factory.mktemp("bench")
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {name: pool.submit(_run, name, out_dir) for name in SCRIPTS if name in selected}
+    yield futures
+    pool.shutdown(wait=True)
+
+
+def _finite(value) -> bool:
+    if isinstance(value, dict):
+        return len(value) > 0 and all(_finite(v) for v in value.values())
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_bench_quick(name, bench_runs):
+    proc, out = bench_runs[name].result()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert {"machine", "config", "results", "summary"} <= set(data)
+    machine, config, results, summary = data["machine"], data["config"], data["results"], data["summary"]
+    for key in ("cpu_model", "cpu_count", "torch_version", "torch_threads", "platform", "date"):
+        assert key in machine, key
+    assert machine["torch_threads"] == 1
+    assert config["quick"] is True and config["threads"] == 1
+    assert isinstance(results, list) and results
+    for key in SCRIPTS[name]:
+        assert key in summary, key
+        assert _finite(summary[key]), (key, summary[key])
+    png = out.with_suffix(".png")
+    assert png.is_file() and png.stat().st_size > 0
+
+    if name == "conversation":
+        assert [r["turn"] for r in results] == config["measured_turns"]
+        for row in results:
+            for system in ("rxt", "llama_reread", "llama_kvcache"):
+                assert row[system]["turn"]["median_ms"] >= row[system]["prompt"]["median_ms"] > 0
+            assert row["rxt"]["state_bytes"] > 0 and row["llama_kvcache"]["state_bytes"] > 0
+            assert row["rxt_memory_update"]["median_ms"] > 0
+        assert 0.0 <= summary["background_update_hidden_fraction"] <= 1.0
+        assert data["results_background"]
+    elif name == "sqa":
+        for row in results:
+            assert set(row["variants"]) == {"MHA", "GQA", "MQA", "SQA", "sSQA", "xSQA"}
+            assert row["variants"]["xSQA"]["theory_core_speedup_vs_mha"] == 4.0
+            assert "layer_forward" in row["variants"]["MHA"] and "model_train_step" in row["variants"]["MHA"]
+    elif name == "decode":
+        loop = results[0]["manual_loop"]
+        assert {"llama", "rxt_memory_kv_cached", "rxt_memory_kv_reprojected_per_token"} <= set(loop)
+    elif name == "memory_update":
+        assert set(summary["update_ms_per_1k_tokens"]) == MEMORY_VARIANTS
+        assert {r["sweep"] for r in results} == {"slots", "length"}
+    elif name == "batch":
+        assert [r["batch"] for r in results] == config["batch_sizes"]
+        for row in results:
+            assert row["rxt"]["tokens_per_s"] > 0 and row["llama_kvcache"]["tokens_per_s"] > 0
+
+
+def test_bench_all_runs_every_script():
+    script = (REPO_ROOT / "scripts" / "bench_all.sh").read_text()
+    scripts = (REPO_ROOT / "scripts").glob("bench_*.py")
+    names = sorted(p.stem[len("bench_") :] for p in scripts if p.stem != "bench_common")
+    for name in names:
+        assert name in script, f"bench_all.sh does not run bench_{name}.py"
+    assert set(SCRIPTS) | {"tensorbleu"} == set(names)

@@ -63,12 +63,18 @@ class RxTRotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.base = float(base)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """`1 / base^(2j / hd)`, `[R]` fp32 (computed once per device)."""
+        if device not in self._inv_freq:
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+            self._inv_freq[device] = 1.0 / (self.base**exponent)
+        return self._inv_freq[device]
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """`position_ids [B, T]` → `(cos, sin)`, each `[B, 1, T, hd/2]` in `dtype`."""
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=position_ids.device) / self.head_dim
-        inv_freq = 1.0 / (self.base**exponent)  # [R]
-        angles = (position_ids[..., None].float() * inv_freq).to(dtype)  # [B, T, R]
+        angles = (position_ids[..., None].float() * self.inv_freq(position_ids.device)).to(dtype)  # [B, T, R]
         return angles.cos()[:, None], angles.sin()[:, None]
 
 
@@ -280,7 +286,7 @@ class RxTFeedForward(nn.Module):
         self.fc1 = nn.Linear(embed_dim, 2 * ff_dim if gated else ff_dim, bias=bias)
         self.fc2 = nn.Linear(ff_dim, embed_dim, bias=bias)
         self.activation = get_activation(activation)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)

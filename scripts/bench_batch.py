@@ -52,12 +52,10 @@ def main(argv=None) -> dict:
     quick = args.quick
     threads = bc.pin_threads(args.threads)
     if quick:
-        dims = dict(embed_dim=64, num_layers=2, att_heads=4, query_heads=2, kv_heads=2, ff_dim=192, vocab_size=512,
-                    stm_size=32)  # fmt: skip
+        dims = dict(bc.QUICK_DIMS)
         sizes, turn, q_len, a_len, repeats = [1, 2], 3, 16, 16, 2
     else:
-        dims = dict(embed_dim=256, num_layers=4, att_heads=16, query_heads=8, kv_heads=8, ff_dim=768, vocab_size=8192,
-                    stm_size=512)  # fmt: skip
+        dims = dict(bc.FULL_DIMS)
         sizes, turn, q_len, a_len, repeats = [1, 2, 4, 8, 16, 32], 16, 64, 64, 5
     sizes = sorted(set(args.batch_sizes or sizes))
     turn = args.turn or turn

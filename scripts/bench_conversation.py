@@ -87,12 +87,10 @@ def main(argv=None) -> dict:
     quick = args.quick
     threads = bc.pin_threads(args.threads)
     if quick:
-        dims = dict(embed_dim=64, num_layers=2, att_heads=4, query_heads=2, kv_heads=2, ff_dim=192, vocab_size=512,
-                    stm_size=32)  # fmt: skip
+        dims = dict(bc.QUICK_DIMS)
         defaults = dict(turns=3, measure=[1, 3], q=16, a=16, think=0.1, bg=2, repeats=2)
     else:
-        dims = dict(embed_dim=256, num_layers=4, att_heads=16, query_heads=8, kv_heads=8, ff_dim=768, vocab_size=8192,
-                    stm_size=512)  # fmt: skip
+        dims = dict(bc.FULL_DIMS)
         defaults = dict(turns=64, measure=[1, 2, 4, 8, 16, 32, 48, 64], q=64, a=64, think=1.0, bg=6, repeats=5)
     if args.embed_dim:
         dims["embed_dim"], dims["ff_dim"] = args.embed_dim, 3 * args.embed_dim

@@ -140,12 +140,10 @@ def main(argv=None) -> dict:
     quick = args.quick
     threads = bc.pin_threads(args.threads)
     if quick:
-        dims = dict(embed_dim=64, num_layers=2, att_heads=4, query_heads=2, kv_heads=2, ff_dim=192, vocab_size=512,
-                    stm_size=32)  # fmt: skip
+        dims = dict(bc.QUICK_DIMS)
         prompt_lens, new_tokens, repeats = [16], 16, 2
     else:
-        dims = dict(embed_dim=256, num_layers=4, att_heads=16, query_heads=8, kv_heads=8, ff_dim=768, vocab_size=8192,
-                    stm_size=512)  # fmt: skip
+        dims = dict(bc.FULL_DIMS)
         prompt_lens, new_tokens, repeats = [64, 256], 128, 9
     if args.stm_size:
         dims["stm_size"] = args.stm_size

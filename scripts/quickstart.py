@@ -50,6 +50,9 @@ def run_stage(stage: dict, model_flags: list[str], data_dir: Path, tokenizer_dir
     if name not in mains:
         raise ValueError(f"unknown stage {name!r}; expected one of {list(mains)}")
     main, prefix = mains[name]
+    prefix = stage.get("data", prefix)  # e.g. "dialogues_fact_question" (a set of the preset's "extra_dialogues")
+    if not (data_dir / f"{prefix}_train.jsonl").is_file():
+        raise ValueError(f"stage {name!r}: data {prefix!r} not found ({data_dir / (prefix + '_train.jsonl')})")
     args = {"output_dir": str(output), "report_to": "none", "save_strategy": "no", "seed": seed,
             "use_cpu": not _has_gpu(), "disable_tqdm": True, **stage.get("args", {})}  # fmt: skip
     if name == "sft":
@@ -151,6 +154,10 @@ def main(argv=None) -> dict:
     test_rows = generate_dialogues(evaluation["num_dialogues"], seed=seed + 1, split="test",
                                    max_turns=evaluation["max_turns"], max_distance=evaluation["max_distance"])  # fmt: skip
     write_jsonl(test_rows, data_dir / "memory_eval_test.jsonl")
+    for name, spec in preset.get("extra_dialogues", {}).items():  # more episode sets, e.g. fact->question pairs
+        spec = dict(spec)
+        rows = generate_dialogues(spec.pop("num_train"), seed=seed, split="train", **spec)
+        write_jsonl(rows, data_dir / f"dialogues_{name}_train.jsonl")
     timed("synthetic data")
 
     texts = [json.loads(line)["text"] for line in (data_dir / "pretrain_train.jsonl").read_text().splitlines()]
@@ -165,7 +172,7 @@ def main(argv=None) -> dict:
     stage_results = {}
     for index, stage in enumerate(preset["stages"]):
         stage_dir = out / f"stage{index + 1}_{stage['stage']}"
-        stage_results[stage["stage"]] = run_stage(stage, model_flags, data_dir, tokenizer_dir, stage_dir, seed)
+        stage_results[f"{index + 1}_{stage['stage']}"] = run_stage(stage, model_flags, data_dir, tokenizer_dir, stage_dir, seed)
         model_flags = ["--model_name_or_path", str(stage_dir)]
         timed(f"stage {stage['stage']}")
     model_dir = out / "model"

@@ -1,0 +1,936 @@
+"""Stage 5: Memory Reinforcement Learning with IMPO (training.md §6, hf-integration.md §8.2).
+
+`MRLTrainer` is a `transformers.Trainer` with GRPO's buffering structure and a stateful rollout: TRL 1.16 has no
+PPOTrainer and GRPO's internals never see an STM, so only TRL helpers are reused (`trainers/_trl_compat.py`).
+
+Rollout (no grad, eval mode, one `RxTCache` per turn): the first interaction of each episode is only written into
+memory; each follow-up query is answered by sampling with stock `generate`, rewarded (`trainers.mrl_reward`), and
+unless it is the last step the memory is updated with the *generated* answer (`teacher_forcing`: the reference).
+Stored per episode (episode-major tensors, so TRL's `shuffle_sequence_dict` / `split_tensor_dict` slice them):
+the starting STM, per step the interaction written before the step (`saved_ids`), the prompt + action (`qa_ids`,
+`action_mask`), old log-probs, reward, advantage, critic input.
+
+Update (`compute_loss`, one optimizer step per minibatch of episodes, turn-major as SMAT): per step the STM is
+replayed with the current parameters from the detached previous state (`stm_source="replay"`), the decoder reads it
+on prompt + action, and the IMPO loss (§6.7) is
+
+    L = policy_clip − c_H·H + c_ref·KL_ref + c_kl·KL(π_t ‖ π_{t−1}) + sqrt(t+1)·c_mem·MSE(STM_t, STM_{t−1})
+        (− c_cos·cos(STM_t, STM_{t−1})) (+ MoE aux) (+ critic MSE)
+
+averaged over steps. Advantages: `R − V` (critic: value head on a copy of the memory encoder, §6.5) or GAE, or
+group-normalised rewards over `num_generations` rollouts of the same episode; then normalised per
+`advantage_mode`. The curriculum (steps per episode, strategy, freeze stage, STM resets) switches by epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import TrainerCallback, TrainingArguments
+from trl import GRPOConfig
+from trl.trainer.utils import RepeatSampler
+
+from ._trl_compat import (
+    disable_dropout_in_model,
+    entropy_from_logits,
+    selective_log_softmax,
+    shuffle_sequence_dict,
+    split_tensor_dict,
+    unwrap_model_for_generation,
+)
+from .common import RxTTrainer, component_of
+from .data import _special_ids, _tokenize, episode_turns
+from .mrl_reward import MRLReward, MRLRewardArguments
+
+STRATEGIES = ("multi_step", "single_step", "long_range")
+FREEZE_STAGES = ("warmup", "fetch", "update", "all")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class MRLStage:
+    """One curriculum stage: `steps` follow-ups per episode for `epochs` epochs (None fields: the config's value)."""
+
+    steps: int
+    epochs: int = 1
+    strategy: str | None = None
+    unfreeze_epoch: int | list | None = None
+    random_resets_ratio: float | None = None
+    random_resets_from: int | None = None
+    teacher_forcing: bool | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"curriculum stage steps={self.steps!r}: expected a positive integer.")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"curriculum stage epochs={self.epochs!r}: expected a positive integer.")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(f"curriculum stage strategy={self.strategy!r}: expected one of {STRATEGIES}.")
+        if self.random_resets_ratio is not None and not 0.0 <= self.random_resets_ratio <= 1.0:
+            raise ValueError(f"curriculum stage random_resets_ratio={self.random_resets_ratio}: expected in [0, 1].")
+
+
+def parse_unfreeze_epoch(value) -> list[tuple[int, float | None]] | int | None:
+    """`0`/int → that int; `[fetch, update, all]` (elements `e` or `[e, lr]`) → list of (epoch, lr or None)."""
+    if value is None or isinstance(value, int):
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"unfreeze_epoch={value}: expected >= 0.")
+        return value
+    if isinstance(value, str):
+        value = json.loads(value)
+        return parse_unfreeze_epoch(value)
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        parsed = []
+        for item in value:
+            epoch, lr = (item, None) if isinstance(item, int) else tuple(item)
+            if not isinstance(epoch, int) or epoch < 0 or (lr is not None and lr <= 0):
+                raise ValueError(f"unfreeze_epoch element {item!r}: expected an epoch >= 0 or [epoch, lr > 0].")
+            parsed.append((epoch, lr))
+        if [e for e, _ in parsed] != sorted(e for e, _ in parsed):
+            raise ValueError(f"unfreeze_epoch={value!r}: the fetch, update and all epochs must not decrease.")
+        return parsed
+    raise ValueError(f"unfreeze_epoch={value!r}: expected an int or a list of three epochs [fetch, update, all].")
+
+
+def freeze_stage(unfreeze, epoch: int) -> str:
+    """The freeze stage (`warmup`/`fetch`/`update`/`all`) at `epoch` of a curriculum stage (training.md §6.9)."""
+    if unfreeze is None:
+        return "fetch"
+    if isinstance(unfreeze, int):
+        return "all" if epoch >= unfreeze else "fetch"
+    stage = "warmup"
+    for name, (start, _) in zip(("fetch", "update", "all"), unfreeze):
+        if epoch >= start:
+            stage = name
+    return stage
+
+
+@dataclass
+class MRLConfig(GRPOConfig, MRLRewardArguments):
+    """`GRPOConfig` fields with the reference defaults (training.md §6.10) + the MRL fields.
+
+    Reused GRPO fields: `epsilon` (clip), `beta` (reference-KL coefficient), `num_iterations` (update epochs over one
+    rollout), `entropy_coef`, `num_generations` (rollouts per episode; 1 with the critic, >= 2 for `"group"`),
+    `steps_per_generation` (minibatches per rollout), `temperature`, `top_k`, `top_p`, `max_completion_length`.
+    """
+
+    # GRPO fields, reference defaults
+    learning_rate: float = field(default=3e-4, metadata={"help": "Policy learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    beta: float = field(default=0.05, metadata={"help": "Reference-KL coefficient (0: no reference model)."})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip epsilon."})
+    num_iterations: int = field(default=10, metadata={"help": "Update epochs over each rollout."})
+    entropy_coef: float = field(default=0.01, metadata={"help": "Entropy bonus coefficient."})
+    num_generations: int = field(default=1, metadata={"help": "Rollouts per episode (>= 2 for 'group')."})
+    max_completion_length: int = field(default=64, metadata={"help": "Most generated tokens per answer."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing."})
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    ddp_find_unused_parameters: bool | None = field(default=True, metadata={"help": "Frozen parts are unused."})
+    # curriculum
+    curriculum: str = field(
+        default="1,2,4,8,16",
+        metadata={"help": "Steps per episode per stage: '1,2,4' (one epoch each) or a JSON list of stage objects "
+                  "{steps, epochs, strategy, unfreeze_epoch, random_resets_ratio, random_resets_from, "
+                  "teacher_forcing}."},
+    )  # fmt: skip
+    strategy: str = field(default="multi_step", metadata={"help": "multi_step | single_step | long_range."})
+    delayed_final_reward: bool = field(default=False, metadata={"help": "Add a long-range reward at the last step."})
+    unfreeze_epoch: str = field(
+        default="0", metadata={"help": "0: all train; e: fetch until epoch e; [fetch, update, all] from warmup."}
+    )
+    freeze_embeddings: bool = field(default=False, metadata={"help": "Never train the shared embedding."})
+    random_resets: bool = field(default=False, metadata={"help": "Carry the STM across episodes unless reset."})
+    random_resets_from: int = field(default=0, metadata={"help": "Epoch from which random resets apply."})
+    random_resets_ratio: float = field(default=1.0, metadata={"help": "Probability of resetting the STM."})
+    teacher_forcing: bool = field(default=False, metadata={"help": "Write the reference answer into memory."})
+    use_memory_warmup: bool = field(default=False, metadata={"help": "Warm the STM up before the first write."})
+    hard_warmup: bool = field(default=False, metadata={"help": "Warm-up STM = (ED + STM) / 2 (needs T == S)."})
+    max_length: int = field(default=256, metadata={"help": "Most tokens of one interaction."})
+    # loss
+    interstep_kl_coef: float = field(default=0.01, metadata={"help": "KL(pi_t || pi_t-1) coefficient."})
+    stm_diff_coef: float = field(default=1e-4, metadata={"help": "Memory regularisation coefficient."})
+    stm_diff_metric: str = field(default="mse", metadata={"help": "mse | rmse."})
+    use_stm_cosine_sim: bool = field(default=False, metadata={"help": "Add -c_cos * cos(STM_t, STM_t-1)."})
+    cosine_sim_coef: float = field(default=0.01, metadata={"help": "STM cosine coefficient."})
+    entropy_normalisation: str = field(default="mean", metadata={"help": "mean (masked token mean) | reference."})
+    ref_kl_estimator: str = field(default="reference", metadata={"help": "reference | k3."})
+    stm_source: str = field(default="replay", metadata={"help": "replay (recompute the STM) | snapshot."})
+    log_probs_source: str = field(default="update", metadata={"help": "update (policy at T=1) | collect (sampler)."})
+    moe_aux_loss_scale: float = field(default=0.01, metadata={"help": "MoE router loss weight."})
+    per_component_grad_clip: bool = field(
+        default=True, metadata={"help": "Clip each component to max_grad_norm separately (reference)."}
+    )
+    # advantages and critic
+    advantage_estimator: str = field(default="critic", metadata={"help": "critic (R - V) | group."})
+    advantage_mode: str = field(default="all", metadata={"help": "all | batch | step | none."})
+    use_gae: bool = field(default=False, metadata={"help": "GAE over the steps (critic only)."})
+    gae_gamma: float = field(default=0.99, metadata={"help": "GAE discount."})
+    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    critic_lr: float = field(default=1e-4, metadata={"help": "Critic head learning rate."})
+    critic_encoder_lr: float | None = field(default=None, metadata={"help": "Critic encoder LR (None: critic_lr)."})
+    critic_weight_decay: float = field(default=0.01, metadata={"help": "Critic weight decay."})
+    critic_max_len: int = field(default=512, metadata={"help": "Most critic input tokens (the last ones kept)."})
+    critic_value_clip: float = field(default=20.0, metadata={"help": "Values and targets clamped to +-clip."})
+    critic_init_scale: float = field(default=10.0, metadata={"help": "Initial value scale."})
+    critic_activation: str = field(default="sigmoid", metadata={"help": "sigmoid | tanh | linear."})
+    # per-component learning rates
+    separate_memory_lr: bool = field(default=False, metadata={"help": "Use memory_lr for memory components."})
+    memory_lr: float = field(default=5e-4, metadata={"help": "LR of encoder + memory attention (separate)."})
+    memory_attention_lr: float | None = field(default=None, metadata={"help": "None: memory_lr."})
+    encoder_lr: float | None = field(default=None, metadata={"help": "None: memory_lr."})
+    embedding_lr: float | None = field(default=None, metadata={"help": "None: learning_rate."})
+
+    def __post_init__(self):
+        # GRPOConfig.__post_init__ requires >= 2 generations and sets vLLM/GRPO-only state: MRL sizes its own
+        # generation batch (training.md §6.10), so only the TrainingArguments part runs.
+        TrainingArguments.__post_init__(self)
+        self.validate_reward_arguments()
+        if self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        if self.steps_per_generation < 1:
+            raise ValueError(f"steps_per_generation={self.steps_per_generation}: expected >= 1.")
+        self.generation_batch_size = self.per_device_train_batch_size * self.world_size * self.steps_per_generation
+        checks = {
+            "strategy": (self.strategy, STRATEGIES),
+            "stm_diff_metric": (self.stm_diff_metric, ("mse", "rmse")),
+            "entropy_normalisation": (self.entropy_normalisation, ("mean", "reference")),
+            "ref_kl_estimator": (self.ref_kl_estimator, ("reference", "k3")),
+            "stm_source": (self.stm_source, ("replay", "snapshot")),
+            "log_probs_source": (self.log_probs_source, ("update", "collect")),
+            "advantage_estimator": (self.advantage_estimator, ("critic", "group")),
+            "advantage_mode": (self.advantage_mode, ("all", "batch", "step", "none")),
+            "critic_activation": (self.critic_activation, ("sigmoid", "tanh", "linear")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: expected one of {allowed}.")
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations={self.num_generations}: expected >= 1.")
+        if self.advantage_estimator == "group" and self.num_generations < 2:
+            raise ValueError("advantage_estimator='group' needs num_generations >= 2 (answers per episode).")
+        if self.use_gae and self.advantage_estimator != "critic":
+            raise ValueError("use_gae=True needs advantage_estimator='critic'.")
+        for name in ("epsilon", "beta", "entropy_coef", "interstep_kl_coef", "stm_diff_coef", "cosine_sim_coef",
+                     "critic_value_clip", "critic_init_scale"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0.")
+        if self.max_completion_length < 1 or self.max_length < 4 or self.critic_max_len < 2:
+            raise ValueError(
+                f"max_completion_length={self.max_completion_length} (>= 1), max_length={self.max_length} (>= 4), "
+                f"critic_max_len={self.critic_max_len} (>= 2): expected the bounds in brackets."
+            )
+        if not 0.0 <= self.random_resets_ratio <= 1.0:
+            raise ValueError(f"random_resets_ratio={self.random_resets_ratio}: expected in [0, 1].")
+        if self.strategy == "single_step":
+            warnings.warn("strategy='single_step' is identical to 'multi_step' (training.md §6.2); using multi_step.")
+            self.strategy = "multi_step"
+        self.unfreeze = parse_unfreeze_epoch(int(self.unfreeze_epoch) if self.unfreeze_epoch.isdigit()
+                                             else self.unfreeze_epoch)  # fmt: skip
+        self.curriculum_stages = self._parse_curriculum(self.curriculum)
+        if self.max_steps <= 0:
+            self.num_train_epochs = sum(stage.epochs for stage in self.curriculum_stages)
+
+    @staticmethod
+    def _parse_curriculum(text: str) -> list[MRLStage]:
+        text = text.strip()
+        if text.startswith("["):
+            items = json.loads(text)
+            if not items or not all(isinstance(item, dict) for item in items):
+                raise ValueError(f"curriculum={text!r}: expected a non-empty JSON list of stage objects.")
+            known = {f.name for f in fields(MRLStage)}
+            for item in items:
+                unknown = set(item) - known
+                if unknown:
+                    raise ValueError(f"curriculum stage {item}: unknown keys {sorted(unknown)}; expected {sorted(known)}.")
+            stages = [MRLStage(**item) for item in items]
+        else:
+            try:
+                stages = [MRLStage(steps=int(part)) for part in text.split(",")]
+            except ValueError as error:
+                raise ValueError(f"curriculum={text!r}: expected '1,2,4' or a JSON list of stages ({error}).") from None
+        for stage in stages:
+            if stage.unfreeze_epoch is not None:
+                stage.unfreeze_epoch = parse_unfreeze_epoch(stage.unfreeze_epoch)
+        return stages
+
+    def component_lr(self, component: str) -> float:
+        if component in ("critic", "critic_encoder"):
+            return self.critic_encoder_lr if component == "critic_encoder" and self.critic_encoder_lr else self.critic_lr
+        if component == "embedding" and self.embedding_lr is not None:
+            return self.embedding_lr
+        if self.separate_memory_lr and component in ("encoder", "memory_attention"):
+            value = getattr(self, f"{component}_lr")
+            return self.memory_lr if value is None else value
+        return self.learning_rate
+
+    def component_weight_decay(self, component: str) -> float:
+        return self.critic_weight_decay if component.startswith("critic") else self.weight_decay
+
+    def stage_at(self, epoch: int) -> tuple[MRLStage, int]:
+        """The curriculum stage at (0-based) `epoch` and the epoch within it (the last stage continues)."""
+        start = 0
+        for stage in self.curriculum_stages:
+            if epoch < start + stage.epochs:
+                return stage, epoch - start
+            start += stage.epochs
+        last = self.curriculum_stages[-1]
+        return last, epoch - (start - last.epochs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Critic and the policy wrapper
+
+
+class RxTCritic(nn.Module):
+    """`V(s) = act(Linear(LayerNorm(GLU_SiLU(masked_mean(encoder(s)[-1]))))) · scale + shift` (training.md §6.5).
+
+    The encoder (with its embedding) is a separate copy of the policy's memory encoder. Input `[B, T]` → `[B]`."""
+
+    def __init__(self, policy, activation: str = "sigmoid", init_scale: float = 10.0):
+        super().__init__()
+        self.encoder = copy.deepcopy(policy.model)
+        self.encoder.decoder = None  # only embedding + memory encoder are used (mode="encode")
+        self.encoder.memory_attention = None
+        self.encoder.stm_init = None
+        dim = policy.config.encoder_config.embed_dim
+        self.glu = nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim)
+        self.value = nn.Linear(dim, 1)
+        self.activation = activation
+        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.shift = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, mode="encode").last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, D]
+        gate, up = self.glu(pooled).chunk(2, dim=-1)
+        value = self.value(self.norm(up * F.silu(gate))).squeeze(-1)
+        if self.activation == "sigmoid":
+            value = torch.sigmoid(value)
+        elif self.activation == "tanh":
+            value = torch.tanh(value)
+        return value * self.scale + self.shift
+
+
+class MRLModel(nn.Module):
+    """The Trainer's model: the policy (`RxTForCausalLM`) and, with the critic estimator, the critic.
+
+    `forward(mode="critic", input_ids, attention_mask)` → values `[B]`; any other mode → the policy's forward, so every
+    forward goes through the (DDP-wrapped) module."""
+
+    def __init__(self, policy, critic: RxTCritic | None = None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        self.config = policy.config
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.policy.is_gradient_checkpointing
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.policy.gradient_checkpointing_disable()
+
+    def forward(self, *args, mode: str = "decode", **kwargs):
+        if mode == "critic":
+            if self.critic is None:
+                raise ValueError("mode='critic' needs a critic (advantage_estimator='critic').")
+            return self.critic(kwargs["input_ids"], kwargs["attention_mask"])
+        return self.policy(*args, mode=mode, **kwargs)
+
+
+def trains_in_stage(name: str, stage: str, freeze_embeddings: bool) -> bool:
+    """Whether parameter `name` (of `MRLModel`) trains in freeze stage `stage` (training.md §6.9)."""
+    if name.startswith("critic.") or ".critic." in name:
+        return True
+    component = component_of(name.replace("policy.", "", 1))
+    if component == "embedding" and freeze_embeddings:
+        return False
+    if stage == "all":
+        return True
+    if component == "memory_attention":
+        return True
+    if stage in ("fetch", "update") and any(k in name for k in (".memory_cross_attention.", ".norm2.", ".stm_norm.")):
+        return component == "decoder"
+    return stage == "update" and component in ("encoder", "embedding")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+class MRLCollator:
+    """Episode rows `{"query", "answer", "interactions"}` → token-id bodies per turn (the rollout builds tensors).
+
+    Returns `{"episodes": [[(query_ids, answer_ids), ...], ...]}` (turn 0 = the interaction to remember)."""
+
+    def __init__(self, tokenizer, max_length: int = 256):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict]) -> dict:
+        turns = [episode_turns(row) for row in rows]
+        flat = [turn for episode in turns for turn in episode]
+        queries = _tokenize(self.tokenizer, [q for q, _ in flat])
+        answers = _tokenize(self.tokenizer, [a for _, a in flat])
+        budget = self.max_length - 4  # [BOS][Q] ... [A] ... [EOS]
+        episodes, position = [], 0
+        for row_index, episode in enumerate(turns):
+            bodies = []
+            for _ in episode:
+                query, answer = queries[position], answers[position]
+                if len(query) + len(answer) > budget:
+                    raise ValueError(
+                        f"episode {row_index}: turn of {len(query) + len(answer) + 4} tokens exceeds max_length="
+                        f"{self.max_length}; raise max_length or filter the rows (validate_rows(on_error='skip'))."
+                    )
+                bodies.append((query, answer))
+                position += 1
+            episodes.append(bodies)
+        return {"episodes": episodes}
+
+
+def _pad(rows: list[list[int]], pad: int, left: bool = False, width: int | None = None):
+    """List of id lists → `ids [B, T]`, `mask [B, T]` (right padding unless `left`)."""
+    width = max(width or 1, max((len(r) for r in rows), default=1))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+    return ids, mask
+
+
+def _stack_steps(per_step: list[torch.Tensor], value) -> torch.Tensor:
+    """`N` tensors `[B, T_i]` → `[B, N, max T]` padded with `value`."""
+    width = max(t.shape[1] for t in per_step)
+    return torch.stack([F.pad(t, (0, width - t.shape[1]), value=value) for t in per_step], dim=1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class MRLCurriculumCallback(TrainerCallback):
+    """Switches the curriculum stage (steps, strategy, freeze stage, resets) at each epoch."""
+
+    def __init__(self, trainer: "MRLTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer.set_epoch(int(state.epoch or 0))
+
+
+class MRLTrainer(RxTTrainer):
+    """IMPO on RxT (training.md §6). `model` is an `RxTForCausalLM`; the trainer wraps it (with the critic) in
+    `MRLModel`. `save_model` writes the policy as a trust_remote_code folder and the critic to `critic/`."""
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model=None, args: MRLConfig = None, ref_model=None, **kwargs):
+        if args is None or not isinstance(args, MRLConfig):
+            raise ValueError("MRLTrainer needs args=MRLConfig(...).")
+        critic = None
+        if args.advantage_estimator == "critic":
+            critic = RxTCritic(model, args.critic_activation, args.critic_init_scale)
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+        wrapper = MRLModel(model, critic)
+        if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
+            kwargs["data_collator"] = MRLCollator(kwargs["processing_class"], args.max_length)
+        super().__init__(model=wrapper, args=args, **kwargs)
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            raise ValueError("MRLTrainer needs processing_class=<the RxT tokenizer>.")
+        self.ids = _special_ids(tokenizer)
+        self.reward_fn = MRLReward(args, model.get_input_embeddings(), self.ids["pad_token_id"])
+        self.ref_model = None
+        if args.beta > 0:
+            ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
+            ref_model.requires_grad_(False)
+            self.ref_model = self.accelerator.prepare_model(ref_model.eval(), evaluation_mode=True)
+        self._step = 0
+        self._buffer: list[dict] = []
+        self._carry_stm: torch.Tensor | None = None
+        self._rng = torch.Generator().manual_seed(args.seed)
+        self.set_epoch(0)
+        self.add_callback(MRLCurriculumCallback(self))
+
+    # -- curriculum -----------------------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Apply the curriculum stage of `epoch`: steps, strategy, freeze stage, resets, teacher forcing, LRs."""
+        args = self.args
+        stage, local_epoch = args.stage_at(epoch)
+        self.stage = stage
+        self.steps = stage.steps
+        self.strategy = "multi_step" if stage.strategy == "single_step" else (stage.strategy or args.strategy)
+        unfreeze = stage.unfreeze_epoch if stage.unfreeze_epoch is not None else args.unfreeze
+        self.freeze_stage = freeze_stage(unfreeze, local_epoch)
+        self.teacher_forcing = args.teacher_forcing if stage.teacher_forcing is None else stage.teacher_forcing
+        ratio = args.random_resets_ratio if stage.random_resets_ratio is None else stage.random_resets_ratio
+        start = args.random_resets_from if stage.random_resets_from is None else stage.random_resets_from
+        self.reset_ratio = ratio if args.random_resets and local_epoch >= start else 1.0
+        self.trainable = {name for name, _ in self.model.named_parameters()
+                          if trains_in_stage(name, self.freeze_stage, args.freeze_embeddings)}  # fmt: skip
+        if isinstance(unfreeze, list) and self.lr_scheduler is not None:
+            self._apply_unfreeze_lrs(unfreeze, local_epoch)
+
+    def _apply_unfreeze_lrs(self, unfreeze, local_epoch: int) -> None:
+        """`[epoch, lr]` elements: from that epoch on, the newly unfrozen components use `lr` (scheduler base LR)."""
+        newly = {"fetch": ("decoder", "memory_attention"), "update": ("encoder", "embedding"), "all": ("decoder",)}
+        for name, (start, lr) in zip(("fetch", "update", "all"), unfreeze):
+            if lr is None or local_epoch < start:
+                continue
+            for index, group in enumerate(self.optimizer.param_groups):
+                if group.get("name", "").split(".")[0] in newly[name]:
+                    self.lr_scheduler.base_lrs[index] = lr
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        for name, param in self.model.named_parameters():  # frozen by the curriculum: no update (DDP-safe, §0.3)
+            if name not in self.trainable:
+                param.grad = None
+        return loss
+
+    def _clip_grad_norm(self, model):
+        """Clip each component (embedding, encoder, decoder, memory attention, critic) to `max_grad_norm` separately
+        (training.md §6.7), so the critic's large early gradients do not shrink the policy's. Returns the total norm."""
+        if not self.args.per_component_grad_clip:
+            return super()._clip_grad_norm(model)
+        components: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for group in self.optimizer.param_groups:
+            components[group["name"].split(".")[0]].extend(p for p in group["params"] if p.grad is not None)
+        norms = [torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm) for params in components.values()
+                 if params]  # fmt: skip
+        return torch.stack(norms).norm() if norms else torch.tensor(0.0)
+
+    # -- optimizer: per-component LR and weight decay, critic included ----------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = defaultdict(list)
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("critic."):
+                component = "critic_encoder" if name.startswith("critic.encoder.") else "critic"
+            else:
+                component = component_of(name.replace("policy.", "", 1))
+            no_decay = param.ndim < 2 or "norm" in name or name.endswith("stm_init.stm")
+            groups[(component, no_decay)].append(param)
+        param_groups = [
+            {"params": params, "lr": self.args.component_lr(component), "name": f"{component}{'.no_decay' * no_decay}",
+             "weight_decay": 0.0 if no_decay else self.args.component_weight_decay(component)}
+            for (component, no_decay), params in sorted(groups.items())
+        ]  # fmt: skip
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    # -- data: GRPO's generation batches (a rollout serves steps_per_generation x num_iterations steps) -------------
+    def get_train_dataloader(self):
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset=None):
+        dataset = self.train_dataset if dataset is None else dataset
+        return RepeatSampler(
+            data_source=dataset,
+            mini_repeat_count=1,
+            batch_size=self.args.generation_batch_size,
+            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
+            shuffle=True,
+            seed=self.args.seed,
+        )
+
+    def _prepare_inputs(self, inputs):
+        if not self.model.training:
+            return inputs
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        if self._step % generate_every == 0 or not self._buffer:
+            rollout = self.rollout(inputs["episodes"], repeats=self.args.num_generations)
+            self._log_rollout(rollout)
+            rollout = {k: v for k, v in rollout.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+            self._buffer = split_tensor_dict(shuffle_sequence_dict(rollout), self.args.steps_per_generation)
+        batch = self._buffer[self._step % self.args.steps_per_generation]
+        self._step += 1
+        return batch
+
+    # -- rollout ----------------------------------------------------------------------------------------------------
+    def _interaction(self, query: list[int], answer: list[int], eos: bool = True) -> list[int]:
+        ids = self.ids
+        return [ids["bos_token_id"], ids["query_token_id"], *query, ids["answer_token_id"], *answer] + (
+            [ids["eos_token_id"]] if eos else []
+        )
+
+    def _initial_stm(self, policy, batch: int) -> torch.Tensor:
+        """Initial STM, or (with random resets) the previous episode batch's final STM for rows not reset."""
+        stm = policy.initial_stm(batch).detach().clone()
+        if self._carry_stm is not None and self.reset_ratio < 1.0 and self._carry_stm.shape[1] == batch:
+            keep = torch.rand(batch, generator=self._rng) >= self.reset_ratio
+            stm[:, keep.to(stm.device)] = self._carry_stm[:, keep.to(stm.device)]
+        return stm
+
+    def _warmup(self, model, stm, ids, mask, grad: bool):
+        """Memory warm-up with the first interaction: soft = one extra update; hard = (ED + STM) / 2 (T == S)."""
+        if not self.args.use_memory_warmup:
+            return stm
+        if self.args.hard_warmup:
+            encoded = model(input_ids=ids, attention_mask=mask, mode="encode").encoder_hidden_states
+            if encoded.shape[2] != stm.shape[2]:
+                raise ValueError(
+                    f"hard_warmup needs the first interaction's length ({encoded.shape[2]}) to equal the STM slots "
+                    f"({stm.shape[2]}); pad the data to {stm.shape[2]} tokens or use the soft warm-up."
+                )
+            return (encoded + stm) / 2
+        return model(input_ids=ids, attention_mask=mask, stm=stm, mode="memory_update").stm
+
+    @torch.no_grad()
+    def rollout(self, episodes: list[list[tuple[list[int], list[int]]]], repeats: int = 1) -> dict:
+        """Collect one episode batch (training.md §6.1). Returns episode-major tensors (see the module docstring)."""
+        args, ids = self.args, self.ids
+        pad = ids["pad_token_id"]
+        episodes = [episode for episode in episodes for _ in range(repeats)]
+        batch, steps = len(episodes), self.steps
+        device = self.accelerator.device
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            policy = unwrapped.policy
+            was_training = policy.training
+            policy.eval()
+            stm = self._initial_stm(policy, batch)
+            start_stm = stm.clone()
+            first_ids, first_mask = _pad([self._interaction(*e[0]) for e in episodes], pad)
+            first_ids, first_mask = first_ids.to(device), first_mask.to(device)
+            stm = self._warmup(policy, stm, first_ids, first_mask, grad=False)
+            saved_rows = [self._interaction(*e[0]) for e in episodes]  # written before step 0
+            records = defaultdict(list)
+            running_mean = None
+            first_body = _pad([e[0][0] + e[0][1] for e in episodes], pad)[0].to(device)
+            for step in range(steps):
+                valid = torch.tensor([len(e) > step + 1 for e in episodes], device=device)
+                saved_ids, saved_mask = _pad(saved_rows, pad)
+                saved_ids, saved_mask = saved_ids.to(device), saved_mask.to(device)
+                stm_before = stm
+                stm = policy(input_ids=saved_ids, attention_mask=saved_mask, stm=stm, mode="memory_update").stm
+                turns = [e[step + 1] if len(e) > step + 1 else ([], []) for e in episodes]
+                prompt_rows = [self._interaction(q, [], eos=False) for q, _ in turns]
+                prompt_ids, prompt_mask = _pad(prompt_rows, pad, left=True)
+                prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+                from modeling_rxt import RxTCache
+
+                output = policy.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=RxTCache(stm=stm),
+                    do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty,
+                    max_new_tokens=args.max_completion_length, eos_token_id=ids["eos_token_id"], pad_token_id=pad,
+                    suppress_tokens=[ids[k] for k in ("pad_token_id", "bos_token_id", "query_token_id",
+                                                       "answer_token_id")],
+                    output_scores=args.log_probs_source == "collect", return_dict_in_generate=True,
+                )  # fmt: skip
+                generated = output.sequences[:, prompt_ids.shape[1] :]
+                ended = (generated == ids["eos_token_id"]).cumsum(1)
+                keep = (ended == 0) | ((ended == 1) & (generated == ids["eos_token_id"]))  # up to and with [EOS]
+                generated = generated.masked_fill(~keep, pad)
+                lengths = keep.sum(1).tolist()
+                actions = [row[:n] for row, n in zip(generated.tolist(), lengths)]
+                qa_ids, qa_mask = _pad([p + a for p, a in zip(prompt_rows, actions)], pad)
+                qa_ids, qa_mask = qa_ids.to(device), qa_mask.to(device)
+                prompt_len = torch.tensor([len(p) for p in prompt_rows], device=device)
+                positions = torch.arange(qa_ids.shape[1], device=device)
+                action_mask = (positions >= prompt_len[:, None]) & qa_mask.bool() & valid[:, None]
+                logits = policy(input_ids=qa_ids, attention_mask=qa_mask, stm=stm).logits[:, :-1].float()
+                old_logps = selective_log_softmax(logits, qa_ids[:, 1:])  # [B, T-1]
+                if args.log_probs_source == "collect":  # the sampler's processed distribution (reference parity)
+                    scores = torch.stack(output.scores, dim=1).float().log_softmax(-1)  # [B, G, V]
+                    sampled = scores.gather(-1, output.sequences[:, prompt_ids.shape[1] :, None]).squeeze(-1)
+                    index = (prompt_len[:, None] - 1 + torch.arange(sampled.shape[1], device=device)).clamp(
+                        max=old_logps.shape[1] - 1
+                    )
+                    within = torch.arange(sampled.shape[1], device=device)[None] < keep.sum(1, keepdim=True)
+                    old_logps = old_logps.scatter(1, index, torch.where(within, sampled, old_logps.gather(1, index)))
+                # reward
+                answer_body = [a[:-1] if a and a[-1] == ids["eos_token_id"] else a for a in actions]
+                gen_ids = _pad(answer_body, pad)[0].to(device)
+                ref_ids = _pad([a for _, a in turns], pad)[0].to(device)
+                last = step == steps - 1
+                if self.strategy == "long_range":
+                    mode = "long_range" if last else ("negative" if step == 0 else "standard")
+                else:
+                    mode = "standard"
+                if mode == "long_range":
+                    saved_body = first_body
+                elif step == 0:
+                    saved_body = first_body
+                else:
+                    saved_body = _pad([e[step][0] + e[step][1] if len(e) > step else [] for e in episodes], pad)[0]
+                    saved_body = saved_body.to(device)
+                reward = self.reward_fn(gen_ids, ref_ids, saved_body, mode=mode, running_mean=running_mean,
+                                        first_step=step == 0)  # fmt: skip
+                if last and self.args.delayed_final_reward and self.strategy != "long_range":
+                    reward = reward + self.reward_fn(gen_ids, ref_ids, first_body, mode="long_range",
+                                                     running_mean=running_mean)  # fmt: skip
+                running_mean = self.reward_fn.update_running_mean(running_mean, saved_body)
+                # critic input: saved interaction + next query (last critic_max_len tokens)
+                critic_rows = [(s + self._interaction(q, [], eos=False)[1:])[-args.critic_max_len :]
+                               for s, (q, _) in zip(saved_rows, turns)]  # fmt: skip
+                critic_ids, critic_mask = _pad(critic_rows, pad)
+                records["saved_ids"].append(saved_ids)
+                records["saved_mask"].append(saved_mask)
+                records["qa_ids"].append(qa_ids)
+                records["qa_mask"].append(qa_mask)
+                records["action_mask"].append(action_mask.long())
+                records["old_logps"].append(old_logps)
+                records["prompt_len"].append(prompt_len)
+                records["rewards"].append(reward.float())
+                records["turn_mask"].append(valid)
+                records["critic_ids"].append(critic_ids.to(device))
+                records["critic_mask"].append(critic_mask.to(device))
+                if args.stm_source == "snapshot":
+                    records["stm_before"].append(stm_before.transpose(0, 1))
+                    records["stm_after"].append(stm.transpose(0, 1))
+                if not last:  # write this turn (generated answer, or the reference with teacher forcing)
+                    written = [self._interaction(q, a) for q, a in turns] if self.teacher_forcing else [
+                        p + a for p, a in zip(prompt_rows, actions)]  # fmt: skip
+                    saved_rows = [w if len(w) > 3 else self._interaction([], []) for w in written]
+            policy.train(was_training)
+            self._carry_stm = stm.detach()
+            out = {
+                "start_stm": start_stm.transpose(0, 1).contiguous(),  # [B, L, S, D]
+                "first_ids": first_ids,
+                "first_mask": first_mask,
+            }
+            for key in ("saved_ids", "saved_mask", "qa_ids", "qa_mask", "action_mask", "critic_ids", "critic_mask"):
+                out[key] = _stack_steps(records[key], pad if key.endswith("_ids") else 0)
+            out["old_logps"] = _stack_steps(records["old_logps"], 0.0)
+            for key in ("prompt_len", "rewards", "turn_mask"):
+                out[key] = torch.stack(records[key], dim=1)  # [B, N]
+            if args.stm_source == "snapshot":
+                out["stm_before"] = torch.stack(records["stm_before"], dim=1)
+                out["stm_after"] = torch.stack(records["stm_after"], dim=1)
+            values = None
+            if unwrapped.critic is not None:
+                flat_ids, flat_mask = out["critic_ids"].flatten(0, 1), out["critic_mask"].flatten(0, 1)
+                values = unwrapped(mode="critic", input_ids=flat_ids, attention_mask=flat_mask).view(batch, steps)
+                out["values"] = values.float()
+            out["advantages"] = self.compute_advantages(out["rewards"], values, out["turn_mask"], repeats)
+        return out
+
+    def compute_advantages(self, rewards, values, turn_mask, repeats: int) -> torch.Tensor:
+        """`[B, N]` advantages (training.md §6.6): `R − V`, GAE, or group-normalised, then `advantage_mode`."""
+        args, mask = self.args, turn_mask.bool()
+        if args.advantage_estimator == "group":
+            grouped = rewards.view(-1, repeats, rewards.shape[1])
+            valid = mask.view(-1, repeats, rewards.shape[1]).float()
+            count = valid.sum(1, keepdim=True).clamp(min=1.0)
+            mean = (grouped * valid).sum(1, keepdim=True) / count
+            std = (((grouped - mean) ** 2 * valid).sum(1, keepdim=True) / (count - 1).clamp(min=1.0)).sqrt()
+            advantages = ((grouped - mean) / (std + 1e-4)).view_as(rewards)
+        elif args.use_gae:
+            values = values * mask
+            advantages = torch.zeros_like(rewards)
+            running = torch.zeros_like(rewards[:, 0])
+            for step in reversed(range(rewards.shape[1])):  # over curriculum steps (<= 16), vectorised over episodes
+                following = values[:, step + 1] if step + 1 < rewards.shape[1] else torch.zeros_like(running)
+                not_done = mask[:, step + 1].float() if step + 1 < rewards.shape[1] else torch.zeros_like(running)
+                delta = rewards[:, step] + args.gae_gamma * following * not_done - values[:, step]
+                running = delta + args.gae_gamma * args.gae_lambda * not_done * running
+                advantages[:, step] = running
+        else:
+            advantages = rewards - values
+        advantages = advantages.masked_fill(~mask, 0.0)
+        if args.advantage_mode == "none":
+            return advantages
+        if args.advantage_mode == "all":
+            everything = self.accelerator.gather(advantages.contiguous())  # global statistics across ranks
+            valid = self.accelerator.gather(mask.contiguous())
+            selected = everything[valid]
+            mean = selected.mean()
+            std = selected.std() if selected.numel() > 1 else torch.ones_like(mean)
+            return ((advantages - mean) / (std + 1e-8)).masked_fill(~mask, 0.0)
+        dims = None if args.advantage_mode == "batch" else 0
+        count = mask.sum(dim=dims, keepdim=dims is not None).clamp(min=1)
+        mean = (advantages * mask).sum(dim=dims, keepdim=dims is not None) / count
+        var = ((advantages - mean) ** 2 * mask).sum(dim=dims, keepdim=dims is not None) / (count - 1).clamp(min=1)
+        return ((advantages - mean) / (var.sqrt() + 1e-8)).clamp(-10, 10).masked_fill(~mask, 0.0)
+
+    def _log_rollout(self, rollout: dict) -> None:
+        mask = rollout["turn_mask"].bool()
+        steps = {f"reward_step_{i}": rollout["rewards"][:, i][mask[:, i]].mean() for i in range(mask.shape[1])
+                 if mask[:, i].any()}  # fmt: skip
+        self.record(reward=rollout["rewards"][mask].mean(), episode_steps=float(self.steps),
+                    answer_length=rollout["action_mask"].sum(-1).float()[mask].mean(), **steps)  # fmt: skip
+
+    # -- loss -------------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        stm = inputs["start_stm"].transpose(0, 1)  # [L, B, S, D]
+        turn_mask = inputs["turn_mask"].bool()
+        stm = self._warmup(model, stm, inputs["first_ids"], inputs["first_mask"], grad=True)
+        losses, terms = [], defaultdict(list)
+        previous_answer_logits, previous_answer_mask = None, None
+        for step in range(turn_mask.shape[1]):
+            valid = turn_mask[:, step]
+            if not valid.any():
+                break
+            if args.stm_source == "replay":
+                previous = stm.detach()
+            else:
+                previous = inputs["stm_before"][:, step].transpose(0, 1)
+            new_stm = model(input_ids=inputs["saved_ids"][:, step], attention_mask=inputs["saved_mask"][:, step],
+                            stm=previous, mode="memory_update").stm  # fmt: skip
+            read_stm = new_stm if args.stm_source == "replay" else inputs["stm_after"][:, step].transpose(0, 1)
+            qa_ids, qa_mask = inputs["qa_ids"][:, step], inputs["qa_mask"][:, step]
+            out = model(input_ids=qa_ids, attention_mask=qa_mask, stm=read_stm)
+            logits = out.logits[:, :-1].float()  # [B, T-1, V]
+            mask = inputs["action_mask"][:, step, 1:].bool() & valid[:, None]
+            logps = selective_log_softmax(logits, qa_ids[:, 1:])
+            advantages = inputs["advantages"][:, step, None]
+            ratio = torch.exp(logps - inputs["old_logps"][:, step])
+            clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon)
+            per_token = -torch.min(ratio * advantages, clipped * advantages)
+            per_row = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            policy_loss = per_row[valid].mean()
+            loss = policy_loss
+            entropy = entropy_from_logits(logits)  # [B, T-1]
+            if args.entropy_normalisation == "mean":
+                entropy_term = masked_mean(entropy, mask)
+            else:  # reference: per-sample mean over answer tokens, then divided by the padded length (§6.7, B11)
+                entropy_term = ((entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1) / mask.shape[1])[valid].mean()
+            loss = loss - args.entropy_coef * entropy_term
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref_logits = self.ref_model(input_ids=qa_ids, attention_mask=qa_mask, stm=read_stm.detach()).logits
+                    ref_logps = selective_log_softmax(ref_logits[:, :-1].float(), qa_ids[:, 1:])
+                delta = ref_logps - logps
+                if args.ref_kl_estimator == "reference":
+                    per_token_kl = torch.exp(ref_logps) * delta
+                else:  # k3 (TRL)
+                    per_token_kl = torch.exp(delta) - delta - 1
+                ref_kl = ((per_token_kl * mask).sum(-1) / mask.sum(-1).clamp(min=1))[valid].mean()
+                loss = loss + args.beta * ref_kl
+                terms["ref_kl"].append(ref_kl.detach())
+            # policy stabilisation: KL(pi_t || pi_t-1) at the same answer positions of consecutive steps
+            answer_logits, answer_mask = self._answer_aligned(logits, mask, inputs["prompt_len"][:, step])
+            if previous_answer_logits is not None and args.interstep_kl_coef > 0:
+                width = min(answer_logits.shape[1], previous_answer_logits.shape[1])
+                both = answer_mask[:, :width] & previous_answer_mask[:, :width]
+                log_p = answer_logits[:, :width].log_softmax(-1)
+                log_q = previous_answer_logits[:, :width].log_softmax(-1)
+                kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+                interstep = (kl * both).sum() / answer_mask.sum().clamp(min=1)
+                loss = loss + args.interstep_kl_coef * interstep
+                terms["interstep_kl"].append(interstep.detach())
+            previous_answer_logits, previous_answer_mask = answer_logits.detach(), answer_mask
+            # memory regularisation
+            diff = F.mse_loss(new_stm[:, valid], previous[:, valid].detach())
+            if args.stm_diff_metric == "rmse":
+                diff = diff.clamp(min=1e-12).sqrt()
+            loss = loss + math.sqrt(step + 1) * args.stm_diff_coef * diff
+            if args.use_stm_cosine_sim:
+                cosine = F.cosine_similarity(new_stm[:, valid].flatten(2), previous[:, valid].detach().flatten(2), -1)
+                loss = loss - args.cosine_sim_coef * cosine.mean()
+            loss = loss + self.moe_aux(out)
+            if self.rxt_critic() is not None:
+                values = model(mode="critic", input_ids=inputs["critic_ids"][:, step],
+                               attention_mask=inputs["critic_mask"][:, step])  # fmt: skip
+                clip = args.critic_value_clip
+                target = inputs["rewards"][:, step].clamp(-clip, clip)
+                critic_loss = F.mse_loss(values.clamp(-clip, clip)[valid], target[valid])
+                loss = loss + critic_loss
+                terms["critic_loss"].append(critic_loss.detach())
+            terms["policy_loss"].append(policy_loss.detach())
+            terms["entropy"].append(entropy_term.detach())
+            terms["stm_diff"].append(diff.detach())
+            terms["clip_ratio"].append(masked_mean(((ratio - clipped).abs() > 0).float(), mask).detach())
+            losses.append(loss)
+            stm = torch.where(valid[None, :, None, None], new_stm, previous)
+        total = torch.stack(losses).mean()
+        self.record(**{name: torch.stack(values).mean() for name, values in terms.items()})
+        return (total, {"stm": stm}) if return_outputs else total
+
+    def rxt_critic(self):
+        return self.accelerator.unwrap_model(self.model).critic
+
+    @staticmethod
+    def _answer_aligned(logits, mask, prompt_len):
+        """Logits of the action tokens aligned from the first answer position: `[B, A, V]`, mask `[B, A]`."""
+        width = int(mask.sum(-1).max().item()) if mask.any() else 1
+        offsets = torch.arange(max(width, 1), device=logits.device)
+        index = (prompt_len[:, None] - 1 + offsets).clamp(max=logits.shape[1] - 1)  # shifted: token p ← logits p-1
+        aligned = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+        return aligned, offsets[None] < mask.sum(-1, keepdim=True)
+
+    # -- evaluation: rollouts without updates ------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Mean reward (overall and per step) of rollouts on `eval_dataset` with the current curriculum step count."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        sums, counts = defaultdict(float), defaultdict(int)
+        for batch in dataloader:
+            rollout = self.rollout(batch["episodes"])
+            mask = rollout["turn_mask"].bool()
+            rewards = self.accelerator.gather_for_metrics(rollout["rewards"].masked_fill(~mask, float("nan")))
+            for step in range(rewards.shape[1]):
+                column = rewards[:, step]
+                column = column[~column.isnan()]
+                sums[step] += column.sum().item()
+                counts[step] += column.numel()
+        total = sum(counts.values())
+        metrics = {f"{metric_key_prefix}_reward": sum(sums.values()) / max(total, 1)}
+        metrics.update({f"{metric_key_prefix}_reward_step_{s}": sums[s] / counts[s] for s in sums if counts[s]})
+        self.log(metrics)
+        return metrics
+
+    # -- saving: the policy as a trust_remote_code folder, the critic beside it -----------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        wrapper = self.accelerator.unwrap_model(self.model)
+        wrapper.policy.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        if wrapper.critic is not None:
+            from safetensors.torch import save_file
+
+            os.makedirs(os.path.join(output_dir, "critic"), exist_ok=True)
+            tensors = {k: v.detach().contiguous().cpu() for k, v in wrapper.critic.state_dict().items()}
+            save_file(tensors, os.path.join(output_dir, "critic", "model.safetensors"))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from safetensors.torch import load_file
+
+        wrapper = self.accelerator.unwrap_model(self.model if model is None else model)
+        policy_state = load_file(os.path.join(resume_from_checkpoint, "model.safetensors"))
+        wrapper.policy.load_state_dict(policy_state)
+        if wrapper.critic is not None:
+            wrapper.critic.load_state_dict(load_file(os.path.join(resume_from_checkpoint, "critic", "model.safetensors")))

@@ -114,11 +114,36 @@ def scripted_chat(model_dir: Path, chat: dict, seed: int) -> list[tuple[str, str
     return transcript, probe
 
 
+def run_mrl(preset: dict, model_dir: Path, data_dir: Path, output: Path, seed: int) -> dict:
+    """Stage 5 on the trained model (`train_mrl.py`), then reward and recall before/after (`eval_mrl.py`)."""
+    import eval_mrl
+    import train_mrl
+
+    if "mrl" not in preset:
+        raise ValueError("--with-mrl: the preset has no 'mrl' section (args of scripts/train_mrl.py).")
+    if output.exists():
+        shutil.rmtree(output)
+    mrl = preset["mrl"]
+    args = {"output_dir": str(output / "model"), "report_to": "none", "save_strategy": "no", "seed": seed,
+            "use_cpu": not _has_gpu(), "disable_tqdm": True, **mrl["args"]}  # fmt: skip
+    train_file = data_dir / f"{mrl.get('data', 'dialogues')}_train.jsonl"
+    train_mrl.main(["--model_name_or_path", str(model_dir), "--train_file", str(train_file)] + _flags(args))
+    reward_flags = {k: v for k, v in mrl["args"].items() if k not in ("max_steps", "learning_rate", "logging_steps")}
+    return eval_mrl.main(["--before", str(model_dir), "--after", str(output / "model"), "--reward_data",
+                          str(data_dir / f"{mrl.get('data', 'dialogues')}_validation.jsonl"), "--recall_data",
+                          str(data_dir / "memory_eval_test.jsonl"), "--output", str(output / "eval.json"),
+                          "--output_dir", str(output / "eval"), "--report_to", "none",
+                          "--use_cpu", str(not _has_gpu())] + _flags(reward_flags))  # fmt: skip
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quickstart", help="preset name in scripts/presets or a JSON file")
     parser.add_argument("--output-dir", default="runs/quickstart")
     parser.add_argument("--skip-baseline", action="store_true", help="do not train/evaluate the stateless baseline")
+    parser.add_argument("--with-mrl", action="store_true", help="then run the preset's MRL stage (stage 5) and "
+                        "measure reward and recall before/after into MRL_OUTPUT_DIR/eval.json")
+    parser.add_argument("--mrl-output-dir", default="runs/mrl")
     options = parser.parse_args(argv)
     preset_path = Path(options.preset) if options.preset.endswith(".json") else PRESETS / f"{options.preset}.json"
     if not preset_path.is_file():
@@ -208,6 +233,10 @@ def main(argv=None) -> dict:
 
     transcript, probe = scripted_chat(model_dir, preset.get("chat", {}), seed)
     timed("scripted chat")
+    mrl_result = None
+    if options.with_mrl:
+        mrl_result = run_mrl(preset, model_dir, data_dir, Path(options.mrl_output_dir), seed)
+        timed("MRL + before/after evaluation")
     total = round(time.perf_counter() - started, 1)
 
     lines = ["", "=" * 78, f"RxT quickstart ({preset_path.stem}) finished in {total} s ({total / 60:.1f} min)", "-" * 78]
@@ -225,12 +254,19 @@ def main(argv=None) -> dict:
     for i, (query, answer) in enumerate(transcript, 1):
         lines.append(f"  [{i}] user: {query}")
         lines.append(f"      rxt:  {answer}")
+    if mrl_result is not None:
+        lines += ["-" * 78, f"MRL: mean reward {mrl_result['reward_before']:.4f} -> {mrl_result['reward_after']:.4f} "
+                  f"({100 * mrl_result['reward_relative_change']:+.1f} %), recall before/after by distance:"]  # fmt: skip
+        for d in sorted(mrl_result["recall_after"], key=int):
+            lines.append(f"  d={d}: {mrl_result['recall_before'].get(d, float('nan')):.2f} -> "
+                         f"{mrl_result['recall_after'][d]:.2f}")  # fmt: skip
+        lines.append(f"  MRL model: {options.mrl_output_dir}/model/   evidence: {options.mrl_output_dir}/eval.json")
     lines += ["-" * 78, f"model: {model_dir}/   evaluation: {out / 'memory_eval.json'} (+ .png)", "=" * 78]
     print("\n".join(lines))
     summary = {"preset": preset_path.stem, "seconds": total, "timings": timings, "stages": stage_results,
                "recall": result["recall"], "recall_memory_reset": result["recall_memory_reset"],
                "recall_stateless": result.get("recall_stateless", {}), "chance": result["chance"],
-               "chat": transcript, "probe": probe}  # fmt: skip
+               "chat": transcript, "probe": probe, "mrl": mrl_result}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

@@ -260,7 +260,7 @@ def test_smat_two_process_ddp_keeps_replicas_in_sync(tmp_path):
 def test_quickstart_micro_pipeline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     command = [sys.executable, str(REPO_ROOT / "scripts" / "quickstart.py"), "--preset", "micro", "--output-dir",
-               str(tmp_path / "qs")]  # fmt: skip
+               str(tmp_path / "qs"), "--with-mrl", "--mrl-output-dir", str(tmp_path / "mrl")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "qs"
@@ -270,5 +270,9 @@ def test_quickstart_micro_pipeline(tmp_path):
     assert (out / "memory_eval.png").is_file() and (out / "model" / "config.json").is_file()
     assert (out / "model" / "tokenizer.json").is_file() and (out / "model" / "modeling_rxt.py").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["stages"]) == {"joint", "sft", "memory_attention", "smat"}
+    assert set(summary["stages"]) == {"1_joint", "2_sft", "3_memory_attention", "4_smat", "5_smat"}
+    mrl = json.loads((tmp_path / "mrl" / "eval.json").read_text())  # stage 5 wiring: reward and recall before/after
+    assert {"reward_before", "reward_after", "recall_before", "recall_after"} <= set(mrl)
+    assert set(mrl["recall_after"]) == set(evaluation["recall"])
+    assert (tmp_path / "mrl" / "model" / "config.json").is_file() and (tmp_path / "mrl" / "model" / "critic").is_dir()
     assert "finished in" in result.stdout

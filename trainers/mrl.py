@@ -39,6 +39,8 @@ from transformers import TrainerCallback, TrainingArguments
 from trl import GRPOConfig
 from trl.trainer.utils import RepeatSampler
 
+from modeling_rxt import RxTCache
+
 from ._trl_compat import (
     disable_dropout_in_model,
     entropy_from_logits,
@@ -616,8 +618,9 @@ class MRLTrainer(RxTTrainer):
         return model(input_ids=ids, attention_mask=mask, stm=stm, mode="memory_update").stm
 
     @torch.no_grad()
-    def rollout(self, episodes: list[list[tuple[list[int], list[int]]]], repeats: int = 1) -> dict:
-        """Collect one episode batch (training.md §6.1). Returns episode-major tensors (see the module docstring)."""
+    def rollout(self, episodes: list[list[tuple[list[int], list[int]]]], repeats: int = 1, greedy: bool = False) -> dict:
+        """Collect one episode batch (training.md §6.1): sampled answers (`greedy=True`: greedy, for evaluation).
+        Returns episode-major tensors (see the module docstring)."""
         args, ids = self.args, self.ids
         pad = ids["pad_token_id"]
         episodes = [episode for episode in episodes for _ in range(repeats)]
@@ -636,6 +639,11 @@ class MRLTrainer(RxTTrainer):
             records = defaultdict(list)
             running_mean = None
             first_body = _pad([e[0][0] + e[0][1] for e in episodes], pad)[0].to(device)
+            # [PAD]/[BOS]/[Q]/[A] are never sampled (training.md §9 B8)
+            suppressed = [ids[k] for k in ("pad_token_id", "bos_token_id", "query_token_id", "answer_token_id")]
+            sampling = {"do_sample": False} if greedy else {
+                "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}  # fmt: skip
             for step in range(steps):
                 valid = torch.tensor([len(e) > step + 1 for e in episodes], device=device)
                 saved_ids, saved_mask = _pad(saved_rows, pad)
@@ -646,16 +654,11 @@ class MRLTrainer(RxTTrainer):
                 prompt_rows = [self._interaction(q, [], eos=False) for q, _ in turns]
                 prompt_ids, prompt_mask = _pad(prompt_rows, pad, left=True)
                 prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-                from modeling_rxt import RxTCache
-
                 output = policy.generate(
                     input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=RxTCache(stm=stm),
-                    do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty,
                     max_new_tokens=args.max_completion_length, eos_token_id=ids["eos_token_id"], pad_token_id=pad,
-                    suppress_tokens=[ids[k] for k in ("pad_token_id", "bos_token_id", "query_token_id",
-                                                       "answer_token_id")],
-                    output_scores=args.log_probs_source == "collect", return_dict_in_generate=True,
+                    suppress_tokens=suppressed, output_scores=args.log_probs_source == "collect",
+                    return_dict_in_generate=True, **sampling,
                 )  # fmt: skip
                 generated = output.sequences[:, prompt_ids.shape[1] :]
                 ended = (generated == ids["eos_token_id"]).cumsum(1)
@@ -892,11 +895,12 @@ class MRLTrainer(RxTTrainer):
 
     # -- evaluation: rollouts without updates ------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Mean reward (overall and per step) of rollouts on `eval_dataset` with the current curriculum step count."""
+        """Mean reward (overall and per step) of greedy rollouts on `eval_dataset` with the current curriculum step
+        count (deterministic, so before/after comparisons do not depend on sampling)."""
         dataloader = self.get_eval_dataloader(eval_dataset)
         sums, counts = defaultdict(float), defaultdict(int)
         for batch in dataloader:
-            rollout = self.rollout(batch["episodes"])
+            rollout = self.rollout(batch["episodes"], greedy=True)
             mask = rollout["turn_mask"].bool()
             rewards = self.accelerator.gather_for_metrics(rollout["rewards"].masked_fill(~mask, float("nan")))
             for step in range(rewards.shape[1]):

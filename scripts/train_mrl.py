@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Stage 5: Memory Reinforcement Learning (IMPO) on episode rows (`query`, `answer`, `interactions`).
+
+    python scripts/train_mrl.py --model_name_or_path runs/smat --train_file dialogues.jsonl --output_dir runs/mrl \
+        [--curriculum 1,2,4 --advantage_estimator group --num_generations 4] [any MRLConfig / GRPOConfig flag]
+
+Works unchanged under `torchrun` and `accelerate launch`. Saves the policy as a trust_remote_code folder (and the
+critic to `critic/` when `advantage_estimator=critic`).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainers.cli import run_stage  # noqa: E402
+from trainers.mrl import MRLCollator, MRLConfig, MRLTrainer  # noqa: E402
+
+
+def main(argv=None):
+    return run_stage(MRLTrainer, MRLConfig, "episode", lambda tokenizer, args: MRLCollator(tokenizer, args.max_length),
+                     argv)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

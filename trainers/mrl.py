@@ -141,6 +141,9 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
     bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     ddp_find_unused_parameters: bool | None = field(default=True, metadata={"help": "Frozen parts are unused."})
+    ddp_static_graph: bool | None = field(
+        default=True, metadata={"help": "DDP: several forwards (replay, decoder, critic) feed one backward per step."}
+    )
     # curriculum
     curriculum: str = field(
         default="1,2,4,8,16",

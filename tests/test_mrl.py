@@ -1,0 +1,766 @@
+"""MRL / IMPO trainer (training.md §6, hf-integration.md §8): the TRL helpers import, the rollout stores what the
+replay needs (first interaction only written, generated answers written, masks, STM), the reward modes follow the
+strategy, every loss term equals its formula, advantages, gradients follow the freeze stages, config validation, the
+reward rises on a learnable task, the saved policy reloads with trust_remote_code, and 2-process DDP stays in sync."""
+
+import copy
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+
+from conftest import REPO_ROOT
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.tokenization_rxt import check_rxt_tokenizer, train_rxt_tokenizer
+from trainers import _trl_compat
+from trainers.common import component_of
+from trainers.mrl import MRLCollator, MRLConfig, MRLTrainer, freeze_stage, trains_in_stage
+from trainers.synthetic import generate_pretrain
+
+# Hand-built episodes: turn 0 is the interaction to remember, then 3, 2, 1 and 3 follow-ups.
+ROWS = [
+    {"query": "My name is Anna.", "answer": "Hello Anna.", "interactions": [
+        {"query": "What is my name?", "answer": "Your name is Anna."},
+        {"query": "I live in Paris.", "answer": "Noted."},
+        {"query": "Where do I live?", "answer": "You live in Paris."}]},
+    {"query": "I have a dog named Bevara.", "answer": "Noted: your dog is called Bevara.", "interactions": [
+        {"query": "What is my dog called?", "answer": "Bevara."},
+        {"query": "Tell me a fact about mountains.", "answer": "There is a lot to learn."}]},
+    {"query": "My locker code is 6943.", "answer": "Noted: your locker code is 6943.", "interactions": [
+        {"query": "What is my locker code?", "answer": "It is 6943."}]},
+    {"query": "What is 6 plus 11?", "answer": "6 plus 11 is 17.", "interactions": [
+        {"query": "My sister is called Stikil.", "answer": "Noted."},
+        {"query": "What is my name?", "answer": "You are Nizera."},
+        {"query": "Who is my sister?", "answer": "Stikil."}]},
+]  # fmt: skip
+FOLLOW_UPS = [3, 2, 1, 3]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [row["text"] for row in generate_pretrain(400, seed=3)]
+    return train_rxt_tokenizer(texts, vocab_size=400, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def episodes(tokenizer):
+    return MRLCollator(tokenizer, max_length=64)(ROWS)["episodes"]
+
+
+def tiny_model(tokenizer, seed=0) -> RxTForCausalLM:
+    ids = {k: v for k, v in check_rxt_tokenizer(tokenizer).items() if v is not None}
+    torch.manual_seed(seed)
+    config = RxTConfig.tiny(vocab_size=len(tokenizer), learned_stm_init=True, stm_init="normal", **ids)
+    return RxTForCausalLM(config)
+
+
+def eos_biased_model(tokenizer, seed=0, bias=5.0) -> RxTForCausalLM:
+    """A tiny model that samples [EOS] often (~1 token in 4), so answers end early and have varied lengths."""
+    model = tiny_model(tokenizer, seed)
+    with torch.no_grad():
+        model.lm_head.bias[check_rxt_tokenizer(tokenizer)["eos_token_id"]] += bias
+    return model
+
+
+def mrl_config(tmp_path, **kwargs) -> MRLConfig:
+    base = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
+                disable_tqdm=True, seed=0, per_device_train_batch_size=4, max_completion_length=8, warmup_steps=0,
+                learning_rate=3e-3, max_length=64)  # fmt: skip
+    return MRLConfig(**{**base, **kwargs})
+
+
+def make_trainer(tokenizer, tmp_path, model=None, train_dataset=None, **kwargs) -> MRLTrainer:
+    model = tiny_model(tokenizer) if model is None else model
+    return MRLTrainer(model=model, args=mrl_config(tmp_path, **kwargs), processing_class=tokenizer,
+                      train_dataset=train_dataset)  # fmt: skip
+
+
+def special(tokenizer) -> dict[str, int]:
+    return check_rxt_tokenizer(tokenizer)
+
+
+def row(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
+    return ids[mask.bool()].tolist()
+
+
+@torch.no_grad()
+def replay(policy, rollout) -> list[dict]:
+    """Our own replay of a rollout: per step the STM before/after writing `saved_ids`, and the decoder's logits on
+    prompt + action reading the new STM (logits[:, p] predicts token p + 1)."""
+    stm = rollout["start_stm"].transpose(0, 1)
+    out = []
+    for step in range(rollout["turn_mask"].shape[1]):
+        new = policy(input_ids=rollout["saved_ids"][:, step], attention_mask=rollout["saved_mask"][:, step], stm=stm,
+                     mode="memory_update").stm  # fmt: skip
+        logits = policy(input_ids=rollout["qa_ids"][:, step], attention_mask=rollout["qa_mask"][:, step],
+                        stm=new).logits.float()  # fmt: skip
+        out.append({"before": stm, "after": new, "logits": logits})
+        stm = new
+    return out
+
+
+def action_positions(rollout, b: int, step: int) -> list[int]:
+    return rollout["action_mask"][b, step].nonzero().flatten().tolist()
+
+
+def token_logps(logits: torch.Tensor, ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """Log-prob of token `ids[p]` for each action position `p` (predicted by `logits[p - 1]`)."""
+    return torch.stack([logits[p - 1].log_softmax(-1)[ids[p]] for p in positions])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. TRL helpers
+
+
+def test_trl_compat_names_import_and_are_callable():
+    module = importlib.reload(_trl_compat)  # re-runs the TRL imports
+    used = {"disable_dropout_in_model", "entropy_from_logits", "selective_log_softmax", "shuffle_sequence_dict",
+            "split_tensor_dict", "unwrap_model_for_generation"}  # what trainers/mrl.py imports from it
+    assert used <= set(module.__all__)
+    for name in module.__all__:
+        assert callable(getattr(module, name)), name
+    logits = torch.randn(2, 3, 5)
+    index = torch.randint(0, 5, (2, 3))
+    torch.testing.assert_close(_trl_compat.selective_log_softmax(logits, index),
+                               logits.log_softmax(-1).gather(-1, index[..., None]).squeeze(-1))  # fmt: skip
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(_trl_compat.entropy_from_logits(logits), -(probs * probs.log()).sum(-1))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. Rollout structure
+
+
+@pytest.mark.parametrize("teacher_forcing", [False, True])
+def test_rollout_structure_and_replay_reproduces_old_logps(tokenizer, episodes, tmp_path, teacher_forcing):
+    curriculum = json.dumps([{"steps": 1}, {"steps": 3, "teacher_forcing": teacher_forcing}])
+    trainer = make_trainer(tokenizer, tmp_path, model=eos_biased_model(tokenizer), curriculum=curriculum,
+                           stm_source="snapshot", max_completion_length=6, advantage_estimator="group",
+                           num_generations=2, beta=0.0)  # fmt: skip
+    trainer.set_epoch(1)
+    assert (trainer.steps, trainer.teacher_forcing) == (3, teacher_forcing)
+    ids = special(tokenizer)
+    bos, q, a, eos = ids["bos_token_id"], ids["query_token_id"], ids["answer_token_id"], ids["eos_token_id"]
+    forbidden = {ids["pad_token_id"], bos, q, a}
+    torch.manual_seed(1)
+    rollout = trainer.rollout(episodes)
+    policy = trainer.model.policy
+
+    # turn_mask: exactly `steps` answer steps (the follow-ups); missing follow-ups are masked
+    expected_mask = torch.tensor([[step < n for step in range(3)] for n in FOLLOW_UPS])
+    assert torch.equal(rollout["turn_mask"], expected_mask)
+    assert rollout["rewards"].shape == rollout["advantages"].shape == (4, 3)
+    # the STM starts from the model's initial STM (no random resets)
+    torch.testing.assert_close(rollout["start_stm"], policy.initial_stm(4).transpose(0, 1), rtol=0, atol=0)
+
+    lengths, ended = [], 0
+    for b, episode in enumerate(episodes):
+        q0, a0 = episode[0]
+        first = [bos, q, *q0, a, *a0, eos]
+        assert row(rollout["first_ids"][b], rollout["first_mask"][b]) == first
+        assert row(rollout["saved_ids"][b, 0], rollout["saved_mask"][b, 0]) == first  # written, never answered
+        for step in range(3):
+            if step >= FOLLOW_UPS[b]:
+                assert rollout["action_mask"][b, step].sum() == 0
+                continue
+            query, reference = episode[step + 1]
+            qa = row(rollout["qa_ids"][b, step], rollout["qa_mask"][b, step])
+            prompt = [bos, q, *query, a]
+            assert qa[: len(prompt)] == prompt and rollout["prompt_len"][b, step] == len(prompt)
+            positions = action_positions(rollout, b, step)
+            action = rollout["qa_ids"][b, step, positions].tolist()
+            # the action mask covers exactly the generated tokens after [A], up to and including [EOS]
+            assert positions == list(range(len(prompt), len(qa))) and action == qa[len(prompt) :]
+            assert 1 <= len(action) <= 6 and not forbidden & set(action)
+            assert eos not in action[:-1] and (action[-1] == eos or len(action) == 6)
+            lengths.append(len(action))
+            ended += action[-1] == eos
+            if step + 1 < 3 and step + 1 < FOLLOW_UPS[b]:  # the next step writes this turn into memory
+                saved = row(rollout["saved_ids"][b, step + 1], rollout["saved_mask"][b, step + 1])
+                written = [*reference, eos] if teacher_forcing else action
+                assert saved == prompt + written
+    assert ended >= 2 and len(set(lengths)) >= 3  # answers that stop at [EOS] (kept in the action) and full ones
+
+    # memory changes at every step; snapshots chain; our replay reproduces the rollout's STM and old log-probs
+    replayed = replay(policy, rollout)
+    valid = rollout["turn_mask"]
+    for step, states in enumerate(replayed):
+        rows = valid[:, step]
+        before, after = rollout["stm_before"][:, step].transpose(0, 1), rollout["stm_after"][:, step].transpose(0, 1)
+        assert not torch.allclose(after[:, rows], before[:, rows], atol=1e-3)
+        if step:
+            torch.testing.assert_close(before[:, rows], rollout["stm_after"][:, step - 1].transpose(0, 1)[:, rows])
+        torch.testing.assert_close(states["after"][:, rows], after[:, rows], atol=1e-5, rtol=0)
+        for b in rows.nonzero().flatten().tolist():
+            positions = action_positions(rollout, b, step)
+            mine = token_logps(states["logits"][b], rollout["qa_ids"][b, step], positions)
+            old = rollout["old_logps"][b, step, [p - 1 for p in positions]]
+            torch.testing.assert_close(mine, old, atol=1e-5, rtol=0)
+
+    # compute_loss replays the memory (stm_source="replay"): ratio == 1 at the first iteration
+    trainer.args.stm_source = "replay"
+    for name in ("entropy_coef", "interstep_kl_coef", "stm_diff_coef"):
+        setattr(trainer.args, name, 0.0)
+    inputs = {k: v for k, v in rollout.items() if k not in ("stm_before", "stm_after")}
+    inputs["advantages"] = torch.ones(4, 3)
+    trainer.model.train()
+    trainer._metrics["train"].clear()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, inputs)
+    assert abs(loss.item() + 1.0) < 1e-5  # -mean(min(ratio, clip(ratio)) * 1) with ratio == 1
+    assert trainer._metrics["train"]["clip_ratio"] == [0.0]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. Reward modes through the trainer
+
+
+class RecordingReward:
+    def __init__(self, reward_fn):
+        self.reward_fn, self.calls = reward_fn, []
+
+    def __call__(self, generated, reference, saved, mode="standard", running_mean=None, first_step=False):
+        out = self.reward_fn(generated, reference, saved, mode=mode, running_mean=running_mean, first_step=first_step)
+        self.calls.append({"generated": generated, "reference": reference, "saved": saved, "mode": mode,
+                           "running_mean": running_mean, "first_step": first_step, "out": out})  # fmt: skip
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.reward_fn, name)
+
+
+@pytest.mark.parametrize("strategy", ["long_range", "multi_step", "delayed"])
+def test_reward_modes_and_saved_data_follow_the_strategy(tokenizer, episodes, tmp_path, strategy):
+    trainer = make_trainer(tokenizer, tmp_path, model=eos_biased_model(tokenizer), curriculum="3",
+                           strategy="multi_step" if strategy == "delayed" else strategy,
+                           delayed_final_reward=strategy == "delayed", max_completion_length=5,
+                           advantage_estimator="group", num_generations=2, beta=0.0)  # fmt: skip
+    recorder = RecordingReward(trainer.reward_fn)
+    trainer.reward_fn = recorder
+    ids = special(tokenizer)
+    pad, eos = ids["pad_token_id"], ids["eos_token_id"]
+    torch.manual_seed(2)
+    rollout = trainer.rollout(episodes)
+
+    modes = [call["mode"] for call in recorder.calls]
+    expected = {"long_range": ["negative", "standard", "long_range"],
+                "multi_step": ["standard", "standard", "standard"],
+                "delayed": ["standard", "standard", "standard", "long_range"]}[strategy]  # fmt: skip
+    assert modes == expected
+    assert [c["first_step"] for c in recorder.calls[:3]] == [True, False, False]
+    assert recorder.calls[0]["running_mean"] is None and recorder.calls[1]["running_mean"] is not None
+
+    def bodies(tensor):
+        return [[t for t in r if t != pad] for r in tensor.tolist()]
+
+    first = [q0 + a0 for (q0, a0), *_ in episodes]
+    answer_calls = recorder.calls[:3]
+    for step, call in enumerate(answer_calls):
+        if call["mode"] in ("negative", "long_range"):
+            assert bodies(call["saved"]) == first  # the first interaction (topic change / long-range recall)
+        elif step == 0:
+            assert bodies(call["saved"]) == first
+        else:  # the previous turn: its query and reference answer
+            assert bodies(call["saved"]) == [e[step][0] + e[step][1] if len(e) > step else [] for e in episodes]
+        assert bodies(call["reference"]) == [e[step + 1][1] if len(e) > step + 1 else [] for e in episodes]
+        for b in rollout["turn_mask"][:, step].nonzero().flatten().tolist():  # the answer without [EOS]
+            action = rollout["qa_ids"][b, step, action_positions(rollout, b, step)].tolist()
+            assert bodies(call["generated"])[b] == [t for t in action if t != eos]
+    if strategy == "delayed":
+        assert bodies(recorder.calls[3]["saved"]) == first
+        total = recorder.calls[2]["out"] + recorder.calls[3]["out"]
+        torch.testing.assert_close(rollout["rewards"][:, 2], total)
+    else:
+        torch.testing.assert_close(rollout["rewards"], torch.stack([c["out"] for c in answer_calls], dim=1))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. Loss terms against their formulas
+
+
+@pytest.fixture(scope="module")
+def loss_case(tokenizer, episodes, tmp_path_factory):
+    """A trainer (no critic, reference model = copy of the initial policy), a 3-step rollout of the perturbed
+    policy, and our own replay of it."""
+    model = eos_biased_model(tokenizer, seed=3)  # varied answer lengths between steps (interstep KL alignment)
+    reference = copy.deepcopy(model)
+    trainer = make_trainer(tokenizer, tmp_path_factory.mktemp("loss"), model=model, curriculum="3", beta=0.1,
+                           max_completion_length=6, advantage_estimator="group", num_generations=2)  # fmt: skip
+    torch.manual_seed(4)
+    with torch.no_grad():  # the policy moves away from the frozen reference
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    rollout = trainer.rollout(episodes)
+    return trainer, reference, rollout, replay(model, rollout)
+
+
+def run_loss(trainer, rollout, advantages=None, old_logps=None, **settings):
+    defaults = dict(epsilon=0.2, beta=0.0, entropy_coef=0.0, interstep_kl_coef=0.0, stm_diff_coef=0.0,
+                    cosine_sim_coef=0.0, use_stm_cosine_sim=False, stm_diff_metric="mse",
+                    entropy_normalisation="mean", ref_kl_estimator="reference")  # fmt: skip
+    for name, value in {**defaults, **settings}.items():
+        setattr(trainer.args, name, value)
+    inputs = dict(rollout)
+    inputs["advantages"] = torch.zeros(4, 3) if advantages is None else advantages
+    if old_logps is not None:
+        inputs["old_logps"] = old_logps
+    trainer.model.train()
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    assert torch.isfinite(loss)
+    return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+
+def test_clipped_policy_loss_equals_formula(loss_case):
+    trainer, _, rollout, replayed = loss_case
+    generator = torch.Generator().manual_seed(5)
+    old_logps = rollout["old_logps"] + (torch.rand(rollout["old_logps"].shape, generator=generator) - 0.5)
+    advantages = torch.randn(4, 3, generator=generator)
+    loss, metrics = run_loss(trainer, rollout, advantages=advantages, old_logps=old_logps, epsilon=0.2)
+    per_step, clipped_fraction = [], []
+    for step, states in enumerate(replayed):
+        rows, clipped, tokens = [], 0, 0
+        for b in rollout["turn_mask"][:, step].nonzero().flatten().tolist():
+            positions = action_positions(rollout, b, step)
+            logp = token_logps(states["logits"][b], rollout["qa_ids"][b, step], positions)
+            ratio = (logp - old_logps[b, step, [p - 1 for p in positions]]).exp()
+            adv = advantages[b, step]
+            rows.append(-torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean())
+            clipped += int(((ratio < 0.8) | (ratio > 1.2)).sum())
+            tokens += len(positions)
+        per_step.append(torch.stack(rows).mean())
+        clipped_fraction.append(clipped / tokens)
+    expected = torch.stack(per_step).mean()
+    assert 0.05 < sum(clipped_fraction) / 3 < 0.95  # clipping is active on some tokens, not all
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert metrics["policy_loss"] == pytest.approx(expected.item(), abs=1e-5)
+    assert metrics["clip_ratio"] == pytest.approx(sum(clipped_fraction) / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("normalisation", ["mean", "reference"])
+def test_entropy_term_equals_masked_mean(loss_case, normalisation):
+    trainer, _, rollout, replayed = loss_case
+    loss, metrics = run_loss(trainer, rollout, entropy_coef=0.3, entropy_normalisation=normalisation)
+    per_step = []
+    width = rollout["qa_ids"].shape[2] - 1
+    for step, states in enumerate(replayed):
+        values = []
+        for b in rollout["turn_mask"][:, step].nonzero().flatten().tolist():
+            probs = states["logits"][b].softmax(-1)
+            entropy = -(probs * probs.log()).sum(-1)
+            token_entropy = entropy[[p - 1 for p in action_positions(rollout, b, step)]]
+            values.append(token_entropy if normalisation == "mean" else token_entropy.mean()[None] / width)
+        per_step.append(torch.cat(values).mean())
+    expected = torch.stack(per_step)
+    torch.testing.assert_close(loss, -0.3 * expected.mean(), atol=1e-5, rtol=1e-5)
+    assert metrics["entropy"] == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["reference", "k3"])
+def test_reference_kl_equals_formula(loss_case, estimator):
+    trainer, reference, rollout, replayed = loss_case
+    loss, metrics = run_loss(trainer, rollout, beta=0.4, ref_kl_estimator=estimator)
+    per_step = []
+    with torch.no_grad():
+        for step, states in enumerate(replayed):
+            ref_logits = reference(input_ids=rollout["qa_ids"][:, step], attention_mask=rollout["qa_mask"][:, step],
+                                   stm=states["after"]).logits.float()  # fmt: skip
+            rows = []
+            for b in rollout["turn_mask"][:, step].nonzero().flatten().tolist():
+                positions = action_positions(rollout, b, step)
+                logp = token_logps(states["logits"][b], rollout["qa_ids"][b, step], positions)
+                ref = token_logps(ref_logits[b], rollout["qa_ids"][b, step], positions)
+                kl = ref.exp() * (ref - logp) if estimator == "reference" else (ref - logp).exp() - (ref - logp) - 1
+                rows.append(kl.mean())
+            per_step.append(torch.stack(rows).mean())
+    expected = torch.stack(per_step).mean()
+    assert expected.abs() > 1e-6  # the policy differs from the reference (small: probabilities are ~1/400)
+    torch.testing.assert_close(loss, 0.4 * expected, atol=1e-9, rtol=1e-4)
+    assert metrics["ref_kl"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-9)
+
+
+def test_interstep_kl_equals_formula(loss_case):
+    trainer, _, rollout, replayed = loss_case
+    loss, metrics = run_loss(trainer, rollout, interstep_kl_coef=0.5)
+    terms, mismatched = [], 0
+    for step in range(1, 3):
+        total, count = 0.0, 0
+        for b in rollout["turn_mask"][:, step].nonzero().flatten().tolist():
+            now, before = action_positions(rollout, b, step), action_positions(rollout, b, step - 1)
+            count += len(now)
+            mismatched += len(now) != len(before)
+            for j in range(min(len(now), len(before))):  # same answer position j in consecutive steps
+                log_p = replayed[step]["logits"][b, now[j] - 1].log_softmax(-1)
+                log_q = replayed[step - 1]["logits"][b, before[j] - 1].log_softmax(-1)
+                total = total + (log_p.exp() * (log_p - log_q)).sum()
+        terms.append(total / count)
+    expected = torch.stack(terms)
+    assert mismatched and (expected > 0).all()  # some answers are longer than the previous step's
+    torch.testing.assert_close(loss, 0.5 * expected.sum() / 3, atol=1e-6, rtol=1e-5)  # no term at step 0
+    assert metrics["interstep_kl"] == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["mse", "rmse", "cosine"])
+def test_memory_regulariser_equals_formula(loss_case, metric):
+    trainer, _, rollout, replayed = loss_case
+    if metric == "cosine":
+        loss, _ = run_loss(trainer, rollout, use_stm_cosine_sim=True, cosine_sim_coef=0.7)
+    else:
+        loss, metrics = run_loss(trainer, rollout, stm_diff_coef=0.3, stm_diff_metric=metric)
+    terms, diffs = [], []
+    for step, states in enumerate(replayed):
+        rows = rollout["turn_mask"][:, step]
+        new, old = states["after"][:, rows], states["before"][:, rows]
+        if metric == "cosine":
+            cosines = [F.cosine_similarity(new[l, b].flatten(), old[l, b].flatten(), 0)
+                       for l in range(new.shape[0]) for b in range(new.shape[1])]  # fmt: skip
+            terms.append(-0.7 * torch.stack(cosines).mean())
+            continue
+        diff = ((new - old) ** 2).mean()
+        diff = diff.sqrt() if metric == "rmse" else diff
+        diffs.append(diff)
+        terms.append(math.sqrt(step + 1) * 0.3 * diff)
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), atol=1e-6, rtol=1e-5)
+    if metric != "cosine":
+        assert metrics["stm_diff"] == pytest.approx(torch.stack(diffs).mean().item(), rel=1e-5)
+
+
+def test_critic_loss_equals_clamped_mse(tokenizer, episodes, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path, curriculum="3", beta=0.0, max_completion_length=4,
+                           critic_value_clip=0.05)  # fmt: skip
+    torch.manual_seed(6)
+    rollout = trainer.rollout(episodes)
+    loss, metrics = run_loss(trainer, rollout)
+    terms = []
+    with torch.no_grad():
+        for step in range(3):
+            rows = rollout["turn_mask"][:, step]
+            values = trainer.model.critic(rollout["critic_ids"][:, step], rollout["critic_mask"][:, step])
+            target = rollout["rewards"][:, step]
+            terms.append(((values.clamp(-0.05, 0.05) - target.clamp(-0.05, 0.05))[rows] ** 2).mean())
+    expected = torch.stack(terms).mean()
+    assert expected > 0
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+    assert metrics["critic_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(rollout["values"], torch.stack(
+        [trainer.model.critic(rollout["critic_ids"][:, s], rollout["critic_mask"][:, s]) for s in range(3)], 1),
+        atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. Advantages
+
+
+def zscore(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return (x - x.mean()) / (x.std() + eps)
+
+
+def test_advantages_group_critic_gae_and_modes(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path, beta=0.0, gae_gamma=0.9, gae_lambda=0.8)
+    args = trainer.args
+    generator = torch.Generator().manual_seed(7)
+    # group: 2 episodes x 3 answers; the second episode has 2 follow-ups
+    rewards = torch.rand(6, 3, generator=generator)
+    mask = torch.tensor([[True] * 3] * 3 + [[True, True, False]] * 3)
+    args.advantage_estimator, args.advantage_mode = "group", "none"
+    got = trainer.compute_advantages(rewards, None, mask, repeats=3)
+    expected = torch.zeros(6, 3)
+    for group in range(2):
+        for step in range(3):
+            rows = [group * 3 + i for i in range(3) if mask[group * 3 + i, step]]
+            if rows:
+                expected[rows, step] = zscore(rewards[rows, step], 1e-4)
+    torch.testing.assert_close(got, expected)
+    assert got[3:, 2].eq(0).all()
+
+    # critic: R - V, masked
+    values = torch.rand(6, 3, generator=generator)
+    args.advantage_estimator = "critic"
+    torch.testing.assert_close(trainer.compute_advantages(rewards, values, mask, 1),
+                               (rewards - values).masked_fill(~mask, 0))  # fmt: skip
+
+    # GAE against a hand loop (done after each episode's last valid step)
+    args.use_gae = True
+    gae = trainer.compute_advantages(rewards, values, mask, 1)
+    for b in range(6):
+        n = int(mask[b].sum())
+        running = 0.0
+        for t in reversed(range(n)):
+            following = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + 0.9 * following - values[b, t].item()
+            running = delta + (0.9 * 0.8 * running if t + 1 < n else 0.0)
+            assert gae[b, t].item() == pytest.approx(running, abs=1e-6)
+        assert gae[b, n:].eq(0).all()
+    args.use_gae = False
+
+    # normalisation modes on R - V with one outlier among 150 valid entries (z ~ 12: clipped to 10 except in "all")
+    rewards = torch.randn(100, 3, generator=generator)
+    rewards[0, 0] = 40.0
+    values = torch.zeros(100, 3)
+    mask = torch.ones(100, 3, dtype=torch.bool)
+    mask[:, 2] = False
+    mask[::2, 1] = False
+    raw = rewards.masked_fill(~mask, 0)
+    valid = raw[mask]
+    for mode in ("none", "all", "batch", "step"):
+        args.advantage_mode = mode
+        got = trainer.compute_advantages(rewards, values, mask, 1)
+        if mode == "none":
+            expected = raw
+        elif mode in ("all", "batch"):
+            expected = ((raw - valid.mean()) / (valid.std() + 1e-8)).masked_fill(~mask, 0)
+        else:
+            expected = torch.zeros(100, 3)
+            for step in range(2):
+                rows = mask[:, step]
+                expected[rows, step] = zscore(raw[rows, step], 1e-8)
+        if mode in ("batch", "step"):
+            expected = expected.clamp(-10, 10)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert got[:, 2].eq(0).all() and got[::2, 1].eq(0).all()
+    args.advantage_mode = "all"
+    assert trainer.compute_advantages(rewards, values, mask, 1)[0, 0] > 10
+    args.advantage_mode = "batch"
+    assert trainer.compute_advantages(rewards, values, mask, 1)[0, 0] == 10
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 6. Freeze stages
+
+
+def test_unfreeze_epochs_give_the_freeze_stages():
+    args = MRLConfig(output_dir="unused", report_to="none", use_cpu=True, unfreeze_epoch="[1, 2, 3]")
+    assert args.unfreeze == [(1, None), (2, None), (3, None)]
+    assert [freeze_stage(args.unfreeze, epoch) for epoch in range(5)] == ["warmup", "fetch", "update", "all", "all"]
+    args = MRLConfig(output_dir="unused", report_to="none", use_cpu=True, unfreeze_epoch="2")
+    assert [freeze_stage(args.unfreeze, epoch) for epoch in range(4)] == ["fetch", "fetch", "all", "all"]
+    args = MRLConfig(output_dir="unused", report_to="none", use_cpu=True, unfreeze_epoch="[[1, 1e-3], 1, [4, 2e-4]]")
+    assert args.unfreeze == [(1, 1e-3), (1, None), (4, 2e-4)]
+    assert [freeze_stage(args.unfreeze, epoch) for epoch in range(5)] == ["warmup", "update", "update", "update", "all"]
+    assert freeze_stage(0, 0) == "all"
+
+
+def param_component(name: str) -> str:
+    return "critic" if name.startswith("critic.") else component_of(name.replace("policy.", "", 1))
+
+
+def test_gradients_reach_exactly_the_unfrozen_components(tokenizer, episodes, tmp_path):
+    curriculum = json.dumps([{"steps": 2, "epochs": 4}])
+    trainer = make_trainer(tokenizer, tmp_path, curriculum=curriculum, unfreeze_epoch="[1, 2, 3]",
+                           max_completion_length=4, num_iterations=1, beta=0.1)  # fmt: skip
+    names = [name for name, _ in trainer.model.named_parameters()]
+    fetch_markers = (".memory_cross_attention.", ".norm2.", ".stm_norm.")
+    expected_policy = {
+        "warmup": {n for n in names if param_component(n) == "memory_attention"},
+        "fetch": {n for n in names if param_component(n) == "memory_attention"
+                  or (param_component(n) == "decoder" and any(m in n for m in fetch_markers))},
+        "update": {n for n in names if param_component(n) in ("memory_attention", "encoder", "embedding")
+                   or (param_component(n) == "decoder" and any(m in n for m in fetch_markers))},
+        "all": {n for n in names if param_component(n) != "critic"},
+    }  # fmt: skip
+    critic = {n for n in names if n.startswith("critic.")}
+    assert critic and all(n.startswith("policy.") for n in expected_policy["all"])
+    assert any(".memory_cross_attention." in n for n in expected_policy["fetch"])
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop; training_step is called directly
+    for epoch, stage in enumerate(("warmup", "fetch", "update", "all")):
+        trainer.set_epoch(epoch)
+        assert trainer.freeze_stage == stage
+        assert trainer.trainable == expected_policy[stage] | critic
+        assert {n for n in names if trains_in_stage(n, stage, False)} == trainer.trainable
+        trainer.model.zero_grad(set_to_none=True)
+        trainer._buffer, trainer._step = [], 0
+        trainer.model.train()
+        torch.manual_seed(epoch)
+        loss = trainer.training_step(trainer.model, {"episodes": episodes})
+        assert torch.isfinite(loss)
+        reached = set()
+        for name, param in trainer.model.named_parameters():
+            if name not in trainer.trainable:
+                assert param.grad is None, (stage, name)
+            elif param.grad is not None and param.grad.abs().sum() > 0:
+                reached.add(param_component(name))
+        assert reached == {param_component(n) for n in trainer.trainable}, stage
+        if stage in ("fetch", "update"):
+            grads = {n: p.grad for n, p in trainer.model.named_parameters() if ".memory_cross_attention." in n}
+            assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert not trains_in_stage("policy.model.embed_tokens.weight", "all", True)
+    assert trains_in_stage("policy.model.embed_tokens.weight", "all", False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 7. Config validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"strategy": "sometimes"}, "strategy"),
+        ({"advantage_estimator": "rloo"}, "advantage_estimator"),
+        ({"advantage_mode": "global"}, "advantage_mode"),
+        ({"advantage_estimator": "group", "num_generations": 1}, "num_generations"),
+        ({"advantage_estimator": "group", "num_generations": 2, "use_gae": True}, "use_gae"),
+        ({"curriculum": "1,two,4"}, "curriculum"),
+        ({"curriculum": "1,0"}, "steps=0"),
+        ({"curriculum": "[]"}, "curriculum"),
+        ({"curriculum": '[{"steps": 2, "epochs": 1, "stepz": 3}]'}, "stepz"),
+        ({"curriculum": '[{"steps": 2, "strategy": "nope"}]'}, "strategy"),
+        ({"curriculum": '[{"steps": 2, "random_resets_ratio": 1.5}]'}, "random_resets_ratio"),
+        ({"unfreeze_epoch": "[3, 2, 1]"}, "unfreeze_epoch"),
+        ({"entropy_coef": -0.1}, "entropy_coef"),
+        ({"beta": -1.0}, "beta"),
+        ({"interstep_kl_coef": -0.01}, "interstep_kl_coef"),
+        ({"stm_diff_coef": -1e-4}, "stm_diff_coef"),
+        ({"epsilon": -0.2}, "epsilon"),
+        ({"stm_diff_metric": "mae"}, "stm_diff_metric"),
+        ({"ref_kl_estimator": "k2"}, "ref_kl_estimator"),
+        ({"bleu_factor": 0.9}, "bleu_factor"),
+    ],
+)
+def test_config_validation_names_the_field(tmp_path, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        mrl_config(tmp_path, **kwargs)
+
+
+def test_curriculum_parsing_and_single_step_alias(tmp_path):
+    args = mrl_config(tmp_path, curriculum="1,2,4")
+    assert [stage.steps for stage in args.curriculum_stages] == [1, 2, 4]
+    assert args.num_train_epochs == 3
+    assert [args.stage_at(epoch)[0].steps for epoch in range(5)] == [1, 2, 4, 4, 4]
+    args = mrl_config(tmp_path, curriculum='[{"steps": 2, "epochs": 2}, {"steps": 5, "strategy": "long_range"}]')
+    assert args.num_train_epochs == 3
+    assert [(s.steps, s.epochs, s.strategy) for s in args.curriculum_stages] == [(2, 2, None), (5, 1, "long_range")]
+    assert args.stage_at(1)[1] == 1 and args.stage_at(2)[0].steps == 5
+    assert args.ddp_static_graph  # several DDP forwards (replay, decoder, critic) per backward
+    with pytest.warns(UserWarning, match="single_step"):
+        args = mrl_config(tmp_path, strategy="single_step")
+    assert args.strategy == "multi_step"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 8. Reward rises on a learnable task
+
+
+def test_reward_rises_on_a_learnable_episode_set(tokenizer, tmp_path):
+    """Every follow-up answer is "Yes.": group-normalised IMPO must move the policy towards it."""
+    rows = [{"query": r["query"], "answer": r["answer"], "interactions": [{"query": "Is it true?", "answer": "Yes."}]}
+            for r in ROWS] * 4  # fmt: skip
+    trainer = make_trainer(tokenizer, tmp_path, train_dataset=Dataset.from_list(rows), curriculum="1", max_steps=80,
+                           advantage_estimator="group", num_generations=4, beta=0.0, max_completion_length=6,
+                           num_iterations=2, learning_rate=5e-3, lr_scheduler_type="constant")  # fmt: skip
+    trainer.train()
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    assert len(rewards) == 40  # one rollout every num_iterations = 2 steps
+    head, tail = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
+    assert tail > head + 0.15 and tail > 3 * head, rewards
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 9. Saving
+
+
+def test_save_model_writes_a_remote_code_policy_and_the_critic(tokenizer, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    model = tiny_model(tokenizer, seed=8)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = make_trainer(tokenizer, tmp_path / "run", model=model, train_dataset=Dataset.from_list(ROWS),
+                           curriculum="2", max_steps=2, num_iterations=1, max_completion_length=4,
+                           beta=0.0)  # fmt: skip
+    trainer.train()
+    assert any(not torch.equal(p, initial[n]) for n, p in model.named_parameters())
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    assert (out / "config.json").is_file() and (out / "modeling_rxt.py").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "critic" / "model.safetensors").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rxt.RxTForCausalLM"
+    # the folder's own code (the package's registered classes would win in this process)
+    remote_class = get_class_from_dynamic_module(config["auto_map"]["AutoModelForCausalLM"], str(out))
+    assert remote_class is not RxTForCausalLM and remote_class.__name__ == "RxTForCausalLM"
+    remote = remote_class.from_pretrained(str(out)).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    model.eval()
+    ids = special(tokenizer)
+    interaction = torch.tensor([[ids["bos_token_id"], ids["query_token_id"], 51, 373, ids["answer_token_id"], 57, 85,
+                                 ids["eos_token_id"]]])  # fmt: skip
+    prompt = interaction[:, :5]
+    logits = []
+    with torch.no_grad():
+        for net in (model, loaded, remote):  # write an interaction into memory, then decode a prompt reading it
+            stm = net(input_ids=interaction, mode="memory_update", stm=net.initial_stm(1)).stm
+            logits.append(net(input_ids=prompt, stm=stm).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+    torch.testing.assert_close(logits[2], logits[0], rtol=0, atol=0)
+    critic = load_file(str(out / "critic" / "model.safetensors"))
+    state = trainer.model.critic.state_dict()
+    assert set(critic) == set(state) and all(torch.equal(critic[k], state[k]) for k in state)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 10. Two-process DDP
+
+
+DDP_SCRIPT = r"""
+import hashlib, json, os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+from datasets import Dataset
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.tokenization_rxt import train_rxt_tokenizer, check_rxt_tokenizer
+from trainers.mrl import MRLConfig, MRLTrainer
+from trainers.synthetic import generate_dialogues, generate_pretrain
+torch.set_num_threads(1)
+tok = train_rxt_tokenizer([r["text"] for r in generate_pretrain(200, seed=3)], vocab_size=400, min_frequency=1)
+ids = {k: v for k, v in check_rxt_tokenizer(tok).items() if v is not None}
+torch.manual_seed(0)
+model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tok), learned_stm_init=True, stm_init="normal", **ids))
+before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+args = MRLConfig(output_dir=sys.argv[2], per_device_train_batch_size=2, report_to="none", use_cpu=True,
+                 save_strategy="no", disable_tqdm=True, learning_rate=3e-3, logging_steps=1, curriculum="1,2",
+                 advantage_estimator="critic", num_iterations=1, max_completion_length=4, max_length=64, beta=0.05)
+rows = Dataset.from_list(generate_dialogues(8, seed=9, min_turns=3, max_turns=3))
+trainer = MRLTrainer(model=model, args=args, train_dataset=rows, processing_class=tok)
+seen, rollout = [], trainer.rollout
+def recording_rollout(episodes, repeats=1):
+    seen.append([query for (query, _), *_ in episodes])
+    return rollout(episodes, repeats)
+trainer.rollout = recording_rollout
+trainer.train()
+rank = dist.get_rank()
+flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as handle:
+    json.dump({"hash": digest, "changed": not torch.equal(flat[: before.numel()], before),
+               "steps": trainer.state.global_step, "world": dist.get_world_size(), "queries": seen,
+               "episode_steps": [e["episode_steps"] for e in trainer.state.log_history if "episode_steps" in e]},
+              handle)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_mrl_two_process_ddp_keeps_replicas_in_sync(tmp_path):
+    script = tmp_path / "ddp_mrl.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+               str(script), str(REPO_ROOT), str(out)]  # fmt: skip
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert all(r["world"] == 2 and r["changed"] for r in reports)
+    assert reports[0]["steps"] == reports[1]["steps"] >= 2
+    assert reports[0]["queries"] != reports[1]["queries"]  # each rank rolled out its own episodes...
+    assert reports[0]["hash"] == reports[1]["hash"]  # ...and the replicas are bit-identical after training
+    assert set(reports[0]["episode_steps"]) == {1.0, 2.0}  # the curriculum switched from 1 to 2 steps

@@ -16,7 +16,8 @@ from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer  # noqa: E402
 
 
 def episode_collator(tokenizer, args):
-    return EpisodeCollator(tokenizer, max_length=args.max_length, window=args.episode_window, seed=args.seed)
+    return EpisodeCollator(tokenizer, max_length=args.max_length, window=args.episode_window, seed=args.seed,
+                           max_probe_distance=args.episode_max_probe_distance)
 
 
 def main(argv=None):

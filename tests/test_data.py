@@ -354,3 +354,26 @@ def test_episode_collator_probe_window_keeps_fact_and_question():
     assert with_question > 0
     with pytest.raises(ValueError, match="window='middle'"):
         EpisodeCollator(tokenizer, window="middle")
+
+
+def test_episode_collator_probe_window_with_max_probe_distance_keeps_earlier_turns():
+    from trainers.data import EpisodeCollator, episode_turns
+
+    tokenizer = train_rxt_tokenizer(SENTENCES, vocab_size=300, min_frequency=1)
+    rows = generate_dialogues(60, seed=12, min_turns=4, max_turns=8, max_distance=4)
+    collator = EpisodeCollator(tokenizer, max_turns=6, window="probe", seed=0, max_probe_distance=1)
+    ends_after_prefix = 0
+    for row in rows:
+        window, turns = collator._turns(row), episode_turns(row)
+        near = [p for p in row["probes"] if p["distance"] == 1]
+        if not near:
+            assert window == turns[:6]
+            continue
+        end = len(window) - 1 + next(i for i in range(len(turns)) if turns[i : i + len(window)] == window)
+        probe = next(p for p in near if p["turn"] == end)  # ends at a distance-1 question, never a farther one
+        assert len(window) == min(6, probe["turn"] + 1)  # the turns before the fact are kept
+        assert probe["expected"] in window[-2][0]
+        ends_after_prefix += len(window) > 2
+    assert ends_after_prefix > 0
+    with pytest.raises(ValueError, match="max_probe_distance=0"):
+        EpisodeCollator(tokenizer, window="probe", max_probe_distance=0)

@@ -493,6 +493,9 @@ class EpisodeCollator:
             keeps the memory signal in short episodes: cutting an episode to its first two turns rarely leaves a
             fact-then-question pair.
         seed: seed of the `"probe"` window choice.
+        max_probe_distance: `"probe"` windows end only at questions whose fact is at most this many turns back
+            (None: any that fits). With `max_turns` larger than the distance the window keeps the turns *before* the
+            fact, so the fact is written from an STM that already holds earlier turns, as in real dialogues.
         label_mode: `"project"` (answer + `[EOS]`) or `"reference"` (SMAT: `[A]`, answer, `[EOS]`).
         overflow: `"error"` or `"truncate"` (cut the answer body, keep `[EOS]`).
         pad_to_multiple_of: round `T` up.
@@ -514,12 +517,16 @@ class EpisodeCollator:
         pad_to_multiple_of: int | None = None,
         window: str = "head",
         seed: int = 0,
+        max_probe_distance: int | None = None,
     ):
         _check_label_mode(label_mode)
         _check_overflow(overflow)
         if window not in ("head", "probe"):
             raise ValueError(f"window={window!r}: expected 'head' or 'probe'.")
+        if max_probe_distance is not None and max_probe_distance < 1:
+            raise ValueError(f"max_probe_distance={max_probe_distance}: expected >= 1 or None.")
         self.window = window
+        self.max_probe_distance = max_probe_distance
         self._rng = random.Random(seed)
         self.tokenizer = tokenizer
         self.ids = _special_ids(tokenizer)
@@ -539,7 +546,8 @@ class EpisodeCollator:
     def _turns(self, row: dict) -> list[tuple[str, str]]:
         if self.window == "head" or self.max_turns is None:
             return episode_turns(row, self.max_turns)
-        fitting = [p for p in row.get("probes") or [] if p["distance"] <= self.max_turns - 1]
+        limit = self.max_turns - 1 if self.max_probe_distance is None else min(self.max_turns - 1, self.max_probe_distance)
+        fitting = [p for p in row.get("probes") or [] if p["distance"] <= limit]
         turns = episode_turns(row)
         if not fitting:
             return turns[: self.max_turns]

@@ -41,6 +41,10 @@ class SMATConfig(RxTTrainingArguments):
         default="probe",
         metadata={"help": "Shortened episodes: 'probe' (end at a question whose fact is inside) or 'head'."},
     )
+    episode_max_probe_distance: int | None = field(
+        default=None,
+        metadata={"help": "'probe' windows end only at questions at most this many turns after their fact."},
+    )
     max_length: int = field(default=256, metadata={"help": "Maximum tokens of one interaction."})
     ddp_find_unused_parameters: bool | None = field(default=True, metadata={"help": "Frozen components are unused."})
 

@@ -47,6 +47,11 @@ class SyntheticDataArguments:
     num_sft_validation: int | None = field(
         default=None, metadata={"help": "SFT validation rows (default: num_sft // 10)."}
     )
+    mrl_steps: str | None = field(
+        default=None,
+        metadata={"help": "MRL curriculum subsets, e.g. '1,2,4': dialogues[_long_range]_steps-N_{split}.jsonl with "
+                  "exactly N follow-ups per episode."},
+    )  # fmt: skip
     long_range: bool = field(
         default=False,
         metadata={
@@ -58,7 +63,9 @@ class SyntheticDataArguments:
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     (args,) = HfArgumentParser(SyntheticDataArguments).parse_args_into_dataclasses(args=argv)
-    written = write_synthetic_data(**asdict(args))
+    options = asdict(args)
+    options["mrl_steps"] = [int(n) for n in args.mrl_steps.split(",")] if args.mrl_steps else None
+    written = write_synthetic_data(**options)
     for path in written.values():
         with path.open(encoding="utf-8") as handle:
             count = sum(1 for _ in handle)

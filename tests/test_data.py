@@ -156,6 +156,21 @@ def test_cli_matches_api(tmp_path, tok):
     assert len(validate_rows(load_rows(same["sft_train"]), "interaction", tok, max_length=256)) == 10
     assert len(validate_rows(load_rows(same["pretrain_train"]), "text", tok, max_length=512)) == 20
 
+    # MRL step-count subsets: exactly n follow-ups per episode, CLI and API identical.
+    result = subprocess.run(cli[:2] + ["--output-dir", str(tmp_path / "cli_mrl"), "--mrl-steps", "1,3", "--num-train",
+                            "5", "--num-pretrain", "4", "--num-sft", "4"], capture_output=True, text=True, env=env,
+                            timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    subsets = write_synthetic_data(tmp_path / "api_mrl", num_train=5, num_pretrain=4, num_sft=4, mrl_steps=[1, 3])
+    for steps in (1, 3):
+        for split in ("train", "validation", "test"):
+            name = f"dialogues_steps-{steps}_{split}"
+            assert (tmp_path / "cli_mrl" / f"{name}.jsonl").read_bytes() == subsets[name].read_bytes()
+            rows = load_rows(subsets[name])
+            assert all(len(r["interactions"]) == steps for r in rows) and all(r["probes"] for r in rows)
+    with pytest.raises(ValueError, match="mrl_steps: 0"):
+        write_synthetic_data(tmp_path / "bad", num_train=2, num_pretrain=2, num_sft=2, mrl_steps=[0])
+
 
 # --------------------------------------------------------------------------------------------------------- collators
 

@@ -523,8 +523,13 @@ def write_synthetic_data(
     num_sft: int = 5000,
     num_sft_validation: int | None = None,
     long_range: bool = False,
+    mrl_steps: tuple[int, ...] | list[int] | None = None,
 ) -> dict[str, Path]:
     """Write every file of the module docstring into `output_dir`; returns `{file stem: path}`.
+
+    `mrl_steps` (e.g. `(1, 2, 4)`) also writes one MRL curriculum subset per step count `n`,
+    `{prefix}_steps-{n}_{split}.jsonl`: episodes of exactly `n` follow-ups after the interaction to remember
+    (`n + 1` turns, probe distances up to `min(max_distance, n)`), like the hub datasets' `steps-n` subsets.
 
     Validation sizes of the pre-training / SFT files default to a tenth of the training size (at least 1).
     """
@@ -546,4 +551,10 @@ def write_synthetic_data(
     prefix = "dialogues_long_range" if long_range else "dialogues"
     for split, num in (("train", num_train), ("validation", num_validation), ("test", num_test)):
         put(f"{prefix}_{split}", generate_dialogues(num, seed, split, min_turns, max_turns, max_distance, long_range))
+    for steps in mrl_steps or ():
+        if steps < 1:
+            raise ValueError(f"mrl_steps: {steps} follow-ups; expected >= 1.")
+        for split, num in (("train", num_train), ("validation", num_validation), ("test", num_test)):
+            rows = generate_dialogues(num, seed, split, steps + 1, steps + 1, min(max_distance, steps), long_range)
+            put(f"{prefix}_steps-{steps}_{split}", rows)
     return written

@@ -343,15 +343,16 @@ class MRLModel(nn.Module):
         self.critic = critic
         self.config = policy.config
 
+    # TRL's unwrap_model_for_generation switches activation checkpointing off for rollouts with these names.
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self.policy.is_gradient_checkpointing
+        return self.policy.is_activation_checkpointing
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self.policy.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def gradient_checkpointing_disable(self):
-        self.policy.gradient_checkpointing_disable()
+        self.policy.activation_checkpointing_disable()
 
     def forward(self, *args, mode: str = "decode", **kwargs):
         if mode == "critic":

@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
         stage_dir = out / f"stage{index + 1}_{stage['stage']}"
         stage_results[f"{index + 1}_{stage['stage']}"] = run_stage(stage, model_flags, data_dir, tokenizer_dir, stage_dir, seed)
         model_flags = ["--model_name_or_path", str(stage_dir)]
-        timed(f"stage {stage['stage']}")
+        timed(f"stage {index + 1} {stage['stage']}")
     model_dir = out / "model"
     shutil.copytree(stage_dir, model_dir)
 

@@ -121,9 +121,9 @@ def token_logps(logits: torch.Tensor, ids: torch.Tensor, positions: list[int]) -
 
 def test_trl_compat_names_import_and_are_callable():
     module = importlib.reload(_trl_compat)  # re-runs the TRL imports
-    used = {"disable_dropout_in_model", "entropy_from_logits", "selective_log_softmax", "shuffle_sequence_dict",
-            "split_tensor_dict", "unwrap_model_for_generation"}  # what trainers/mrl.py imports from it
-    assert used <= set(module.__all__)
+    used = {"RepeatSampler", "disable_dropout_in_model", "entropy_from_logits", "selective_log_softmax",
+            "shuffle_sequence_dict", "split_tensor_dict", "unwrap_model_for_generation"}  # what trainers/mrl.py uses
+    assert used == set(module.__all__)
     for name in module.__all__:
         assert callable(getattr(module, name)), name
     logits = torch.randn(2, 3, 5)

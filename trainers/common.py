@@ -93,7 +93,9 @@ class RxTTrainer(Trainer):
             if value is None:
                 continue
             value = torch.as_tensor(value, dtype=torch.float32, device=self.args.device).detach()
-            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.reshape(1)).mean().item())
+            gathered = self.accelerator.gather_for_metrics(value.reshape(1))
+            if not gathered.isnan().all():  # NaN = no data on a rank this step
+                self._metrics[mode][name].append(gathered.nanmean().item())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs or not any(k.startswith("eval_") for k in logs) else "eval"

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 from trl import GRPOConfig
-from trl.trainer.utils import RepeatSampler
 
 from modeling_rxt import RxTCache
 
 from ._trl_compat import (
+    RepeatSampler,
     disable_dropout_in_model,
     entropy_from_logits,
     selective_log_softmax,
@@ -607,7 +607,7 @@ class MRLTrainer(RxTTrainer):
             stm[:, keep.to(stm.device)] = self._carry_stm[:, keep.to(stm.device)]
         return stm
 
-    def _warmup(self, model, stm, ids, mask, grad: bool):
+    def _warmup(self, model, stm, ids, mask):
         """Memory warm-up with the first interaction: soft = one extra update; hard = (ED + STM) / 2 (T == S)."""
         if not self.args.use_memory_warmup:
             return stm
@@ -638,7 +638,7 @@ class MRLTrainer(RxTTrainer):
             start_stm = stm.clone()
             first_ids, first_mask = _pad([self._interaction(*e[0]) for e in episodes], pad)
             first_ids, first_mask = first_ids.to(device), first_mask.to(device)
-            stm = self._warmup(policy, stm, first_ids, first_mask, grad=False)
+            stm = self._warmup(policy, stm, first_ids, first_mask)
             saved_rows = [self._interaction(*e[0]) for e in episodes]  # written before step 0
             records = defaultdict(list)
             running_mean = None
@@ -792,23 +792,28 @@ class MRLTrainer(RxTTrainer):
 
     def _log_rollout(self, rollout: dict) -> None:
         mask = rollout["turn_mask"].bool()
-        steps = {f"reward_step_{i}": rollout["rewards"][:, i][mask[:, i]].mean() for i in range(mask.shape[1])
-                 if mask[:, i].any()}  # fmt: skip
+        # the same keys on every rank (DDP gathers them): NaN where a rank has no episode with that step
+        steps = {f"reward_step_{i}": rollout["rewards"][:, i][mask[:, i]].mean() for i in range(mask.shape[1])}
         self.record(reward=rollout["rewards"][mask].mean(), episode_steps=float(self.steps),
                     answer_length=rollout["action_mask"].sum(-1).float()[mask].mean(), **steps)  # fmt: skip
 
     # -- loss -------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """IMPO loss (training.md §6.7) averaged over the steps that have episodes. Every step runs the same forwards
+        on every rank (absent episodes are weighted 0, never skipped), so DDP sees one graph."""
         args = self.args
         stm = inputs["start_stm"].transpose(0, 1)  # [L, B, S, D]
         turn_mask = inputs["turn_mask"].bool()
-        stm = self._warmup(model, stm, inputs["first_ids"], inputs["first_mask"], grad=True)
+        stm = self._warmup(model, stm, inputs["first_ids"], inputs["first_mask"])
         losses, terms = [], defaultdict(list)
         previous_answer_logits, previous_answer_mask = None, None
         for step in range(turn_mask.shape[1]):
             valid = turn_mask[:, step]
-            if not valid.any():
-                break
+            rows = valid.float()
+
+            def row_mean(values: torch.Tensor) -> torch.Tensor:  # mean over the episodes that have this step
+                return (values * rows).sum() / rows.sum().clamp(min=1.0)
+
             if args.stm_source == "replay":
                 previous = stm.detach()
             else:
@@ -820,19 +825,19 @@ class MRLTrainer(RxTTrainer):
             out = model(input_ids=qa_ids, attention_mask=qa_mask, stm=read_stm)
             logits = out.logits[:, :-1].float()  # [B, T-1, V]
             mask = inputs["action_mask"][:, step, 1:].bool() & valid[:, None]
+            tokens = mask.sum(-1).clamp(min=1)
             logps = selective_log_softmax(logits, qa_ids[:, 1:])
             advantages = inputs["advantages"][:, step, None]
             ratio = torch.exp(logps - inputs["old_logps"][:, step])
             clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon)
             per_token = -torch.min(ratio * advantages, clipped * advantages)
-            per_row = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-            policy_loss = per_row[valid].mean()
+            policy_loss = row_mean((per_token * mask).sum(-1) / tokens)
             loss = policy_loss
             entropy = entropy_from_logits(logits)  # [B, T-1]
             if args.entropy_normalisation == "mean":
                 entropy_term = masked_mean(entropy, mask)
             else:  # reference: per-sample mean over answer tokens, then divided by the padded length (§6.7, B11)
-                entropy_term = ((entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1) / mask.shape[1])[valid].mean()
+                entropy_term = row_mean((entropy * mask).sum(-1) / tokens / mask.shape[1])
             loss = loss - args.entropy_coef * entropy_term
             if self.ref_model is not None:
                 with torch.no_grad():
@@ -843,9 +848,9 @@ class MRLTrainer(RxTTrainer):
                     per_token_kl = torch.exp(ref_logps) * delta
                 else:  # k3 (TRL)
                     per_token_kl = torch.exp(delta) - delta - 1
-                ref_kl = ((per_token_kl * mask).sum(-1) / mask.sum(-1).clamp(min=1))[valid].mean()
+                ref_kl = row_mean((per_token_kl * mask).sum(-1) / tokens)
                 loss = loss + args.beta * ref_kl
-                terms["ref_kl"].append(ref_kl.detach())
+                terms["ref_kl"].append((ref_kl.detach(), valid.any()))
             # policy stabilisation: KL(pi_t || pi_t-1) at the same answer positions of consecutive steps
             answer_logits, answer_mask = self._answer_aligned(logits, mask, inputs["prompt_len"][:, step])
             if previous_answer_logits is not None and args.interstep_kl_coef > 0:
@@ -856,33 +861,39 @@ class MRLTrainer(RxTTrainer):
                 kl = (log_p.exp() * (log_p - log_q)).sum(-1)
                 interstep = (kl * both).sum() / answer_mask.sum().clamp(min=1)
                 loss = loss + args.interstep_kl_coef * interstep
-                terms["interstep_kl"].append(interstep.detach())
+                terms["interstep_kl"].append((interstep.detach(), valid.any()))
             previous_answer_logits, previous_answer_mask = answer_logits.detach(), answer_mask
-            # memory regularisation
-            diff = F.mse_loss(new_stm[:, valid], previous[:, valid].detach())
+            # memory regularisation: MSE over the episodes that have this step
+            diff = row_mean((new_stm - previous.detach()).pow(2).mean(dim=(0, 2, 3)))
             if args.stm_diff_metric == "rmse":
                 diff = diff.clamp(min=1e-12).sqrt()
             loss = loss + math.sqrt(step + 1) * args.stm_diff_coef * diff
             if args.use_stm_cosine_sim:
-                cosine = F.cosine_similarity(new_stm[:, valid].flatten(2), previous[:, valid].detach().flatten(2), -1)
-                loss = loss - args.cosine_sim_coef * cosine.mean()
+                cosine = F.cosine_similarity(new_stm.flatten(2), previous.detach().flatten(2), dim=-1)  # [L, B]
+                loss = loss - args.cosine_sim_coef * row_mean(cosine.mean(0))
             loss = loss + self.moe_aux(out)
             if self.rxt_critic() is not None:
                 values = model(mode="critic", input_ids=inputs["critic_ids"][:, step],
                                attention_mask=inputs["critic_mask"][:, step])  # fmt: skip
                 clip = args.critic_value_clip
                 target = inputs["rewards"][:, step].clamp(-clip, clip)
-                critic_loss = F.mse_loss(values.clamp(-clip, clip)[valid], target[valid])
+                critic_loss = row_mean((values.clamp(-clip, clip) - target).pow(2))
                 loss = loss + critic_loss
-                terms["critic_loss"].append(critic_loss.detach())
-            terms["policy_loss"].append(policy_loss.detach())
-            terms["entropy"].append(entropy_term.detach())
-            terms["stm_diff"].append(diff.detach())
-            terms["clip_ratio"].append(masked_mean(((ratio - clipped).abs() > 0).float(), mask).detach())
-            losses.append(loss)
+                terms["critic_loss"].append((critic_loss.detach(), valid.any()))
+            terms["policy_loss"].append((policy_loss.detach(), valid.any()))
+            terms["entropy"].append((entropy_term.detach(), valid.any()))
+            terms["stm_diff"].append((diff.detach(), valid.any()))
+            clip_ratio = masked_mean(((ratio - clipped).abs() > 0).float(), mask).detach()
+            terms["clip_ratio"].append((clip_ratio, valid.any()))
+            losses.append(loss * valid.any())
             stm = torch.where(valid[None, :, None, None], new_stm, previous)
-        total = torch.stack(losses).mean()
-        self.record(**{name: torch.stack(values).mean() for name, values in terms.items()})
+        steps_present = turn_mask.any(0).sum().clamp(min=1)
+        total = torch.stack(losses).sum() / steps_present
+        metrics = {}
+        for name, entries in terms.items():  # mean over the steps that have episodes (NaN if none on this rank)
+            values, present = torch.stack([v for v, _ in entries]), torch.stack([p for _, p in entries])
+            metrics[name] = values[present].mean() if present.any() else values.new_tensor(float("nan"))
+        self.record(**metrics)
         return (total, {"stm": stm}) if return_outputs else total
 
     def rxt_critic(self):

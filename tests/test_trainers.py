@@ -276,3 +276,33 @@ def test_quickstart_micro_pipeline(tmp_path):
     assert set(mrl["recall_after"]) == set(evaluation["recall"])
     assert (tmp_path / "mrl" / "model" / "config.json").is_file() and (tmp_path / "mrl" / "model" / "critic").is_dir()
     assert "finished in" in result.stdout
+
+
+@pytest.mark.parametrize("stage", ["smat", "memory_attention"])
+def test_gradient_accumulation_matches_the_larger_batch(tokenizer, tmp_path, stage):
+    """GA=2 x batch 2 gives the update of GA=1 x batch 4 (plain SGD, so a wrong loss scale would show; the four
+    episodes are one dialogue repeated, so per-batch means equal the full-batch mean)."""
+    rows = Dataset.from_list(generate_dialogues(1, seed=8, min_turns=3, max_turns=3) * 4)
+
+    def one_step(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        model = tiny_model(tokenizer)
+        settings = common_args(tmp_path / f"{batch_size}", max_steps=1, per_device_train_batch_size=batch_size,
+                               gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5,
+                               weight_decay=0.0, max_grad_norm=0.0)  # fmt: skip
+        if stage == "smat":
+            args = SMATConfig(**settings, bptt_turns=0)
+            trainer_cls = SupervisedMemoryAwareTrainer
+        else:
+            args = MemoryAttentionConfig(**settings, ed_label_mode="pool", max_length=64)
+            trainer_cls = MemoryAttentionTrainer
+        trainer = trainer_cls(model=model, args=args, train_dataset=rows,
+                              data_collator=EpisodeCollator(tokenizer, max_length=64))  # fmt: skip
+        trainer.train()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    full, accumulated = one_step(4, 1), one_step(2, 2)
+    initial = dict(tiny_model(tokenizer).named_parameters())
+    moved = [n for n in full if not torch.equal(full[n], initial[n].detach())]
+    assert moved  # the step changed something
+    for name in full:
+        torch.testing.assert_close(accumulated[name], full[name], atol=1e-6, rtol=1e-5, msg=name)

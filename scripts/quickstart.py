@@ -110,7 +110,7 @@ def scripted_chat(model_dir: Path, chat: dict, seed: int) -> list[tuple[str, str
     session = RxTChatSession(model, tokenizer)
     transcript = []
     for query, _ in dialogue_turns(row)[: probe["turn"] + 1]:
-        transcript.append((query, session.interact(query, max_new_tokens=24)))
+        transcript.append((query, session.interact(query, max_new_tokens=chat.get("max_new_tokens", 40))))
     return transcript, probe
 
 

@@ -32,7 +32,7 @@ class MRLEvalArguments:
     recall_data: str | None = field(default=None, metadata={"help": "Held-out dialogues with probes (recall)."})
     output: str = field(default="runs/mrl/eval.json", metadata={"help": "JSON output."})
     recall_batch_size: int = field(default=50, metadata={"help": "Dialogues evaluated together."})
-    max_new_tokens: int = field(default=16, metadata={"help": "Answer length limit of the recall evaluation."})
+    max_new_tokens: int = field(default=40, metadata={"help": "Answer length limit of the recall evaluation."})
 
 
 def measure(model_dir: str, args: MRLConfig, options: MRLEvalArguments, reward_rows, recall_rows) -> dict:

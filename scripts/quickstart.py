@@ -67,7 +67,7 @@ def run_stage(stage: dict, model_flags: list[str], data_dir: Path, tokenizer_dir
 def train_baseline(preset: dict, model_config: dict, data_dir: Path, tokenizer, output: Path, seed: int) -> dict:
     """Stateless decoder of the same size, trained on the same dialogues turn by turn (current query only)."""
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments, set_seed
 
     from modeling_rxt import RxTConfig, RxTStatelessConfig, RxTStatelessForCausalLM
     from trainers.data import InteractionCollator
@@ -76,6 +76,7 @@ def train_baseline(preset: dict, model_config: dict, data_dir: Path, tokenizer, 
     rows = [json.loads(line) for line in (data_dir / "dialogues_train.jsonl").read_text().splitlines()]
     turns = Dataset.from_list([{"query": q, "answer": a} for row in rows for q, a in dialogue_turns(row)])
     config = RxTStatelessConfig.from_rxt_config(RxTConfig(**model_config))
+    set_seed(seed)
     model = RxTStatelessForCausalLM(config)
     collator = InteractionCollator(tokenizer, max_length=preset["stages"][-1]["args"].get("max_length", 256))
 

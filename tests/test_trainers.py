@@ -306,3 +306,29 @@ def test_gradient_accumulation_matches_the_larger_batch(tokenizer, tmp_path, sta
     assert moved  # the step changed something
     for name in full:
         torch.testing.assert_close(accumulated[name], full[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_stage_script_seeds_new_model_weights(tokenizer, tmp_path):
+    """A new model built by a stage script depends on --seed only, not on RNG use earlier in the process."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import train_smat
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    from trainers.synthetic import write_jsonl
+
+    write_jsonl(generate_dialogues(8, seed=9, max_turns=3), tmp_path / "rows.jsonl")
+    config = RxTConfig.tiny(vocab_size=len(tokenizer)).to_dict()
+    fields = {k: config[k] for k in ("decoder_config", "encoder_config", "memory_attention_config")}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        torch.randn(17)  # RNG consumed differently before each run
+        trainer = train_smat.main(["--model_config", str(tmp_path / "config.json"), "--tokenizer_name_or_path",
+                                   str(tmp_path / "tok"), "--train_file", str(tmp_path / "rows.jsonl"), "--output_dir",
+                                   str(tmp_path / name), "--max_steps", "1", "--learning_rate", "0", "--report_to",
+                                   "none", "--save_strategy", "no", "--use_cpu", "True", "--seed", "5",
+                                   "--per_device_train_batch_size", "2", "--disable_tqdm", "True"])  # fmt: skip
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    first, second = weights("a"), weights("b")
+    assert all(torch.equal(first[n], second[n]) for n in first)

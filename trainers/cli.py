@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import check_rxt_tokenizer
@@ -99,6 +99,7 @@ def run_stage(trainer_cls, config_cls, kind: str, make_collator, argv=None, **co
     model_args, data_args, args = parse_arguments((ModelArguments, DataArguments, config_cls), argv)
     kind = kind(args) if callable(kind) else kind
     tokenizer = load_tokenizer(model_args)
+    set_seed(args.seed)  # a new model's initial weights depend on the seed, not on what ran before in the process
     trainer = trainer_cls(
         model=load_model(model_args, tokenizer, **config_overrides),
         args=args,

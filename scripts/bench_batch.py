@@ -210,8 +210,6 @@ def main(argv=None) -> dict:
         plt.close(fig)
 
     out = bc.write_outputs(args.output, machine, config_out, results, summary, plot, SUMMARY_KEYS)
-    print(f"throughput_ratio_rxt_vs_llama_b32_turn16: {summary['throughput_ratio_rxt_vs_llama_b32_turn16']:.3f}"
-          f"  -> {args.output}")
     return out
 
 

@@ -234,7 +234,8 @@ def write_outputs(
     extra: dict | None = None,
 ) -> dict:
     """Write the JSON (and the PNG drawn by `plot(png_path)`, same stem); raise if a required summary value is not
-    finite. `extra` adds more top-level keys. Returns the JSON object."""
+    finite; print the required summary values and the path. `extra` adds more top-level keys. Returns the JSON
+    object."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(os, "getloadavg"):
@@ -254,6 +255,10 @@ def write_outputs(
     bad = [k for k in required if k not in summary or not finite(summary[k])]
     if bad:
         raise SystemExit(f"summary keys missing or not finite: {bad} ({path})")
+    for key in required:
+        value = summary[key]
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    print(f"-> {path}")
     return out
 
 

@@ -403,9 +403,7 @@ def main(argv=None) -> dict:
 
     out = bc.write_outputs(args.output, machine, config_out, results, summary, plot, SUMMARY_KEYS,
                            extra={"results_background": background, "results_rxt_by_turn_interleaved": rxt_by_turn})
-    for key in SUMMARY_KEYS:
-        print(f"{key}: {summary[key]:.3f}")
-    print(f"background_update_hidden_fraction: {summary['background_update_hidden_fraction']:.3f}  -> {args.output}")
+    print(f"background_update_hidden_fraction: {summary['background_update_hidden_fraction']:.3f}")
     return out
 
 

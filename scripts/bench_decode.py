@@ -325,9 +325,6 @@ def main(argv=None) -> dict:
 
     out = bc.write_outputs(args.output, machine, config_out, results, summary, plot, SUMMARY_KEYS,
                            extra={"breakdown_ms_per_token": breakdown, "results_stm_sweep": stm_sweep})  # fmt: skip
-    for key in SUMMARY_KEYS:
-        print(f"{key}: {summary[key]:.3f}")
-    print(f"-> {args.output}")
     return out
 
 

@@ -166,8 +166,6 @@ def main(argv=None) -> dict:
         plt.close(fig)
 
     out = bc.write_outputs(args.output, machine, config, results, summary, plot, SUMMARY_KEYS)
-    print("update_ms_per_1k_tokens: " + ", ".join(f"{v} {x:.1f}" for v, x in per_1k.items()))
-    print(f"-> {args.output}")
     return out
 
 

@@ -292,9 +292,6 @@ def main(argv=None) -> dict:
         plt.close(fig)
 
     out = bc.write_outputs(args.output, machine, config, results, summary, plot, SUMMARY_KEYS)
-    for key in SUMMARY_KEYS:
-        print(f"{key}: {summary[key]:.3f}")
-    print(f"-> {args.output}")
     return out
 
 

@@ -637,10 +637,10 @@ class MRLTrainer(RxTTrainer):
             policy.eval()
             stm = self._initial_stm(policy, batch)
             start_stm = stm.clone()
-            first_ids, first_mask = _pad([self._interaction(*e[0]) for e in episodes], pad)
+            saved_rows = [self._interaction(*e[0]) for e in episodes]  # the first interaction, written before step 0
+            first_ids, first_mask = _pad(saved_rows, pad)
             first_ids, first_mask = first_ids.to(device), first_mask.to(device)
             stm = self._warmup(policy, stm, first_ids, first_mask)
-            saved_rows = [self._interaction(*e[0]) for e in episodes]  # written before step 0
             records = defaultdict(list)
             running_mean = None
             first_body = _pad([e[0][0] + e[0][1] for e in episodes], pad)[0].to(device)

@@ -1,7 +1,9 @@
 """MRL / IMPO trainer (training.md §6, hf-integration.md §8): the TRL helpers import, the rollout stores what the
 replay needs (first interaction only written, generated answers written, masks, STM), the reward modes follow the
 strategy, every loss term equals its formula, advantages, gradients follow the freeze stages, config validation, the
-reward rises on a learnable task, the saved policy reloads with trust_remote_code, and 2-process DDP stays in sync."""
+reward rises on a learnable task, the saved policy reloads with trust_remote_code, 2-process DDP stays in sync, the
+replay buffer scores/ages/evicts as specified and its episodes enter the loss, and a resumed run repeats the
+uninterrupted one exactly."""
 
 import copy
 import importlib
@@ -10,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import defaultdict
 
 import pytest
 import torch
@@ -21,7 +24,16 @@ from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import check_rxt_tokenizer, train_rxt_tokenizer
 from trainers import _trl_compat
 from trainers.common import component_of
-from trainers.mrl import MRLCollator, MRLConfig, MRLTrainer, freeze_stage, trains_in_stage
+from trainers.mrl import (
+    MRLCollator,
+    MRLConfig,
+    MrlReplayBuffer,
+    MRLTrainer,
+    ReplayBufferSettings,
+    concat_padded,
+    freeze_stage,
+    trains_in_stage,
+)
 from trainers.synthetic import generate_pretrain
 
 # Hand-built episodes: turn 0 is the interaction to remember, then 3, 2, 1 and 3 follow-ups.
@@ -621,6 +633,16 @@ def test_gradients_reach_exactly_the_unfrozen_components(tokenizer, episodes, tm
         ({"stm_diff_metric": "mae"}, "stm_diff_metric"),
         ({"ref_kl_estimator": "k2"}, "ref_kl_estimator"),
         ({"bleu_factor": 0.9}, "bleu_factor"),
+        ({"replay_buffer_size": -1}, "replay_buffer_size=-1: expected an integer >= 0"),
+        ({"replay_buffer_size": 2, "replay_buffer_update_size": 3},
+         r"replay_buffer_update_size=3: expected <= replay_buffer_size \(2\)"),
+        ({"replay_buffer_size": 2, "replay_buffer_update_size": 0}, "replay_buffer_update_size=0: expected an integer"),
+        ({"replay_buffer_size": 2, "replay_buffer_max_age": 0}, "replay_buffer_max_age=0: expected an integer >= 1"),
+        ({"curriculum": '[{"steps": 2, "replay_buffer": true}]'}, "replay_buffer=true needs replay_buffer_size > 0"),
+        ({"curriculum": '[{"steps": 2, "replay_buffer": {"size": 2, "update_size": 5}}]'},
+         r"curriculum stage 0 replay_buffer\.update_size=5: expected <= curriculum stage 0 replay_buffer\.size \(2\)"),
+        ({"curriculum": '[{"steps": 1}, {"steps": 2, "replay_buffer": {"sise": 2}}]'}, "stage 1 replay_buffer.*sise"),
+        ({"curriculum": '[{"steps": 2, "replay_buffer": "big"}]'}, "replay_buffer='big'"),
     ],
 )
 def test_config_validation_names_the_field(tmp_path, kwargs, field):
@@ -726,7 +748,8 @@ model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tok), learned_stm_init=True
 before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 args = MRLConfig(output_dir=sys.argv[2], per_device_train_batch_size=2, report_to="none", use_cpu=True,
                  save_strategy="no", disable_tqdm=True, learning_rate=3e-3, logging_steps=1, curriculum="1,2",
-                 advantage_estimator="critic", num_iterations=1, max_completion_length=4, max_length=64, beta=0.05)
+                 advantage_estimator="critic", num_iterations=1, max_completion_length=4, max_length=64, beta=0.05,
+                 replay_buffer_size=2, replay_buffer_update_size=1)
 rows = Dataset.from_list(generate_dialogues(8, seed=9, min_turns=3, max_turns=3))
 trainer = MRLTrainer(model=model, args=args, train_dataset=rows, processing_class=tok)
 seen, rollout = [], trainer.rollout
@@ -741,7 +764,8 @@ digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as handle:
     json.dump({"hash": digest, "changed": not torch.equal(flat[: before.numel()], before),
                "steps": trainer.state.global_step, "world": dist.get_world_size(), "queries": seen,
-               "episode_steps": [e["episode_steps"] for e in trainer.state.log_history if "episode_steps" in e]},
+               "episode_steps": [e["episode_steps"] for e in trainer.state.log_history if "episode_steps" in e],
+               "replayed": [e["replayed_episodes"] for e in trainer.state.log_history if "replayed_episodes" in e]},
               handle)
 dist.barrier()
 dist.destroy_process_group()
@@ -766,3 +790,237 @@ def test_mrl_two_process_ddp_keeps_replicas_in_sync(tmp_path):
     assert reports[0]["queries"] != reports[1]["queries"]  # each rank rolled out its own episodes...
     assert reports[0]["hash"] == reports[1]["hash"]  # ...and the replicas are bit-identical after training
     assert set(reports[0]["episode_steps"]) == {1.0, 2.0}  # the curriculum switched from 1 to 2 steps
+    # each process replays its own buffer (2 episodes from the stage's first rollout; emptied at the stage switch)
+    assert reports[0]["replayed"] == reports[1]["replayed"] == [0.0, 2.0, 0.0, 2.0]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 11. Replay buffer
+
+
+def hand_episode(i: int) -> dict:
+    return {"id": torch.tensor([[i]])}
+
+
+def buffer_ids(buffer: MrlReplayBuffer) -> list[int]:
+    return [int(episode["id"]) for episode in buffer.episodes()]
+
+
+def test_replay_buffer_score_is_mean_over_steps_of_mean_minus_std_over_generations():
+    import statistics
+
+    # 2 episodes x G = 3 generations x 3 steps; the second episode has 2 steps (its third is masked)
+    rewards = torch.tensor([[1.0, 0.0, 0.5], [0.8, 0.2, 0.5], [0.6, 0.4, 0.5],
+                            [0.3, 0.9, 9.0], [0.3, 0.1, 9.0], [0.3, 0.5, 9.0]])  # fmt: skip
+    mask = torch.tensor([[True, True, True]] * 3 + [[True, True, False]] * 3)
+    expected = []
+    for episode, steps in ((0, 3), (1, 2)):
+        rows = rewards[3 * episode : 3 * episode + 3].tolist()
+        per_step = [statistics.mean(r[s] for r in rows) - statistics.stdev(r[s] for r in rows) for s in range(steps)]
+        expected.append(statistics.mean(per_step))
+    torch.testing.assert_close(MrlReplayBuffer.score(rewards, mask, generations=3), torch.tensor(expected))
+    assert expected[0] == pytest.approx((0.8 - 0.2 + 0.2 - 0.2 + 0.5) / 3)  # the spread is subtracted
+    # G = 1 (critic): no spread within a step, the score is the mean reward over the episode's steps
+    single = MrlReplayBuffer.score(rewards, mask, generations=1)
+    torch.testing.assert_close(single[:3], rewards[:3].mean(-1))
+    torch.testing.assert_close(single[3:], rewards[3:, :2].mean(-1))
+    # an episode without steps ranks last
+    assert MrlReplayBuffer.score(torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.bool), 2).item() == float("-inf")
+
+
+def test_replay_buffer_ageing_eviction_order_and_replacement():
+    buffer = MrlReplayBuffer(size=4, update_size=1, max_age=2)
+    # an empty buffer takes the 4 best of the first collection (best first)
+    assert buffer.add([hand_episode(i) for i in range(6)], [0.1, 0.5, 0.3, 0.9, 0.2, 0.4]) == {"evicted": 0,
+                                                                                                "inserted": 4}
+    assert buffer_ids(buffer) == [3, 1, 5, 2] and [e["age"] for e in buffer.entries] == [0, 0, 0, 0]
+    # full: update_size = 1 entry replaced, the lowest score (no entry is aged yet), even by a worse new episode
+    assert buffer.add([hand_episode(10)], [0.05]) == {"evicted": 1, "inserted": 1}
+    assert buffer_ids(buffer) == [3, 1, 5, 10] and [e["age"] for e in buffer.entries] == [1, 1, 1, 0]
+    # entries aged >= max_age go first, lowest score first among them: 5 (0.4), not 10 (0.05, age 1)
+    buffer.add([hand_episode(20), hand_episode(21)], [0.01, 0.8])
+    assert buffer_ids(buffer) == [3, 1, 10, 21]  # ... replaced by the best new episode
+    assert [e["age"] for e in buffer.entries] == [2, 2, 1, 0]
+    # 10 is now aged too, and the lowest of the aged ones (3: 0.9, 1: 0.5, 10: 0.05)
+    buffer.add([hand_episode(30), hand_episode(31), hand_episode(32)], [0.6, 0.7, 0.1])
+    assert buffer_ids(buffer) == [3, 1, 21, 31]
+    # two aged entries, two replacements: both aged ones go although they score highest
+    buffer = MrlReplayBuffer(size=3, update_size=2, max_age=1)
+    buffer.add([hand_episode(i) for i in range(3)], [0.9, 0.8, 0.1])
+    buffer.add([hand_episode(7), hand_episode(8)], [0.2, 0.3])  # all aged: lowest scores 2 (0.1), 1 (0.8) go
+    assert buffer_ids(buffer) == [0, 8, 7] and [e["score"] for e in buffer.entries] == [0.9, 0.3, 0.2]
+
+
+def test_replay_buffer_size_cap_and_state_round_trip():
+    buffer = MrlReplayBuffer(size=4, update_size=3)
+    buffer.add([hand_episode(0), hand_episode(1)], [0.5, 0.6])  # fewer new episodes than free slots
+    assert len(buffer) == 2
+    buffer.add([hand_episode(i) for i in range(10, 13)], [0.1, 0.2, 0.3])  # 3 replaced: 2 free + 1 evicted (0.5)
+    assert len(buffer) == 4 and buffer_ids(buffer) == [1, 12, 11, 10]
+    for round_ in range(5):
+        buffer.add([hand_episode(100 + round_ * 10 + i) for i in range(8)], torch.rand(8).tolist())
+        assert len(buffer) == 4
+    restored = MrlReplayBuffer.from_state_dict(buffer.state_dict())
+    assert buffer_ids(restored) == buffer_ids(buffer)
+    assert [(e["score"], e["age"]) for e in restored.entries] == [(e["score"], e["age"]) for e in buffer.entries]
+    for args, field in (((0, 1), "size=0"), ((2, 3), r"update_size=3: expected <= size \(2\)"),
+                        ((2, 1, 0), "max_age=0"), ((2, 0), "update_size=0")):  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            MrlReplayBuffer(*args)
+
+
+def test_replay_buffer_settings_per_curriculum_stage(tokenizer, tmp_path):
+    curriculum = json.dumps([{"steps": 1, "replay_buffer": False}, {"steps": 2}, {"steps": 3, "replay_buffer": {
+        "size": 6, "max_age": 5}}, {"steps": 4, "replay_buffer": 2}])  # fmt: skip
+    trainer = make_trainer(tokenizer, tmp_path, curriculum=curriculum, replay_buffer_size=4, beta=0.0)
+    stages = trainer.args.curriculum_stages
+    assert trainer.args.replay_buffer == ReplayBufferSettings(4, 2, 3)  # update_size None: size // 2
+    assert [s.replay_buffer for s in stages] == [None, (4, 2, 3), (6, 3, 5), (2, 1, 3)]
+    assert trainer.replay_buffer is None  # stage 0: off
+    trainer.set_epoch(1)
+    buffer = trainer.replay_buffer
+    assert (buffer.size, buffer.update_size, buffer.max_age) == (4, 2, 3)
+    buffer.add([hand_episode(0)], [1.0])
+    trainer.set_epoch(1)
+    assert trainer.replay_buffer is buffer and len(buffer) == 1  # same stage: kept
+    trainer.set_epoch(2)
+    assert trainer.replay_buffer is not buffer and len(trainer.replay_buffer) == 0  # a new stage starts empty
+    assert mrl_config(tmp_path).replay_buffer is None  # off by default
+
+
+def test_concat_padded_pads_every_dimension():
+    a = {"qa_ids": torch.ones(1, 2, 3, dtype=torch.long), "prompt_len": torch.full((1, 2), 4), "x": torch.ones(1, 2)}
+    b = {"x": torch.ones(2, 3), "qa_ids": torch.ones(2, 3, 5, dtype=torch.long), "prompt_len": torch.full((2, 3), 4)}
+    out = concat_padded([a, b], pad_id=7)
+    assert out["qa_ids"].shape == (3, 3, 5) and out["qa_ids"][0, :2, 3:].eq(7).all() and out["qa_ids"][0, 2].eq(7).all()
+    assert out["prompt_len"][0].tolist() == [4, 4, 1] and out["x"][0].tolist() == [1, 1, 0]
+
+
+def action_row_key(batch: dict, row: int) -> tuple:
+    """A rollout row by content: per step its action tokens, and its rewards."""
+    steps = batch["turn_mask"].shape[1]
+    actions = tuple(tuple(batch["qa_ids"][row, s][batch["action_mask"][row, s].bool()].tolist()) for s in range(steps))
+    return actions, tuple(round(r, 6) for r in batch["rewards"][row].tolist())
+
+
+def action_logps(batch: dict, row: int) -> torch.Tensor:
+    steps = batch["turn_mask"].shape[1]
+    return torch.cat([batch["old_logps"][row, s][batch["action_mask"][row, s, 1:].bool()] for s in range(steps)])
+
+
+@pytest.mark.parametrize("log_probs_source", ["collect", "update"])
+def test_replay_buffer_episodes_enter_the_loss(tokenizer, tmp_path, log_probs_source):
+    """4 rollouts of 4 episodes x 2 generations; the buffer (3 episodes) joins rollouts 2-4. Every replayed row in the
+    loss is a row collected by an earlier rollout; its old log-probs are the sampler's (collect) or recomputed by the
+    current policy (update)."""
+    trainer = make_trainer(tokenizer, tmp_path, model=eos_biased_model(tokenizer), curriculum="2", max_steps=8,
+                           train_dataset=Dataset.from_list(ROWS * 2), per_device_train_batch_size=2,
+                           steps_per_generation=2, num_iterations=1, advantage_estimator="group", num_generations=2,
+                           beta=0.0, max_completion_length=4, replay_buffer_size=3, replay_buffer_update_size=2,
+                           log_probs_source=log_probs_source)  # fmt: skip
+    rollouts, losses = [], []
+    rollout, compute_loss = trainer.rollout, trainer.compute_loss
+
+    def recording_rollout(*args, **kwargs):
+        out = rollout(*args, **kwargs)
+        rollouts.append({k: v.clone() for k, v in out.items()})
+        return out
+
+    def recording_loss(model, inputs, *args, **kwargs):
+        losses.append((len(rollouts), {k: v.clone() for k, v in inputs.items()}))
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.rollout, trainer.compute_loss = recording_rollout, recording_loss
+    trainer.train()
+    logs = trainer.state.log_history
+    assert all(math.isfinite(e["loss"]) for e in logs if "loss" in e)
+    assert [e["replayed_episodes"] for e in logs if "replayed_episodes" in e] == [0, 3, 3, 3]
+    assert [e["replay_buffer_episodes"] for e in logs if "replay_buffer_episodes" in e] == [3, 3, 3, 3]
+    assert sum(e["replayed_rows"] for e in logs if "replayed_rows" in e) == 3 * 3 * 2  # 3 episodes x G, 3 rollouts
+    stored = defaultdict(list)  # row content -> [(rollout index, old log-probs at collection)] (short answers repeat)
+    for index, batch in enumerate(rollouts, start=1):
+        for row in range(batch["rewards"].shape[0]):
+            stored[action_row_key(batch, row)].append((index, action_logps(batch, row)))
+    replayed, moved = 0, 0
+    for index, inputs in losses:
+        assert {"replayed", "advantages", "old_logps"} <= set(inputs)
+        for row in range(inputs["rewards"].shape[0]):
+            origins = stored[action_row_key(inputs, row)]
+            if not inputs["replayed"][row]:
+                assert index in [origin for origin, _ in origins]  # fresh rows come from this rollout
+                continue
+            replayed += 1
+            earlier = [logps for origin, logps in origins if origin < index]
+            assert earlier  # replayed rows were collected by an earlier rollout
+            same = [torch.equal(action_logps(inputs, row), logps) for logps in earlier]
+            if log_probs_source == "collect":  # the sampler's log-probs of that collection
+                assert any(same)
+            else:  # recomputed by the policy of this update, which has moved since
+                moved += not any(torch.allclose(action_logps(inputs, row), logps, atol=1e-6) for logps in earlier)
+    assert replayed == 18
+    if log_probs_source == "update":
+        assert moved == replayed  # recomputed by the policy of that update, which has moved since collection
+        # ... and the recomputation is the policy's log-prob of the action on the replayed STM
+        episodes = concat_padded(trainer.replay_buffer.episodes(), special(tokenizer)["pad_token_id"])
+        policy = trainer.model.policy.eval()
+        refreshed = trainer._refresh_replayed(dict(episodes))
+        for step, states in enumerate(replay(policy, episodes)):
+            for b in episodes["turn_mask"][:, step].nonzero().flatten().tolist():
+                positions = action_positions(episodes, b, step)
+                mine = token_logps(states["logits"][b], episodes["qa_ids"][b, step], positions)
+                torch.testing.assert_close(refreshed["old_logps"][b, step, [p - 1 for p in positions]], mine,
+                                           atol=1e-5, rtol=0)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 12. Resume from a checkpoint
+
+
+def run_mrl(tokenizer, output, resume=None, **kwargs):
+    """An MRL run on 8 episodes with checkpoints every 3 steps; returns the per-step logs, the trainer."""
+    rows = Dataset.from_list(ROWS * 2)
+    trainer = make_trainer(tokenizer, output, model=tiny_model(tokenizer, seed=5), train_dataset=rows, curriculum="1,2",
+                           save_strategy="steps", save_steps=3, max_completion_length=4, **kwargs)  # fmt: skip
+    trainer.train(resume_from_checkpoint=resume)
+    return {e["step"]: e for e in trainer.state.log_history if "loss" in e}, trainer
+
+
+RESUME_CASES = {
+    # critic, reference KL, replay buffer, random resets (carried STM + reset RNG); a generation every 4 steps
+    "critic": dict(max_steps=14, per_device_train_batch_size=2, steps_per_generation=2, num_iterations=2,
+                   random_resets=True, random_resets_ratio=0.5, replay_buffer_size=3, replay_buffer_update_size=2),
+    # group advantages, gradient accumulation 2: a generation every 4 optimizer steps of 2 micro-batches
+    "group_accumulation": dict(max_steps=13, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                               steps_per_generation=4, num_iterations=2, advantage_estimator="group",
+                               num_generations=2, beta=0.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_from_checkpoint_repeats_the_uninterrupted_run(tokenizer, tmp_path, case):
+    """Resuming inside a generation batch (checkpoint-3) and in the second curriculum stage (checkpoint-9, epoch 1)
+    gives the same logs (losses, rewards, replay counts) and the same policy, critic and optimizer state, bit for bit.
+    """
+    kwargs = RESUME_CASES[case]
+    full, trainer = run_mrl(tokenizer, tmp_path / "full", **kwargs)
+    final = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    optimizer = trainer.optimizer.state_dict()["state"]
+    assert any(n.startswith("critic.") for n in final) == (case == "critic")
+    state = torch.load(tmp_path / "full" / "checkpoint-3" / "mrl_state_0.pt", weights_only=True)
+    assert state["step"] == 3 * trainer.args.gradient_accumulation_steps and state["generation_batch"]
+    if case == "critic":  # a checkpoint on a generation boundary stores no generation batch
+        assert not torch.load(tmp_path / "full" / "checkpoint-12" / "mrl_state_0.pt", weights_only=True)[
+            "generation_batch"]  # fmt: skip
+        assert len(state["replay_buffer"]["entries"]) == 3
+    for checkpoint in (3, 9):
+        resumed, trainer = run_mrl(tokenizer, tmp_path / f"resumed{checkpoint}",
+                                   resume=str(tmp_path / "full" / f"checkpoint-{checkpoint}"), **kwargs)  # fmt: skip
+        steps = range(checkpoint + 1, kwargs["max_steps"] + 1)
+        assert set(steps) <= set(resumed)
+        for step in steps:
+            assert resumed[step] == full[step], (checkpoint, step)
+        assert any("reward" in resumed[step] for step in steps)  # rollouts after the resume
+        for name, param in trainer.model.named_parameters():
+            assert torch.equal(param, final[name]), name
+        for index, values in trainer.optimizer.state_dict()["state"].items():
+            assert all(torch.equal(v, optimizer[index][k]) for k, v in values.items())

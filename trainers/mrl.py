@@ -19,7 +19,17 @@ on prompt + action, and the IMPO loss (§6.7) is
 
 averaged over steps. Advantages: `R − V` (critic: value head on a copy of the memory encoder, §6.5) or GAE, or
 group-normalised rewards over `num_generations` rollouts of the same episode; then normalised per
-`advantage_mode`. The curriculum (steps per episode, strategy, freeze stage, STM resets) switches by epoch.
+`advantage_mode`. The curriculum (steps per episode, strategy, freeze stage, STM resets, replay buffer) switches by
+epoch.
+
+Replay buffer (§6.9, `MrlReplayBuffer`, off unless `replay_buffer_size > 0`): the best episodes of earlier rollouts
+join every new generation batch (recomputed critic values; old log-probs recomputed with `log_probs_source="update"`,
+the sampler's stored ones with `"collect"`), one buffer per curriculum stage and per process.
+
+Resume: a checkpoint holds, beside the policy folder, `critic/`, the optimizer (critic groups included), scheduler and
+RNG states, one `mrl_state_<process>.pt` per process (step counter, the rest of the current generation batch, carried
+STM, reset RNG, replay buffer), and the train sampler's order depends only on `(seed, epoch)`; so a resumed run
+repeats the uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +72,14 @@ FREEZE_STAGES = ("warmup", "fetch", "update", "all")
 # Configuration
 
 
+class ReplayBufferSettings(NamedTuple):
+    """Resolved replay-buffer settings of a curriculum stage (`MrlReplayBuffer(size, update_size, max_age)`)."""
+
+    size: int
+    update_size: int
+    max_age: int
+
+
 @dataclass
 class MRLStage:
     """One curriculum stage: `steps` follow-ups per episode for `epochs` epochs (None fields: the config's value)."""
@@ -72,6 +91,7 @@ class MRLStage:
     random_resets_ratio: float | None = None
     random_resets_from: int | None = None
     teacher_forcing: bool | None = None
+    replay_buffer: bool | int | dict | ReplayBufferSettings | None = None  # resolved by MRLConfig (see there)
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -82,6 +102,12 @@ class MRLStage:
             raise ValueError(f"curriculum stage strategy={self.strategy!r}: expected one of {STRATEGIES}.")
         if self.random_resets_ratio is not None and not 0.0 <= self.random_resets_ratio <= 1.0:
             raise ValueError(f"curriculum stage random_resets_ratio={self.random_resets_ratio}: expected in [0, 1].")
+        replay_types = (bool, int, dict, ReplayBufferSettings)
+        if self.replay_buffer is not None and not isinstance(self.replay_buffer, replay_types):
+            raise ValueError(
+                f"curriculum stage replay_buffer={self.replay_buffer!r}: expected true/false, a size, or an object "
+                "{size, update_size, max_age}."
+            )
 
 
 def parse_unfreeze_epoch(value) -> list[tuple[int, float | None]] | int | None:
@@ -126,6 +152,11 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
     Reused GRPO fields: `epsilon` (clip), `beta` (reference-KL coefficient), `num_iterations` (update epochs over one
     rollout), `entropy_coef`, `num_generations` (rollouts per episode; 1 with the critic, >= 2 for `"group"`),
     `steps_per_generation` (minibatches per rollout), `temperature`, `top_k`, `top_p`, `max_completion_length`.
+
+    Replay buffer: `replay_buffer_size` (0 = off), `replay_buffer_update_size` (None = `max(1, size // 2)`),
+    `replay_buffer_max_age` (3); a curriculum stage's `replay_buffer` overrides them (`resolve_replay_buffer`).
+    After construction `self.replay_buffer` and each stage's `replay_buffer` hold the resolved `ReplayBufferSettings`
+    or None (off).
     """
 
     # GRPO fields, reference defaults
@@ -150,7 +181,7 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
         default="1,2,4,8,16",
         metadata={"help": "Steps per episode per stage: '1,2,4' (one epoch each) or a JSON list of stage objects "
                   "{steps, epochs, strategy, unfreeze_epoch, random_resets_ratio, random_resets_from, "
-                  "teacher_forcing}."},
+                  "teacher_forcing, replay_buffer}."},
     )  # fmt: skip
     strategy: str = field(default="multi_step", metadata={"help": "multi_step | single_step | long_range."})
     delayed_final_reward: bool = field(default=False, metadata={"help": "Add a long-range reward at the last step."})
@@ -198,6 +229,16 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
     memory_attention_lr: float | None = field(default=None, metadata={"help": "None: memory_lr."})
     encoder_lr: float | None = field(default=None, metadata={"help": "None: memory_lr."})
     embedding_lr: float | None = field(default=None, metadata={"help": "None: learning_rate."})
+    # replay buffer (training.md §6.9; `MrlReplayBuffer`)
+    replay_buffer_size: int = field(
+        default=0, metadata={"help": "Best episodes kept and replayed with each new rollout (0: no replay buffer)."}
+    )
+    replay_buffer_update_size: int | None = field(
+        default=None, metadata={"help": "Entries replaced per rollout, <= replay_buffer_size (None: max(1, size//2))."}
+    )
+    replay_buffer_max_age: int = field(
+        default=3, metadata={"help": "Entries this many rollouts old are evicted first (>= 1)."}
+    )
 
     def __post_init__(self):
         # GRPOConfig.__post_init__ requires >= 2 generations and sets vLLM/GRPO-only state: MRL sizes its own
@@ -246,6 +287,10 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
         self.unfreeze = parse_unfreeze_epoch(int(self.unfreeze_epoch) if self.unfreeze_epoch.isdigit()
                                              else self.unfreeze_epoch)  # fmt: skip
         self.curriculum_stages = self._parse_curriculum(self.curriculum)
+        self.replay_buffer = self.resolve_replay_buffer(None, "replay_buffer_")
+        for index, stage in enumerate(self.curriculum_stages):
+            prefix = f"curriculum stage {index} replay_buffer."
+            stage.replay_buffer = self.resolve_replay_buffer(stage.replay_buffer, prefix)
         if self.max_steps <= 0:
             self.num_train_epochs = sum(stage.epochs for stage in self.curriculum_stages)
 
@@ -271,6 +316,38 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
             if stage.unfreeze_epoch is not None:
                 stage.unfreeze_epoch = parse_unfreeze_epoch(stage.unfreeze_epoch)
         return stages
+
+    def resolve_replay_buffer(self, value, prefix: str) -> ReplayBufferSettings | None:
+        """A stage's `replay_buffer` → settings, or None (off). `None`: the config's `replay_buffer_*` fields;
+        `false`/`0`: off; `true`: the config's fields (needs `replay_buffer_size > 0`); an int: that size (update size
+        and max age from the config); an object `{size, update_size, max_age}` (missing keys from the config).
+        Errors name the field (`prefix` + key) and the expected value."""
+        spec = {"size": self.replay_buffer_size, "update_size": self.replay_buffer_update_size,
+                "max_age": self.replay_buffer_max_age}  # fmt: skip
+        if isinstance(value, ReplayBufferSettings) or value is False or (type(value) is int and value == 0):
+            return value or None  # already resolved (a config re-validated), or off
+        if value is True and self.replay_buffer_size <= 0:
+            raise ValueError(f"{prefix[:-1]}=true needs replay_buffer_size > 0 (or give {prefix[:-1]}={{'size': n}}).")
+        if type(value) is int:
+            spec["size"] = value
+        elif isinstance(value, dict):
+            unknown = set(value) - set(spec)
+            if unknown:
+                raise ValueError(f"{prefix[:-1]}: unknown keys {sorted(unknown)}; expected {sorted(spec)}.")
+            spec.update(value)
+        size, update_size, max_age = spec["size"], spec["update_size"], spec["max_age"]
+        if type(size) is not int or size < 0:
+            raise ValueError(f"{prefix}size={size!r}: expected an integer >= 0 (0: no replay buffer).")
+        if update_size is not None and (type(update_size) is not int or update_size < 1):
+            raise ValueError(f"{prefix}update_size={update_size!r}: expected an integer >= 1 (or None).")
+        if type(max_age) is not int or max_age < 1:
+            raise ValueError(f"{prefix}max_age={max_age!r}: expected an integer >= 1.")
+        if size == 0:
+            return None
+        update_size = max(1, size // 2) if update_size is None else update_size
+        if update_size > size:
+            raise ValueError(f"{prefix}update_size={update_size}: expected <= {prefix}size ({size}).")
+        return ReplayBufferSettings(size, update_size, max_age)
 
     def component_lr(self, component: str) -> float:
         if component in ("critic", "critic_encoder"):
@@ -433,9 +510,148 @@ def _stack_steps(per_step: list[torch.Tensor], value) -> torch.Tensor:
     return torch.stack([F.pad(t, (0, width - t.shape[1]), value=value) for t in per_step], dim=1)
 
 
+def split_rows(batch: dict, chunks: int) -> list[dict]:
+    """A generation batch → `chunks` minibatches of rows (TRL's equal split; sizes differ by at most one row when
+    replayed episodes make the row count indivisible)."""
+    rows = next(iter(batch.values())).shape[0]
+    if rows % chunks == 0:
+        return split_tensor_dict(batch, chunks)
+    parts = {key: torch.tensor_split(value, chunks) for key, value in batch.items()}
+    return [{key: parts[key][i] for key in batch} for i in range(chunks)]
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """TRL's `RepeatSampler` whose shuffle depends only on `(seed, epoch)`. TRL's draws each epoch's permutation from
+    one generator that runs on across epochs, which a resumed process cannot reproduce: resuming in epoch `e > 0` would
+    replay epoch 0's order. The trainer calls `set_epoch` at every epoch start (the Trainer and accelerate call it too
+    where their wrappers reach it)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Replay buffer
+
+
+class MrlReplayBuffer:
+    """The `size` best episodes collected so far, replayed with every new rollout (training.md §6.9).
+
+    **Entry** = one collected episode: its `G = num_generations` rows of the episode-major rollout tensors
+    (`start_stm`, `first_ids`, `saved_ids`, `qa_ids`, `action_mask`, `old_logps`, `rewards`, `turn_mask`, critic
+    input, and with `stm_source="snapshot"` the STM snapshots) — everything the update needs to replay it — kept on
+    the CPU. `values` and `advantages` are not stored: they are recomputed when the episode is replayed.
+
+    **Score** (`score`) = mean over the episode's steps (those it has, `turn_mask`) of `mean_G(r) − std_G(r)`, the
+    mean and (unbiased) standard deviation of that step's reward over the episode's `G` generations. The spec's
+    "mean over steps of (mean reward − std reward)" puts both statistics *inside* the mean over steps, i.e. over the
+    rows of one stored step: the reference stores per step a reward vector `[B]` (§6.1), so there they run over the
+    rows it collected together; our rows of one episode are its `G` answers. With `G = 1` (critic) the std is 0 and
+    the score is the mean reward over steps (not mean − std *over steps*, which would be a different quantity).
+    The score ranks episodes that are good *and* consistent first. An episode without steps scores −inf.
+
+    **Update** (`add`, once per rollout): every entry ages by one; `k = min(#new, max(update_size, free slots))` new
+    episodes, best score first, are inserted with age 0, after evicting `k − free` entries: entries with
+    `age >= max_age` first, then the others, each lowest score first (ties: older first). So an empty buffer fills at
+    once, a full one replaces `update_size` entries per rollout, and it never holds more than `size`. The number of
+    entries depends only on counts, never on rewards, so under DDP every process (each keeps its own buffer of its
+    own episodes) replays the same number of rows.
+    """
+
+    def __init__(self, size: int, update_size: int, max_age: int = 3):
+        for name, value, low in (("size", size, 1), ("update_size", update_size, 1), ("max_age", max_age, 1)):
+            if type(value) is not int or value < low:
+                raise ValueError(f"MrlReplayBuffer {name}={value!r}: expected an integer >= {low}.")
+        if update_size > size:
+            raise ValueError(f"MrlReplayBuffer update_size={update_size}: expected <= size ({size}).")
+        self.size, self.update_size, self.max_age = size, update_size, max_age
+        self.entries: list[dict] = []  # {"episode": {key: tensor [G, ...]}, "score": float, "age": int}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @staticmethod
+    def score(rewards: torch.Tensor, turn_mask: torch.Tensor, generations: int = 1) -> torch.Tensor:
+        """`rewards`, `turn_mask` `[E·G, N]` (G consecutive rows per episode) → scores `[E]` (see the class)."""
+        steps = rewards.shape[-1]
+        grouped = rewards.float().reshape(-1, generations, steps)
+        valid = turn_mask.bool().reshape(-1, generations, steps).all(1)  # the rows of an episode share its steps
+        spread = grouped.std(1) if generations > 1 else torch.zeros_like(grouped[:, 0])
+        per_step = (grouped.mean(1) - spread).masked_fill(~valid, 0.0)
+        count = valid.sum(-1)
+        return torch.where(count > 0, per_step.sum(-1) / count.clamp(min=1), float("-inf"))
+
+    def episodes(self) -> list[dict]:
+        """The stored episodes (insertion order)."""
+        return [entry["episode"] for entry in self.entries]
+
+    def add(self, episodes: list[dict], scores) -> dict[str, int]:
+        """Age every entry, evict, insert the best new episodes (see the class). Returns the counts."""
+        scores = scores.tolist() if isinstance(scores, torch.Tensor) else list(scores)
+        if len(scores) != len(episodes):
+            raise ValueError(f"MrlReplayBuffer.add: {len(episodes)} episodes but {len(scores)} scores.")
+        for entry in self.entries:
+            entry["age"] += 1
+        free = self.size - len(self.entries)
+        count = min(len(episodes), max(self.update_size, free))
+        evict = max(0, count - free)
+        if evict:
+            order = sorted(range(len(self.entries)), key=lambda i: (self.entries[i]["age"] < self.max_age,
+                           self.entries[i]["score"], -self.entries[i]["age"], i))  # fmt: skip
+            gone = set(order[:evict])
+            self.entries = [entry for i, entry in enumerate(self.entries) if i not in gone]
+        best = sorted(range(len(episodes)), key=lambda i: -scores[i])[:count]  # stable: ties keep collection order
+        for i in best:
+            episode = {key: value.detach().to("cpu", copy=True) for key, value in episodes[i].items()}
+            self.entries.append({"episode": episode, "score": float(scores[i]), "age": 0})
+        return {"evicted": evict, "inserted": count}
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "update_size": self.update_size, "max_age": self.max_age,
+                "entries": [dict(entry) for entry in self.entries]}  # fmt: skip
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "MrlReplayBuffer":
+        buffer = cls(state["size"], state["update_size"], state["max_age"])
+        buffer.entries = [{"episode": {k: v.cpu() for k, v in e["episode"].items()}, "score": float(e["score"]),
+                           "age": int(e["age"])} for e in state["entries"]]  # fmt: skip
+        return buffer
+
+
+def concat_padded(parts: list[dict], pad_id: int) -> dict:
+    """Episode-major tensor dicts → one, each key padded on every dim but the first to the widest (`*_ids` with
+    `pad_id`, `prompt_len` with 1, everything else with 0/False)."""
+    keys = list(parts[0])
+    if any(set(part) != set(keys) for part in parts):
+        raise ValueError(f"concat_padded: parts with different keys {[sorted(part) for part in parts]}.")
+    out = {}
+    for key in keys:
+        tensors = [part[key] for part in parts]
+        shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+        value = pad_id if key.endswith("_ids") else (1 if key == "prompt_len" else 0)
+        padded = []
+        for tensor in tensors:
+            if list(tensor.shape[1:]) != shape:
+                full = tensor.new_full((tensor.shape[0], *shape), value)
+                full[tuple(slice(0, n) for n in tensor.shape)] = tensor
+                tensor = full
+            padded.append(tensor)
+        out[key] = torch.cat(padded)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -480,18 +696,28 @@ class MRLTrainer(RxTTrainer):
             ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             ref_model.requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model.eval(), evaluation_mode=True)
-        self._step = 0
-        self._buffer: list[dict] = []
+        self._step = 0  # micro-batches since the start of training (restored on resume)
+        self._buffer: list[dict] = []  # the current generation batch, split into steps_per_generation minibatches
         self._carry_stm: torch.Tensor | None = None
         self._rng = torch.Generator().manual_seed(args.seed)
+        self._train_sampler: EpochRepeatSampler | None = None
+        self.replay_buffer: MrlReplayBuffer | None = None
+        self._replay_stage: int | None = None  # the curriculum stage the replay buffer belongs to
         self.set_epoch(0)
         self.add_callback(MRLCurriculumCallback(self))
 
     # -- curriculum -----------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Apply the curriculum stage of `epoch`: steps, strategy, freeze stage, resets, teacher forcing, LRs."""
+        """Apply the curriculum stage of `epoch`: steps, strategy, freeze stage, resets, teacher forcing, LRs, replay
+        buffer; and tell the train sampler the epoch."""
         args = self.args
         stage, local_epoch = args.stage_at(epoch)
+        index = next(i for i, s in enumerate(args.curriculum_stages) if s is stage)
+        if index != self._replay_stage:  # one replay buffer per curriculum stage: a new stage starts empty
+            self._replay_stage = index
+            self.replay_buffer = MrlReplayBuffer(*stage.replay_buffer) if stage.replay_buffer else None
+        if self._train_sampler is not None:
+            self._train_sampler.set_epoch(epoch)
         self.stage = stage
         self.steps = stage.steps
         self.strategy = "multi_step" if stage.strategy == "single_step" else (stage.strategy or args.strategy)
@@ -571,7 +797,7 @@ class MRLTrainer(RxTTrainer):
 
     def _get_train_sampler(self, dataset=None):
         dataset = self.train_dataset if dataset is None else dataset
-        return RepeatSampler(
+        self._train_sampler = EpochRepeatSampler(
             data_source=dataset,
             mini_repeat_count=1,
             batch_size=self.args.generation_batch_size,
@@ -579,6 +805,7 @@ class MRLTrainer(RxTTrainer):
             shuffle=True,
             seed=self.args.seed,
         )
+        return self._train_sampler
 
     def _prepare_inputs(self, inputs):
         if not self.model.training:
@@ -588,9 +815,72 @@ class MRLTrainer(RxTTrainer):
             rollout = self.rollout(inputs["episodes"], repeats=self.args.num_generations)
             self._log_rollout(rollout)
             rollout = {k: v for k, v in rollout.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
-            self._buffer = split_tensor_dict(shuffle_sequence_dict(rollout), self.args.steps_per_generation)
+            if self.replay_buffer is not None:
+                rollout = self._with_replay(rollout)
+            self._buffer = split_rows(shuffle_sequence_dict(rollout), self.args.steps_per_generation)
         batch = self._buffer[self._step % self.args.steps_per_generation]
         self._step += 1
+        return batch
+
+    # -- replay buffer (training.md §6.9) ---------------------------------------------------------------------------
+    def _with_replay(self, rollout: dict) -> dict:
+        """The generation batch = this rollout + every episode in the replay buffer (all collected at earlier
+        rollouts); then the buffer is updated with this rollout's episodes (`MrlReplayBuffer.add`). Replayed episodes
+        get fresh critic values and, with `log_probs_source="update"`, old log-probs recomputed by the current policy;
+        advantages are computed over the whole batch. Rows carry `replayed` (bool)."""
+        buffer, generations = self.replay_buffer, self.args.num_generations
+        replayed = buffer.episodes()  # before the update: entries evicted now are replayed one last time
+        stored = {k: v for k, v in rollout.items() if k not in ("values", "advantages")}
+        scores = MrlReplayBuffer.score(rollout["rewards"], rollout["turn_mask"], generations)
+        buffer.add([{k: v[i * generations : (i + 1) * generations] for k, v in stored.items()}
+                    for i in range(scores.shape[0])], scores)  # fmt: skip
+        self.record(replay_buffer_episodes=float(len(buffer)), replayed_episodes=float(len(replayed)),
+                    replay_buffer_score=torch.tensor([e["score"] for e in buffer.entries]).mean())  # fmt: skip
+        fresh = rollout["rewards"].shape[0]
+        device = rollout["rewards"].device
+        if not replayed:
+            return {**rollout, "replayed": torch.zeros(fresh, dtype=torch.bool, device=device)}
+        old = {k: v.to(device) for k, v in concat_padded(replayed, self.ids["pad_token_id"]).items()}
+        old = self._refresh_replayed(old)
+        fresh_part = {k: v for k, v in rollout.items() if k != "advantages"}
+        combined = concat_padded([fresh_part, old], self.ids["pad_token_id"])
+        combined["advantages"] = self.compute_advantages(combined["rewards"], combined.get("values"),
+                                                         combined["turn_mask"], generations)  # fmt: skip
+        replayed_rows = torch.arange(combined["rewards"].shape[0], device=device) >= fresh
+        return {**combined, "replayed": replayed_rows}
+
+    @torch.no_grad()
+    def _refresh_replayed(self, batch: dict) -> dict:
+        """Critic values of replayed episodes with the current critic; with `log_probs_source="update"` their old
+        log-probs from the current policy (one no-grad forward at temperature 1 on the STM replayed from the stored
+        start, or the stored snapshot), as a fresh rollout computes them. With `"collect"` the stored log-probs of the
+        sampler that produced the actions are kept, so the ratio is w.r.t. that behaviour policy."""
+        args = self.args
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            if args.log_probs_source == "update":
+                policy = unwrapped.policy
+                was_training = policy.training
+                policy.eval()
+                stm = batch["start_stm"].transpose(0, 1)
+                if args.stm_source == "replay":
+                    stm = self._warmup(policy, stm, batch["first_ids"], batch["first_mask"])
+                logps = []
+                for step in range(batch["turn_mask"].shape[1]):
+                    if args.stm_source == "replay":
+                        stm = policy(input_ids=batch["saved_ids"][:, step], attention_mask=batch["saved_mask"][:, step],
+                                     stm=stm, mode="memory_update").stm  # fmt: skip
+                    else:
+                        stm = batch["stm_after"][:, step].transpose(0, 1)
+                    qa_ids = batch["qa_ids"][:, step]
+                    logits = policy(input_ids=qa_ids, attention_mask=batch["qa_mask"][:, step], stm=stm).logits
+                    logps.append(selective_log_softmax(logits[:, :-1].float(), qa_ids[:, 1:]))
+                policy.train(was_training)
+                batch["old_logps"] = torch.stack(logps, dim=1)
+            if unwrapped.critic is not None:
+                rows, steps = batch["turn_mask"].shape
+                values = unwrapped(mode="critic", input_ids=batch["critic_ids"].flatten(0, 1),
+                                   attention_mask=batch["critic_mask"].flatten(0, 1))  # fmt: skip
+                batch["values"] = values.view(rows, steps).float()
         return batch
 
     # -- rollout ----------------------------------------------------------------------------------------------------
@@ -894,6 +1184,8 @@ class MRLTrainer(RxTTrainer):
         for name, entries in terms.items():  # mean over the steps that have episodes (NaN if none on this rank)
             values, present = torch.stack([v for v, _ in entries]), torch.stack([p for _, p in entries])
             metrics[name] = values[present].mean() if present.any() else values.new_tensor(float("nan"))
+        if "replayed" in inputs:  # rows of replay-buffer episodes in this minibatch
+            metrics["replayed_rows"] = inputs["replayed"].float().sum()
         self.record(**metrics)
         return (total, {"stm": stm}) if return_outputs else total
 
@@ -954,3 +1246,41 @@ class MRLTrainer(RxTTrainer):
         wrapper.policy.load_state_dict(policy_state)
         if wrapper.critic is not None:
             wrapper.critic.load_state_dict(load_file(os.path.join(resume_from_checkpoint, "critic", "model.safetensors")))
+        self._load_mrl_state(resume_from_checkpoint)
+
+    # -- resume: the trainer's own state, per process, beside the Trainer's RNG states -------------------------------
+    # The optimizer (critic groups included), scheduler and RNG states are the Trainer's. What the Trainer does not know
+    # is MRL's: the micro-step counter (generation-batch boundaries), the rest of the current generation batch when the
+    # checkpoint falls inside one (it was collected by an older policy and cannot be re-collected), the STM carried
+    # across episode batches and its reset RNG, and the replay buffer. With them a resumed run repeats the
+    # uninterrupted one exactly (tests/test_mrl.py).
+    def _mrl_state_path(self, folder: str) -> str:
+        return os.path.join(folder, f"mrl_state_{self.args.process_index}.pt")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        state = {
+            "step": self._step,
+            "generation_batch": self._buffer if self._step % generate_every else [],  # empty at a boundary
+            "carry_stm": self._carry_stm,
+            "reset_rng": self._rng.get_state(),
+            "replay_stage": self._replay_stage,
+            "replay_buffer": None if self.replay_buffer is None else self.replay_buffer.state_dict(),
+        }
+        torch.save(state, self._mrl_state_path(output_dir))
+
+    def _load_mrl_state(self, checkpoint: str) -> None:
+        path = self._mrl_state_path(checkpoint)
+        if not os.path.isfile(path):
+            warnings.warn(f"{path} not found: the resumed run starts a new rollout and an empty replay buffer.")
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        device = self.accelerator.device
+        self._step = state["step"]
+        self._buffer = [{k: v.to(device) for k, v in batch.items()} for batch in state["generation_batch"]]
+        self._carry_stm = None if state["carry_stm"] is None else state["carry_stm"].to(device)
+        self._rng.set_state(state["reset_rng"])
+        self._replay_stage = state["replay_stage"]
+        replay = state["replay_buffer"]
+        self.replay_buffer = None if replay is None else MrlReplayBuffer.from_state_dict(replay)

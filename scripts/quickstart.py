@@ -94,7 +94,8 @@ def train_baseline(preset: dict, model_config: dict, data_dir: Path, tokenizer, 
 
 
 def scripted_chat(model_dir: Path, chat: dict, seed: int) -> list[tuple[str, str]]:
-    """Play a held-out test dialogue whose question comes several turns after the fact; return (query, answer)."""
+    """Play a held-out test dialogue up to a question at exactly `chat["distance"]` turns after its fact; return the
+    (query, answer) pairs and the probe."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from modeling_rxt import RxTChatSession
@@ -105,9 +106,11 @@ def scripted_chat(model_dir: Path, chat: dict, seed: int) -> list[tuple[str, str
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     wanted = chat.get("distance", 3)
     for row in generate_dialogues(200, seed=seed + 99, split="test", max_turns=chat.get("max_turns", 6)):
-        probe = next((p for p in row["probes"] if p["distance"] >= wanted), None)
+        probe = next((p for p in row["probes"] if p["distance"] == wanted), None)
         if probe is not None:
             break
+    else:
+        raise ValueError(f"chat: no test dialogue of <= {chat.get('max_turns', 6)} turns has a question at distance {wanted}.")
     session = RxTChatSession(model, tokenizer)
     transcript = []
     for query, _ in dialogue_turns(row)[: probe["turn"] + 1]:

@@ -334,3 +334,32 @@ def test_stage_script_seeds_new_model_weights(tokenizer, tmp_path):
 
     first, second = weights("a"), weights("b")
     assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+@pytest.mark.parametrize("preset_file", sorted((REPO_ROOT / "scripts" / "presets").glob("*.json")), ids=lambda p: p.stem)
+def test_every_preset_builds(preset_file, tmp_path):
+    """Each shipped preset: the model config builds, every stage's and the baseline's arguments are valid fields of
+    their config class, every stage's `"data"` names an episode set the preset writes, and the extra episode sets are
+    valid generator arguments (a typo would otherwise surface only after minutes of training)."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from trainers.mrl import MRLConfig
+
+    preset = json.loads(preset_file.read_text())
+    RxTConfig(**{**preset["model"], "decoder_config": {**preset["model"]["decoder_config"], "vocab_size": 256},
+                 "encoder_config": {**preset["model"]["encoder_config"], "vocab_size": 256}})  # fmt: skip
+    configs = {"joint": JointLMConfig, "sft": JointLMConfig, "memory_attention": MemoryAttentionConfig, "smat": SMATConfig}
+    extra = preset.get("extra_dialogues", {})
+    for name, spec in extra.items():
+        spec = dict(spec)
+        spec.pop("num_train")
+        assert generate_dialogues(2, **spec), name
+    for stage in preset["stages"]:
+        args = {**stage.get("args", {}), "output_dir": str(tmp_path), "use_cpu": True, "bf16": False}
+        HfArgumentParser(configs[stage["stage"]]).parse_dict(args)
+        if "data" in stage:
+            assert stage["data"].removeprefix("dialogues_") in extra, stage["data"]
+    HfArgumentParser(TrainingArguments).parse_dict({**preset["baseline"]["args"], "output_dir": str(tmp_path),
+                                                "use_cpu": True, "bf16": False})  # fmt: skip
+    if "mrl" in preset:
+        HfArgumentParser(MRLConfig).parse_dict({**preset["mrl"]["args"], "output_dir": str(tmp_path), "use_cpu": True})

@@ -35,7 +35,16 @@ import torch.nn.functional as F
 
 from ._trl_compat import disable_dropout_in_model, selective_log_softmax
 from .common import stm_update_norm
-from .data import IGNORE_INDEX, _build_interaction, _fill_row, _pad_to, _special_ids, _text_problem, _tokenize
+from .data import (
+    IGNORE_INDEX,
+    EpisodeCollator,
+    _build_interaction,
+    _fill_row,
+    _pad_to,
+    _special_ids,
+    _text_problem,
+    _tokenize,
+)
 from .smat import SMATConfig, SupervisedMemoryAwareTrainer
 
 __all__ = ["DMPOCollator", "DMPOConfig", "DMPOTrainer", "answer_logps", "dmpo_row_problem", "validate_dmpo_rows"]
@@ -149,8 +158,9 @@ def _length_problem(tokenized_turns, max_length: int) -> tuple[str, str] | None:
     return None
 
 
-class DMPOCollator:
-    """Collator of DMPO rows (module docstring) into turn-major tensors, one set per answer kind.
+class DMPOCollator(EpisodeCollator):
+    """Collator of DMPO rows (module docstring) into turn-major tensors, one set per answer kind. Shares
+    `EpisodeCollator`'s settings and `set_max_turns` (SMAT's episode-length schedule); the window is always the head.
 
     Args:
         tokenizer: RxT tokenizer (special ids from `check_rxt_tokenizer`).
@@ -174,21 +184,8 @@ class DMPOCollator:
 
     def __init__(self, tokenizer, max_length: int | None = None, max_turns: int | None = None, overflow: str = "error",
                  pad_to_multiple_of: int | None = None):  # fmt: skip
-        if overflow not in ("error", "truncate"):
-            raise ValueError(f"overflow={overflow!r}: expected 'error' or 'truncate'.")
-        self.tokenizer = tokenizer
-        self.ids = _special_ids(tokenizer)
-        self.max_length = max_length
-        self.overflow = overflow
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.max_turns = None
-        self.set_max_turns(max_turns)
-
-    def set_max_turns(self, max_turns: int | None) -> None:
-        """Keep the first `max_turns` turns of each episode from the next batch on (SMAT's episode schedule)."""
-        if max_turns is not None and (not isinstance(max_turns, int) or max_turns < 1):
-            raise ValueError(f"max_turns={max_turns!r}: expected a positive integer or None.")
-        self.max_turns = max_turns
+        super().__init__(tokenizer, max_length=max_length, max_turns=max_turns, overflow=overflow,
+                         pad_to_multiple_of=pad_to_multiple_of)  # fmt: skip
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         for index, row in enumerate(rows):

@@ -1024,3 +1024,18 @@ def test_resume_from_checkpoint_repeats_the_uninterrupted_run(tokenizer, tmp_pat
             assert torch.equal(param, final[name]), name
         for index, values in trainer.optimizer.state_dict()["state"].items():
             assert all(torch.equal(v, optimizer[index][k]) for k, v in values.items())
+
+
+def test_evaluate_starts_from_the_initial_stm_and_leaves_the_training_state(tokenizer, tmp_path):
+    """Greedy evaluation episodes start from the initial STM (not the STM carried between training batches) and
+    neither the carried STM nor the reset RNG of the training rollouts change."""
+    rows = Dataset.from_list(ROWS)
+    trainer = make_trainer(tokenizer, tmp_path, train_dataset=rows, curriculum="2", random_resets=True,
+                           random_resets_ratio=0.5, per_device_eval_batch_size=len(ROWS))  # fmt: skip
+    fresh = trainer.evaluate(eval_dataset=rows)
+    carried = torch.randn_like(trainer.model.policy.initial_stm(len(ROWS)))
+    trainer._carry_stm = carried.clone()
+    rng_state = trainer._rng.get_state()
+    assert trainer.evaluate(eval_dataset=rows)["eval_reward"] == fresh["eval_reward"]
+    assert torch.equal(trainer._carry_stm, carried)
+    assert torch.equal(trainer._rng.get_state(), rng_state)

@@ -1204,18 +1204,25 @@ class MRLTrainer(RxTTrainer):
     # -- evaluation: rollouts without updates ------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Mean reward (overall and per step) of greedy rollouts on `eval_dataset` with the current curriculum step
-        count (deterministic, so before/after comparisons do not depend on sampling)."""
+        count (deterministic, so before/after comparisons do not depend on sampling). Every evaluation episode starts
+        from the initial STM; the training rollouts' carried STM and reset RNG are left as they were."""
         dataloader = self.get_eval_dataloader(eval_dataset)
         sums, counts = defaultdict(float), defaultdict(int)
-        for batch in dataloader:
-            rollout = self.rollout(batch["episodes"], greedy=True)
-            mask = rollout["turn_mask"].bool()
-            rewards = self.accelerator.gather_for_metrics(rollout["rewards"].masked_fill(~mask, float("nan")))
-            for step in range(rewards.shape[1]):
-                column = rewards[:, step]
-                column = column[~column.isnan()]
-                sums[step] += column.sum().item()
-                counts[step] += column.numel()
+        carried, rng_state = self._carry_stm, self._rng.get_state()
+        self._carry_stm = None
+        try:
+            for batch in dataloader:
+                rollout = self.rollout(batch["episodes"], greedy=True)
+                mask = rollout["turn_mask"].bool()
+                rewards = self.accelerator.gather_for_metrics(rollout["rewards"].masked_fill(~mask, float("nan")))
+                for step in range(rewards.shape[1]):
+                    column = rewards[:, step]
+                    column = column[~column.isnan()]
+                    sums[step] += column.sum().item()
+                    counts[step] += column.numel()
+        finally:
+            self._carry_stm = carried
+            self._rng.set_state(rng_state)
         total = sum(counts.values())
         metrics = {f"{metric_key_prefix}_reward": sum(sums.values()) / max(total, 1)}
         metrics.update({f"{metric_key_prefix}_reward_step_{s}": sums[s] / counts[s] for s in sums if counts[s]})

@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
         "ci95": {"memory": memory["ci95"], "memory_reset": reset["ci95"]},
         "perplexity": {"memory": memory["perplexity"], "memory_reset": reset["perplexity"]},
         "token_accuracy": {"memory": memory["token_accuracy"], "memory_reset": reset["token_accuracy"]},
+        "value_token_accuracy": {"memory": memory["value_token_accuracy"], "memory_reset": reset["value_token_accuracy"]},
     }
     for key, folder, system in (("stateless", args.baseline, "stateless"),
                                 ("full_history", args.full_history_baseline, "full_history")):  # fmt: skip
@@ -92,6 +93,7 @@ def main(argv=None) -> dict:
             result["ci95"][key] = measured["ci95"]
             result["perplexity"][key] = measured["perplexity"]
             result["token_accuracy"][key] = measured["token_accuracy"]
+            result["value_token_accuracy"][key] = measured["value_token_accuracy"]
     result["seconds"] = round(time.perf_counter() - started, 1)
     output = Path(args.output) if args.output else Path(args.model_dir).resolve().parent / "memory_eval.json"
     output.parent.mkdir(parents=True, exist_ok=True)

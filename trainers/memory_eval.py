@@ -8,7 +8,9 @@ collapsed). Systems:
 - `memory_reset`: the same model whose STM is re-initialised before every turn (ablation: must fall to chance);
 - `stateless`: a stateless baseline decoder that sees only the current query (optional);
 - `full_history`: a stateless baseline that sees the whole conversation so far (optional upper bound).
-Also reported per system: teacher-forced answer perplexity and token accuracy on the reference answers.
+Also reported per system: teacher-forced answer perplexity and token accuracy on the reference answers, and per
+distance the teacher-forced accuracy on the tokens of the expected value in the probe turns' reference answers
+(`value_token_accuracy`: a graded signal while recall, which needs every value token right, is still near 0).
 """
 
 from __future__ import annotations
@@ -89,9 +91,26 @@ def _generate(model, tokens: _Tokens, prompts: list[list[int]], max_new_tokens: 
     return answers, ended
 
 
+def value_span(tokens: _Tokens, answer: str, value: str) -> tuple[int, int] | None:
+    """Token span `[start, end)` of `value` inside `tokens.encode(answer)`, or None when the answer does not contain it.
+    In byte-level BPE the space before the value is merged into the value's first token (`ĠS`) or, where no such merge
+    exists, is a token of its own (`Ġ`); the span starts after a space token of its own and includes a merged one."""
+    at = answer.find(value)
+    if at < 0:
+        return None
+    full, before = tokens.encode(answer), tokens.encode(answer[:at])
+    if full[: len(before)] == before:  # the text before the value (trailing space included) tokenizes on its own
+        start = len(before)
+    else:
+        prefix = answer[:at].rstrip()
+        start = len(tokens.encode(prefix)) if prefix else 0
+    return start, len(tokens.encode(answer[: at + len(value)]))
+
+
 @torch.no_grad()
-def _teacher_forced(model, tokens: _Tokens, prompts, answers, stm=None) -> tuple[float, int, int]:
-    """Sum of answer-token NLL, correct argmax count and token count (answer + [EOS] are targets)."""
+def _teacher_forced(model, tokens: _Tokens, prompts, answers, stm=None, values=None):
+    """Sum of answer-token NLL, correct argmax count and token count (answer + [EOS] are targets), and per row the
+    (correct, count) of the tokens of `values[i]` inside answer `i` ((0, 0) where `values[i]` is None or absent)."""
     eos = tokens.ids["eos_token_id"]
     sequences = [p + tokens.encode(a) + [eos] for p, a in zip(prompts, answers)]
     ids, mask = tokens.batch(sequences, left=False)
@@ -103,18 +122,27 @@ def _teacher_forced(model, tokens: _Tokens, prompts, answers, stm=None) -> tuple
     targets = labels[:, 1:]
     valid = targets != -100
     nll = torch.nn.functional.cross_entropy(logits[valid], targets[valid], reduction="sum").item()
-    correct = (logits.argmax(-1)[valid] == targets[valid]).sum().item()
-    return nll, correct, int(valid.sum().item())
+    hit = logits.argmax(-1) == targets  # [B, T-1]: position t predicts token t + 1
+    value_hits = []
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        span = value_span(tokens, a, values[i]) if values is not None and values[i] is not None else None
+        if span is None:
+            value_hits.append((0, 0))
+            continue
+        row = hit[i, len(p) + span[0] - 1 : len(p) + span[1] - 1]
+        value_hits.append((int(row.sum().item()), row.numel()))
+    return nll, int(hit[valid].sum().item()), int(valid.sum().item()), value_hits
 
 
 def evaluate_system(model, tokenizer, rows: list[dict], system: str, batch_size: int = 16,
                     max_new_tokens: int = 24) -> dict:  # fmt: skip
-    """Recall per distance and answer perplexity / token accuracy of one system on `rows`."""
+    """Recall and value-token accuracy per distance, answer perplexity / token accuracy of one system on `rows`."""
     from modeling_rxt import RxTCache
 
     device = next(model.parameters()).device
     tokens = _Tokens(tokenizer, device)
     hits, counts = defaultdict(int), defaultdict(int)
+    value_correct, value_total = defaultdict(int), defaultdict(int)
     nll, correct, total = 0.0, 0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -126,15 +154,16 @@ def evaluate_system(model, tokenizer, rows: list[dict], system: str, batch_size:
             active = [i for i, t in enumerate(turns) if k < len(t)]
             queries = [turns[i][k][0] for i in active]
             prompts = [tokens.prompt(q) for q in queries]
+            values = [probes[i][k]["expected"] if k in probes[i] else None for i in active]
             if system == "full_history":
                 prompts = [history[i] + p for i, p in zip(active, prompts)]
             if system in ("memory", "memory_reset"):
                 row_stm = stm[:, active] if system == "memory" else model.initial_stm(len(active))
                 answers, ended = _generate(model, tokens, prompts, max_new_tokens, RxTCache(stm=row_stm))
-                step = _teacher_forced(model, tokens, prompts, [turns[i][k][1] for i in active], row_stm)
+                step = _teacher_forced(model, tokens, prompts, [turns[i][k][1] for i in active], row_stm, values)
             else:
                 answers, ended = _generate(model, tokens, prompts, max_new_tokens)
-                step = _teacher_forced(model, tokens, prompts, [turns[i][k][1] for i in active])
+                step = _teacher_forced(model, tokens, prompts, [turns[i][k][1] for i in active], values=values)
             nll, correct, total = nll + step[0], correct + step[1], total + step[2]
             texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
             for j, i in enumerate(active):
@@ -142,6 +171,8 @@ def evaluate_system(model, tokenizer, rows: list[dict], system: str, batch_size:
                 if probe is not None:
                     counts[probe["distance"]] += 1
                     hits[probe["distance"]] += recalled(probe["expected"], texts[j])
+                    value_correct[probe["distance"]] += step[3][j][0]
+                    value_total[probe["distance"]] += step[3][j][1]
             interactions = [tokens.interaction(q, a, e) for q, a, e in zip(queries, answers, ended)]
             if system == "memory":
                 ids, mask = tokens.batch(interactions, left=False)
@@ -156,6 +187,7 @@ def evaluate_system(model, tokenizer, rows: list[dict], system: str, batch_size:
         "ci95": {str(d): wilson_interval(hits[d], counts[d]) for d in distances},
         "perplexity": math.exp(nll / max(total, 1)),
         "token_accuracy": correct / max(total, 1),
+        "value_token_accuracy": {str(d): value_correct[d] / value_total[d] for d in distances if value_total[d]},
     }
 
 

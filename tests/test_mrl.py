@@ -1039,3 +1039,23 @@ def test_evaluate_starts_from_the_initial_stm_and_leaves_the_training_state(toke
     assert trainer.evaluate(eval_dataset=rows)["eval_reward"] == fresh["eval_reward"]
     assert torch.equal(trainer._carry_stm, carried)
     assert torch.equal(trainer._rng.get_state(), rng_state)
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(tokenizer, tmp_path):
+    """With `load_best_model_at_end` the policy and critic after training are those of the best-scoring checkpoint."""
+    from safetensors.torch import load_file
+
+    rows = Dataset.from_list(ROWS)
+    args = mrl_config(tmp_path, curriculum="1", max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps",
+                      eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_reward",
+                      greater_is_better=True, max_completion_length=4)  # fmt: skip
+    trainer = MRLTrainer(model=tiny_model(tokenizer), args=args, processing_class=tokenizer, train_dataset=rows,
+                         eval_dataset=rows)  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-2")  # not the last one: the weights must actually be reloaded
+    policy = load_file(os.path.join(best, "model.safetensors"))
+    critic = load_file(os.path.join(best, "critic", "model.safetensors"))
+    wrapper = trainer.accelerator.unwrap_model(trainer.model)
+    assert all(torch.equal(wrapper.policy.state_dict()[k], v) for k, v in policy.items())
+    assert all(torch.equal(wrapper.critic.state_dict()[k], v) for k, v in critic.items())

@@ -1245,15 +1245,23 @@ class MRLTrainer(RxTTrainer):
             save_file(tensors, os.path.join(output_dir, "critic", "model.safetensors"))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+    def _load_weights(self, folder: str, model=None) -> None:
+        """Policy and critic weights from a folder written by `_save`."""
         from safetensors.torch import load_file
 
         wrapper = self.accelerator.unwrap_model(self.model if model is None else model)
-        policy_state = load_file(os.path.join(resume_from_checkpoint, "model.safetensors"))
-        wrapper.policy.load_state_dict(policy_state)
+        wrapper.policy.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
         if wrapper.critic is not None:
-            wrapper.critic.load_state_dict(load_file(os.path.join(resume_from_checkpoint, "critic", "model.safetensors")))
+            wrapper.critic.load_state_dict(load_file(os.path.join(folder, "critic", "model.safetensors")))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self._load_weights(resume_from_checkpoint, model)
         self._load_mrl_state(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end`: the best checkpoint's policy and critic (the Trainer's loader expects the
+        wrapper's state dict in one file, our checkpoints hold the policy folder and `critic/`)."""
+        self._load_weights(self.state.best_model_checkpoint)
 
     # -- resume: the trainer's own state, per process, beside the Trainer's RNG states -------------------------------
     # The optimizer (critic groups included), scheduler and RNG states are the Trainer's. What the Trainer does not know

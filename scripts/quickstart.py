@@ -110,7 +110,8 @@ def scripted_chat(model_dir: Path, chat: dict, seed: int) -> list[tuple[str, str
         if probe is not None:
             break
     else:
-        raise ValueError(f"chat: no test dialogue of <= {chat.get('max_turns', 6)} turns has a question at distance {wanted}.")
+        turns = chat.get("max_turns", 6)
+        raise ValueError(f"chat: no test dialogue of <= {turns} turns has a question at distance {wanted}.")
     session = RxTChatSession(model, tokenizer)
     transcript = []
     for query, _ in dialogue_turns(row)[: probe["turn"] + 1]:

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 
 from conftest import REPO_ROOT

@@ -283,17 +283,9 @@ def validate_rows(
     Returns:
         `datasets.Dataset`: the valid rows (the input object itself when nothing was dropped).
     """
-    import datasets
-
     if kind not in _KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {_KINDS}.")
-    if on_error not in ("error", "skip"):
-        raise ValueError(f"on_error={on_error!r}: expected 'error' or 'skip'.")
-    if max_length is not None and tokenizer is None:
-        raise ValueError("validate_rows: a tokenizer is needed to check max_length.")
-    if isinstance(dataset, list):
-        dataset = datasets.Dataset.from_list(dataset)
-
+    dataset = validation_input(dataset, "validate_rows", on_error, max_length, tokenizer)
     problems: dict[int, tuple[str, str]] = {}
     pending: list[tuple[int, str, str, str | None]] = []  # rows to length-check: (row, field, text, answer)
     for index, row in enumerate(dataset):
@@ -317,6 +309,23 @@ def validate_rows(
                 if length > max_length and index not in problems:
                     problems[index] = (field, f"{length} tokens exceed max_length={max_length}")
 
+    return drop_or_raise(dataset, problems, kind, "validate_rows", on_error)
+
+
+def validation_input(dataset, caller: str, on_error: str, max_length: int | None, tokenizer):
+    """Check a row validator's arguments; a list of dicts becomes a `datasets.Dataset`."""
+    import datasets
+
+    if on_error not in ("error", "skip"):
+        raise ValueError(f"on_error={on_error!r}: expected 'error' or 'skip'.")
+    if max_length is not None and tokenizer is None:
+        raise ValueError(f"{caller}: a tokenizer is needed to check max_length.")
+    return datasets.Dataset.from_list(dataset) if isinstance(dataset, list) else dataset
+
+
+def drop_or_raise(dataset, problems: dict[int, tuple[str, str]], kind: str, caller: str, on_error: str):
+    """`problems` (row index -> (field, reason)) → the dataset unchanged when empty; else a `ValueError` naming the
+    first bad row (`on_error="error"`, or when every row is bad), or the dataset without the bad rows (logged)."""
     if not problems:
         return dataset
     total = len(dataset)
@@ -328,8 +337,8 @@ def validate_rows(
             f"invalid {kind} {detail} ({len(problems)} of {total} rows invalid; on_error='skip' drops them)."
         )
     if len(problems) == total:
-        raise ValueError(f"validate_rows: all {total} {kind} rows are invalid; first: {detail}.")
-    logger.warning("validate_rows: skipped %d of %d %s rows (first: %s).", len(problems), total, kind, detail)
+        raise ValueError(f"{caller}: all {total} {kind} rows are invalid; first: {detail}.")
+    logger.warning("%s: skipped %d of %d %s rows (first: %s).", caller, len(problems), total, kind, detail)
     return dataset.select([i for i in range(total) if i not in problems])
 
 

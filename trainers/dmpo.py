@@ -41,9 +41,10 @@ from .data import (
     _build_interaction,
     _fill_row,
     _pad_to,
-    _special_ids,
     _text_problem,
     _tokenize,
+    drop_or_raise,
+    validation_input,
 )
 from .smat import SMATConfig, SupervisedMemoryAwareTrainer
 
@@ -241,14 +242,7 @@ def validate_dmpo_rows(dataset, tokenizer=None, max_length: int | None = None, o
     `on_error="error"` raises `ValueError("... row {i}: field {field!r}: {reason}")` for the first bad row; `"skip"`
     drops bad rows with a logged warning (an all-invalid dataset raises anyway). Returns a `datasets.Dataset` (the
     input itself when nothing was dropped); a list of dicts is converted."""
-    import datasets
-
-    if on_error not in ("error", "skip"):
-        raise ValueError(f"on_error={on_error!r}: expected 'error' or 'skip'.")
-    if max_length is not None and tokenizer is None:
-        raise ValueError("validate_dmpo_rows: a tokenizer is needed to check max_length.")
-    if isinstance(dataset, list):
-        dataset = datasets.Dataset.from_list(dataset)
+    dataset = validation_input(dataset, "validate_dmpo_rows", on_error, max_length, tokenizer)
     problems: dict[int, tuple[str, str]] = {}
     chunk: list[tuple[int, dict]] = []
 
@@ -269,18 +263,7 @@ def validate_dmpo_rows(dataset, tokenizer=None, max_length: int | None = None, o
                 check_lengths()
     if chunk:
         check_lengths()
-    if not problems:
-        return dataset
-    total, first = len(dataset), min(problems)
-    detail = f"row {first}: field {problems[first][0]!r}: {problems[first][1]}"
-    if on_error == "error":
-        raise ValueError(
-            f"invalid DMPO {detail} ({len(problems)} of {total} rows invalid; on_error='skip' drops them)."
-        )
-    if len(problems) == total:
-        raise ValueError(f"validate_dmpo_rows: all {total} DMPO rows are invalid; first: {detail}.")
-    logger.warning("validate_dmpo_rows: skipped %d of %d DMPO rows (first: %s).", len(problems), total, detail)
-    return dataset.select([i for i in range(total) if i not in problems])
+    return drop_or_raise(dataset, problems, "DMPO", "validate_dmpo_rows", on_error)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -320,3 +320,14 @@ def test_script_end_to_end_writes_a_loadable_folder(tokenizer, tmp_path):  # noq
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param.detach(), loaded.state_dict()[name]), name
+
+    # the script checks rows with the DMPO validator: a row without `rejected` is named, or skipped on request
+    rows = preference_rows(8, seed=5)
+    del rows[3]["interactions"][0]["rejected"]
+    write_jsonl(rows, tmp_path / "bad.jsonl")
+    argv = ["--model_name_or_path", str(out), "--train_file", str(tmp_path / "bad.jsonl"), "--output_dir",
+            str(tmp_path / "dmpo2"), "--max_steps", "1", "--report_to", "none", "--save_strategy", "no", "--use_cpu",
+            "True", "--per_device_train_batch_size", "4", "--disable_tqdm", "True", "--max_length", "96"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"row 3: field 'interactions\[0\]\.rejected'"):
+        train_dmpo.main(argv)
+    assert len(train_dmpo.main(argv + ["--on_error", "skip"]).train_dataset) == 7

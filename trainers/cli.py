@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -74,12 +75,13 @@ def load_model(model_args: ModelArguments, tokenizer, **config_overrides) -> RxT
     return model
 
 
-def load_split(data_args: DataArguments, path: str | None, kind: str, tokenizer, max_length: int):
+def load_split(data_args: DataArguments, path: str | None, validate, tokenizer, max_length: int):
+    """Rows of `path` (local file or hub id), checked by `validate(rows, tokenizer=, max_length=, on_error=)`."""
     if path is None:
         return None
     kwargs = {"name": data_args.dataset_config} if data_args.dataset_config else {}
     rows = load_rows(path, **kwargs)
-    return validate_rows(rows, kind, tokenizer=tokenizer, max_length=max_length, on_error=data_args.on_error)
+    return validate(rows, tokenizer=tokenizer, max_length=max_length, on_error=data_args.on_error)
 
 
 def train_and_save(trainer, tokenizer, args) -> None:
@@ -91,20 +93,22 @@ def train_and_save(trainer, tokenizer, args) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def run_stage(trainer_cls, config_cls, kind: str, make_collator, argv=None, **config_overrides):
+def run_stage(trainer_cls, config_cls, kind, make_collator, argv=None, validate=None, **config_overrides):
     """Parse `(ModelArguments, DataArguments, config_cls)`, load tokenizer, model and data, train, save.
 
-    `kind` is the row kind for validation (`text`, `interaction`, `episode`); `make_collator(tokenizer, args)` builds
+    `kind` is the row kind for `validate_rows` (`text`, `interaction`, `episode`, or `args -> kind`); `validate`
+    replaces `validate_rows` for other row formats (e.g. DMPO preferences). `make_collator(tokenizer, args)` builds
     the batch collator. Returns the trainer."""
     model_args, data_args, args = parse_arguments((ModelArguments, DataArguments, config_cls), argv)
-    kind = kind(args) if callable(kind) else kind
+    if validate is None:
+        validate = functools.partial(validate_rows, kind=kind(args) if callable(kind) else kind)
     tokenizer = load_tokenizer(model_args)
     set_seed(args.seed)  # a new model's initial weights depend on the seed, not on what ran before in the process
     trainer = trainer_cls(
         model=load_model(model_args, tokenizer, **config_overrides),
         args=args,
-        train_dataset=load_split(data_args, data_args.train_file, kind, tokenizer, args.max_length),
-        eval_dataset=load_split(data_args, data_args.validation_file, kind, tokenizer, args.max_length),
+        train_dataset=load_split(data_args, data_args.train_file, validate, tokenizer, args.max_length),
+        eval_dataset=load_split(data_args, data_args.validation_file, validate, tokenizer, args.max_length),
         data_collator=make_collator(tokenizer, args),
         processing_class=tokenizer,
     )

@@ -1,6 +1,7 @@
 """Shared test set-up: offline hub, repo root importable, fixture paths."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,3 +27,39 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         raise FileNotFoundError(f"reference fixtures not found at {FIXTURES} (expected ../shared beside the repo)")
     return FIXTURES
+
+
+# Two-process CPU DDP tests (gloo): a script = DDP_PREAMBLE + its own body + DDP_EPILOGUE, started by run_torchrun.
+DDP_PREAMBLE = r"""
+import hashlib, json, os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+from datasets import Dataset
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.tokenization_rxt import train_rxt_tokenizer, check_rxt_tokenizer
+from trainers.synthetic import generate_dialogues, generate_pretrain
+torch.set_num_threads(1)
+tok = train_rxt_tokenizer([r["text"] for r in generate_pretrain(200, seed=3)], vocab_size=400, min_frequency=1)
+ids = {k: v for k, v in check_rxt_tokenizer(tok).items() if v is not None}
+torch.manual_seed(0)
+"""
+
+DDP_EPILOGUE = r"""
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # all checks are done: skip interpreter teardown, where gloo once aborted ("terminate called without an active exception")
+"""
+
+
+def run_torchrun(body: str, tmp_path: Path, master_port: int) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run `DDP_PREAMBLE + body + DDP_EPILOGUE` in 2 CPU processes; argv: repo root, an output folder (returned)."""
+    script, out = tmp_path / "ddp_script.py", tmp_path / "out"
+    script.write_text(DDP_PREAMBLE + body + DDP_EPILOGUE)
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(master_port), str(script), str(REPO_ROOT), str(out)]  # fmt: skip
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result, out

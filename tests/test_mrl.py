@@ -10,8 +10,6 @@ import importlib
 import json
 import math
 import os
-import subprocess
-import sys
 from collections import defaultdict
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from conftest import REPO_ROOT
+from conftest import run_torchrun
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import check_rxt_tokenizer, train_rxt_tokenizer
 from trainers import _trl_compat
@@ -731,19 +729,8 @@ def test_save_model_writes_a_remote_code_policy_and_the_critic(tokenizer, tmp_pa
 # 10. Two-process DDP
 
 
-DDP_SCRIPT = r"""
-import hashlib, json, os, sys, torch
-sys.path.insert(0, sys.argv[1])
-import torch.distributed as dist
-from datasets import Dataset
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from modeling_rxt.tokenization_rxt import train_rxt_tokenizer, check_rxt_tokenizer
+DDP_BODY = r"""
 from trainers.mrl import MRLConfig, MRLTrainer
-from trainers.synthetic import generate_dialogues, generate_pretrain
-torch.set_num_threads(1)
-tok = train_rxt_tokenizer([r["text"] for r in generate_pretrain(200, seed=3)], vocab_size=400, min_frequency=1)
-ids = {k: v for k, v in check_rxt_tokenizer(tok).items() if v is not None}
-torch.manual_seed(0)
 model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tok), learned_stm_init=True, stm_init="normal", **ids))
 before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 args = MRLConfig(output_dir=sys.argv[2], per_device_train_batch_size=2, report_to="none", use_cpu=True,
@@ -767,23 +754,11 @@ with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as handle:
                "episode_steps": [e["episode_steps"] for e in trainer.state.log_history if "episode_steps" in e],
                "replayed": [e["replayed_episodes"] for e in trainer.state.log_history if "replayed_episodes" in e]},
               handle)
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)  # all checks are done: skip interpreter teardown, where gloo once aborted ("terminate called without an active exception")
 """
 
 
 def test_mrl_two_process_ddp_keeps_replicas_in_sync(tmp_path):
-    script = tmp_path / "ddp_mrl.py"
-    script.write_text(DDP_SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-               str(script), str(REPO_ROOT), str(out)]  # fmt: skip
-    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, out = run_torchrun(DDP_BODY, tmp_path, master_port=29531)
     reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert all(r["world"] == 2 and r["changed"] for r in reports)
     assert reports[0]["steps"] == reports[1]["steps"] >= 2

@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_torchrun
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import check_rxt_tokenizer, train_rxt_tokenizer
 from trainers.common import component_of
@@ -207,20 +207,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tokenizer, tmp_path):
         assert resumed[step] == pytest.approx(full[step], abs=1e-5)
 
 
-DDP_SCRIPT = r"""
-import os, sys, json, torch
-sys.path.insert(0, sys.argv[1])
-import torch.distributed as dist
-from datasets import Dataset
-from modeling_rxt import RxTConfig, RxTForCausalLM
-from modeling_rxt.tokenization_rxt import train_rxt_tokenizer, check_rxt_tokenizer
+DDP_BODY = r"""
 from trainers.data import EpisodeCollator
 from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer
-from trainers.synthetic import generate_dialogues, generate_pretrain
-torch.set_num_threads(1)
-tok = train_rxt_tokenizer([r["text"] for r in generate_pretrain(200, seed=3)], vocab_size=400, min_frequency=1)
-ids = {k: v for k, v in check_rxt_tokenizer(tok).items() if v is not None}
-torch.manual_seed(0)
 model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tok), learned_stm_init=True, **ids))
 before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("model.encoder.")}
 args = SMATConfig(output_dir=sys.argv[2], max_steps=4, per_device_train_batch_size=4, report_to="none", use_cpu=True,
@@ -237,21 +226,11 @@ encoder_same = all(torch.equal(p.detach(), before[n]) for n, p in model.named_pa
 if dist.get_rank() == 0:
     print(json.dumps({"world": dist.get_world_size(), "max_diff": (gathered[0] - gathered[1]).abs().max().item(),
                       "encoder_unchanged": encoder_same, "steps": trainer.state.global_step}), flush=True)
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)  # all checks are done: skip interpreter teardown, where gloo once aborted ("terminate called without an active exception")
 """
 
 
 def test_smat_two_process_ddp_keeps_replicas_in_sync(tmp_path):
-    script = tmp_path / "ddp_smat.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               str(script), str(REPO_ROOT), str(tmp_path / "out")]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result, _ = run_torchrun(DDP_BODY, tmp_path, master_port=29517)
     report = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
     assert report["world"] == 2 and report["steps"] == 4
     assert report["max_diff"] == 0.0  # replicas identical after 4 steps

@@ -331,3 +331,11 @@ def test_script_end_to_end_writes_a_loadable_folder(tokenizer, tmp_path):  # noq
     with pytest.raises(ValueError, match=r"row 3: field 'interactions\[0\]\.rejected'"):
         train_dmpo.main(argv)
     assert len(train_dmpo.main(argv + ["--on_error", "skip"]).train_dataset) == 7
+
+
+def test_run_stage_needs_exactly_one_of_kind_and_validate():
+    from trainers.cli import run_stage
+
+    for kind, validate in ((None, None), ("episode", validate_dmpo_rows)):
+        with pytest.raises(ValueError, match="either a row kind or a validate function"):
+            run_stage(DMPOTrainer, DMPOConfig, kind, None, [], validate=validate)

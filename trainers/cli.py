@@ -99,6 +99,9 @@ def run_stage(trainer_cls, config_cls, kind, make_collator, argv=None, validate=
     `kind` is the row kind for `validate_rows` (`text`, `interaction`, `episode`, or `args -> kind`); `validate`
     replaces `validate_rows` for other row formats (e.g. DMPO preferences). `make_collator(tokenizer, args)` builds
     the batch collator. Returns the trainer."""
+    if (kind is None) == (validate is None):
+        raise ValueError(f"run_stage: pass either a row kind or a validate function (got kind={kind!r}, "
+                         f"validate={validate!r}).")  # fmt: skip
     model_args, data_args, args = parse_arguments((ModelArguments, DataArguments, config_cls), argv)
     if validate is None:
         validate = functools.partial(validate_rows, kind=kind(args) if callable(kind) else kind)

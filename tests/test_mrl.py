@@ -314,7 +314,7 @@ def loss_case(tokenizer, episodes, tmp_path_factory):
 def run_loss(trainer, rollout, advantages=None, old_logps=None, **settings):
     defaults = dict(epsilon=0.2, beta=0.0, entropy_coef=0.0, interstep_kl_coef=0.0, stm_diff_coef=0.0,
                     cosine_sim_coef=0.0, use_stm_cosine_sim=False, stm_diff_metric="mse",
-                    entropy_normalisation="mean", ref_kl_estimator="reference")  # fmt: skip
+                    entropy_normalisation="mean", ref_kl_estimator="reference", bptt_steps=1)  # fmt: skip
     for name, value in {**defaults, **settings}.items():
         setattr(trainer.args, name, value)
     inputs = dict(rollout)
@@ -352,6 +352,50 @@ def test_clipped_policy_loss_equals_formula(loss_case):
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     assert metrics["policy_loss"] == pytest.approx(expected.item(), abs=1e-5)
     assert metrics["clip_ratio"] == pytest.approx(sum(clipped_fraction) / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize(("bptt_steps", "step"), [(0, 2), (1, 2), (2, 1), (2, 2)])
+def test_bptt_steps_sets_which_memory_writes_the_loss_reaches(loss_case, bptt_steps, step):
+    """Only `step` has advantages: its policy loss reaches the writes since the last detach (every `bptt_steps`
+    steps, before that step's write; 0: never)."""
+    trainer, _, rollout, _ = loss_case
+    model = trainer.model
+    rows = rollout["turn_mask"][:, step].nonzero().flatten().tolist()
+    advantages = torch.zeros(4, 3)
+    advantages[rows, step] = torch.linspace(-1.0, 1.5, len(rows))
+    params = {n: p for n, p in model.named_parameters() if ".memory_attention." in n}
+
+    def manual_grads(detach_every: int) -> dict:
+        model.zero_grad()
+        stm = rollout["start_stm"].transpose(0, 1)
+        for k in range(step + 1):
+            if detach_every and k % detach_every == 0:
+                stm = stm.detach()
+            stm = model(input_ids=rollout["saved_ids"][:, k], attention_mask=rollout["saved_mask"][:, k], stm=stm,
+                        mode="memory_update").stm  # fmt: skip
+        logits = model(input_ids=rollout["qa_ids"][:, step], attention_mask=rollout["qa_mask"][:, step],
+                       stm=stm).logits.float()  # fmt: skip
+        per_row = []
+        for b in rows:
+            positions = action_positions(rollout, b, step)
+            logp = token_logps(logits[b], rollout["qa_ids"][b, step], positions)
+            ratio = (logp - rollout["old_logps"][b, step, [p - 1 for p in positions]]).exp()
+            adv = advantages[b, step]
+            per_row.append(-torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean())
+        (torch.stack(per_row).mean() / 3).backward()  # the loss is the mean over the 3 steps; the others give 0
+        return {n: p.grad.clone() for n, p in params.items()}
+
+    model.train()
+    expected = manual_grads(bptt_steps)
+    model.zero_grad()
+    loss, _ = run_loss(trainer, rollout, advantages=advantages, bptt_steps=bptt_steps)
+    loss.backward()
+    for name, param in params.items():
+        torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-4, msg=name)
+    one_step = manual_grads(1)
+    reaches_earlier_writes = bptt_steps == 0 or step % bptt_steps != 0
+    assert reaches_earlier_writes == any(not torch.allclose(one_step[n], expected[n], atol=1e-7) for n in params)
+    model.zero_grad()
 
 
 @pytest.mark.parametrize("normalisation", ["mean", "reference"])
@@ -630,6 +674,8 @@ def test_gradients_reach_exactly_the_unfrozen_components(tokenizer, episodes, tm
         ({"epsilon": -0.2}, "epsilon"),
         ({"stm_diff_metric": "mae"}, "stm_diff_metric"),
         ({"ref_kl_estimator": "k2"}, "ref_kl_estimator"),
+        ({"bptt_steps": -1}, "bptt_steps=-1: expected 0"),
+        ({"bptt_steps": 0, "stm_source": "snapshot"}, "bptt_steps=0 needs stm_source='replay'"),
         ({"bleu_factor": 0.9}, "bleu_factor"),
         ({"replay_buffer_size": -1}, "replay_buffer_size=-1: expected an integer >= 0"),
         ({"replay_buffer_size": 2, "replay_buffer_update_size": 3},

@@ -11,8 +11,9 @@ the starting STM, per step the interaction written before the step (`saved_ids`)
 `action_mask`), old log-probs, reward, advantage, critic input.
 
 Update (`compute_loss`, one optimizer step per minibatch of episodes, turn-major as SMAT): per step the STM is
-replayed with the current parameters from the detached previous state (`stm_source="replay"`), the decoder reads it
-on prompt + action, and the IMPO loss (§6.7) is
+replayed with the current parameters from the detached previous state (`stm_source="replay"`; with `bptt_steps` k
+the STM is detached every k steps only, so the loss also reaches earlier writes), the decoder reads it on
+prompt + action, and the IMPO loss (§6.7) is
 
     L = policy_clip − c_H·H + c_ref·KL_ref + c_kl·KL(π_t ‖ π_{t−1}) + sqrt(t+1)·c_mem·MSE(STM_t, STM_{t−1})
         (− c_cos·cos(STM_t, STM_{t−1})) (+ MoE aux) (+ critic MSE)
@@ -205,6 +206,11 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
     entropy_normalisation: str = field(default="mean", metadata={"help": "mean (masked token mean) | reference."})
     ref_kl_estimator: str = field(default="reference", metadata={"help": "reference | k3."})
     stm_source: str = field(default="replay", metadata={"help": "replay (recompute the STM) | snapshot."})
+    bptt_steps: int = field(
+        default=1,
+        metadata={"help": "[project] replay: detach the STM every k steps, so a step's loss reaches the last k memory "
+                  "writes; 1 = its own write only (reference), 0 = every write of the episode."},
+    )
     log_probs_source: str = field(default="update", metadata={"help": "update (policy at T=1) | collect (sampler)."})
     moe_aux_loss_scale: float = field(default=0.01, metadata={"help": "MoE router loss weight."})
     per_component_grad_clip: bool = field(
@@ -249,6 +255,10 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
             self.steps_per_generation = self.gradient_accumulation_steps
         if self.steps_per_generation < 1:
             raise ValueError(f"steps_per_generation={self.steps_per_generation}: expected >= 1.")
+        if isinstance(self.bptt_steps, bool) or not isinstance(self.bptt_steps, int) or self.bptt_steps < 0:
+            raise ValueError(f"bptt_steps={self.bptt_steps!r}: expected 0 (whole episode) or a positive window.")
+        if self.bptt_steps != 1 and self.stm_source != "replay":
+            raise ValueError(f"bptt_steps={self.bptt_steps} needs stm_source='replay' (snapshots carry no gradient).")
         self.generation_batch_size = self.per_device_train_batch_size * self.world_size * self.steps_per_generation
         checks = {
             "strategy": (self.strategy, STRATEGIES),
@@ -1105,8 +1115,8 @@ class MRLTrainer(RxTTrainer):
             def row_mean(values: torch.Tensor) -> torch.Tensor:  # mean over the episodes that have this step
                 return (values * rows).sum() / rows.sum().clamp(min=1.0)
 
-            if args.stm_source == "replay":
-                previous = stm.detach()
+            if args.stm_source == "replay":  # detach every `bptt_steps` steps (0: never), before this step's write
+                previous = stm.detach() if args.bptt_steps and step % args.bptt_steps == 0 else stm
             else:
                 previous = inputs["stm_before"][:, step].transpose(0, 1)
             new_stm = model(input_ids=inputs["saved_ids"][:, step], attention_mask=inputs["saved_mask"][:, step],

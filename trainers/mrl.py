@@ -208,8 +208,8 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
     stm_source: str = field(default="replay", metadata={"help": "replay (recompute the STM) | snapshot."})
     bptt_steps: int = field(
         default=1,
-        metadata={"help": "[project] replay: detach the STM every k steps, so a step's loss reaches the last k memory "
-                  "writes; 1 = its own write only (reference), 0 = every write of the episode."},
+        metadata={"help": "[project] replay: detach the STM every k steps (before that step's write), so a step's loss "
+                  "reaches the writes since the last detach; 1 = its own write only (reference), 0 = every write."},
     )
     log_probs_source: str = field(default="update", metadata={"help": "update (policy at T=1) | collect (sampler)."})
     moe_aux_loss_scale: float = field(default=0.01, metadata={"help": "MoE router loss weight."})

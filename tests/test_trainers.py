@@ -188,6 +188,21 @@ def test_per_component_learning_rates(tokenizer, tmp_path):
     assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(1 for p in model.parameters() if p.requires_grad)
 
 
+def test_residual_gate_learning_rate(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)  # self-interlayer: static per-slot gates, [S, 1]
+    gates = {id(p) for n, p in model.named_parameters() if "gate_layers." in n}  # main, mean, interlayer
+    assert gates
+    args = SMATConfig(**common_args(tmp_path, max_steps=1), memory_attention_lr=5e-3, residual_gate_lr=0.1,
+                      weight_decay=0.01)  # fmt: skip
+    trainer = SupervisedMemoryAwareTrainer(model=model, args=args, data_collator=EpisodeCollator(tokenizer))
+    groups = {g["name"]: g for g in trainer.create_optimizer().param_groups}
+    assert {id(p) for p in groups["residual_gate.no_decay"]["params"]} == gates
+    assert groups["residual_gate.no_decay"]["lr"] == 0.1 and groups["memory_attention"]["lr"] == 5e-3
+    assert groups["residual_gate.no_decay"]["weight_decay"] == 0.0  # [S, 1] gates are not decayed
+    default = SMATConfig(**common_args(tmp_path, max_steps=1), memory_attention_lr=5e-3)
+    assert default.component_lr("residual_gate") == 5e-3  # None follows memory attention
+
+
 def test_resume_from_checkpoint_matches_uninterrupted_run(tokenizer, tmp_path):
     rows = Dataset.from_list(generate_dialogues(64, seed=7, max_turns=3))
 

@@ -33,6 +33,16 @@ def component_of(name: str) -> str:
     raise ValueError(f"parameter {name!r} belongs to no RxT component; expected one of the prefixes {COMPONENT_PREFIXES}")
 
 
+def is_gate(name: str) -> bool:
+    """Memory-attention residual gate parameter (main, self, interlayer and mean gates)."""
+    return "memory_attention." in name and "gate_layers." in name
+
+
+def is_no_decay(name: str, param: nn.Parameter) -> bool:
+    """No weight decay on norms, biases, residual gates (a static per-slot gate is `[S, 1]`) and the STM init."""
+    return param.ndim < 2 or "norm" in name or is_gate(name) or name.endswith("stm_init.stm")
+
+
 @dataclass
 class RxTTrainingArguments(TrainingArguments):
     """`TrainingArguments` + per-component learning rates (None → `learning_rate`) and the MoE aux-loss scale."""
@@ -42,10 +52,19 @@ class RxTTrainingArguments(TrainingArguments):
     decoder_lr: float | None = field(default=None, metadata={"help": "LR of the decoder and LM head."})
     memory_attention_lr: float | None = field(default=None, metadata={"help": "LR of memory attention + STM init."})
     mlm_head_lr: float | None = field(default=None, metadata={"help": "LR of the MLM head."})
+    residual_gate_lr: float | None = field(
+        default=None,
+        metadata={"help": "LR of the memory-attention residual gates (None → memory_attention_lr). Static per-slot "
+                  "gates barely move at the shared LR (docs/training.md)."},
+    )  # fmt: skip
     moe_aux_loss_scale: float = field(default=0.01, metadata={"help": "Weight of the MoE router loss."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all columns for the RxT collators."})
 
     def component_lr(self, component: str) -> float:
+        if component == "residual_gate":
+            if self.residual_gate_lr is not None:
+                return self.residual_gate_lr
+            component = "memory_attention"
         value = getattr(self, f"{component}_lr")
         return self.learning_rate if value is None else value
 
@@ -69,8 +88,8 @@ class RxTTrainer(Trainer):
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            no_decay = param.ndim < 2 or "norm" in name or name.endswith("stm_init.stm")
-            groups[(component_of(name), no_decay)].append(param)
+            component = "residual_gate" if is_gate(name) else component_of(name)
+            groups[(component, is_no_decay(name, param))].append(param)
         param_groups = [
             {
                 "params": params,

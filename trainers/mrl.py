@@ -61,7 +61,7 @@ from ._trl_compat import (
     split_tensor_dict,
     unwrap_model_for_generation,
 )
-from .common import RxTTrainer, component_of
+from .common import RxTTrainer, component_of, is_no_decay
 from .data import _special_ids, _tokenize, episode_turns
 from .mrl_reward import MRLReward, MRLRewardArguments
 
@@ -783,8 +783,7 @@ class MRLTrainer(RxTTrainer):
                 component = "critic_encoder" if name.startswith("critic.encoder.") else "critic"
             else:
                 component = component_of(name.replace("policy.", "", 1))
-            no_decay = param.ndim < 2 or "norm" in name or name.endswith("stm_init.stm")
-            groups[(component, no_decay)].append(param)
+            groups[(component, is_no_decay(name, param))].append(param)
         param_groups = [
             {"params": params, "lr": self.args.component_lr(component), "name": f"{component}{'.no_decay' * no_decay}",
              "weight_decay": 0.0 if no_decay else self.args.component_weight_decay(component)}

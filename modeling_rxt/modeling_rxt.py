@@ -156,6 +156,7 @@ class RxTAttention(nn.Module):
         self.out_proj = nn.Linear(self.num_out_heads * head_dim, embed_dim, bias=out_bias)
         if gated:
             self.gate_proj = nn.Linear(embed_dim, self.num_out_heads * head_dim, bias=False)
+            self.gate_proj._rxt_gate_init = True  # N(1, 0.01), §5.4 (see init_rxt_weights)
             self.gate_activation = get_activation(gate_activation)
         else:
             self.gate_proj = None
@@ -826,10 +827,12 @@ def init_rxt_weights(model: PreTrainedModel, module: nn.Module) -> None:
     if isinstance(module, nn.Linear) and getattr(module, "_torch_default_init", False):
         module.reset_parameters()
         return
+    if isinstance(module, nn.Linear) and getattr(module, "_rxt_gate_init", False):
+        # on the Linear itself: transformers initialises children after their parent, which would overwrite it
+        init.normal_(module.weight, mean=1.0, std=0.01)
+        return
     PreTrainedModel._init_weights(model, module)
-    if isinstance(module, RxTAttention) and module.gate_proj is not None:
-        init.normal_(module.gate_proj.weight, mean=1.0, std=0.01)
-    elif isinstance(module, RxTMoE):
+    if isinstance(module, RxTMoE):
         for name in ("w1", "w2", "shared_w1", "shared_w2"):
             if getattr(module, name) is not None:
                 init.normal_(getattr(module, name), mean=0.0, std=0.02)
@@ -837,7 +840,7 @@ def init_rxt_weights(model: PreTrainedModel, module: nn.Module) -> None:
             if getattr(module, name) is not None:
                 init.zeros_(getattr(module, name))
     elif isinstance(module, RxTMemoryNorm):
-        if module.norm_type == "positional" and module.scale.dim() == 2:
+        if module.norm_type == "positional":  # [S, 1], or [D] with norm_per_dim_scale: N(1, 0.1) (§12.3)
             init.normal_(module.scale, mean=1.0, std=0.1)
         else:
             init.ones_(module.scale)
@@ -939,13 +942,7 @@ class RxTModel(RxTPreTrainedModel):
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         if len(shape) != 2 or shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape {tuple(shape)}.")
-        batch, length = shape
-        limit = self.config.decoder_config.seq_len
-        if past_length + length > limit:
-            raise ValueError(
-                f"Input of {past_length + length} tokens exceeds the maximum sequence length {limit} "
-                "(decoder_config.seq_len / encoder_config.seq_len); shorten the interaction or raise seq_len."
-            )
+        batch, length = shape  # seq_len is not a hard limit: RoPE angles are computed per position (§2.1)
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != batch:
             raise ValueError(
                 f"attention_mask has batch {attention_mask.shape[0]}, expected {batch} (the input batch)."
@@ -1454,11 +1451,6 @@ class RxTStatelessForCausalLM(_LMHeadAccessors, PreTrainedModel, GenerationMixin
             inputs_embeds = self.model.embed_tokens(input_ids)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         length = inputs_embeds.shape[1]
-        if past_length + length > self.config.decoder_config.seq_len:
-            raise ValueError(
-                f"Input of {past_length + length} tokens exceeds the maximum sequence length "
-                f"{self.config.decoder_config.seq_len} (decoder_config.seq_len)."
-            )
         if use_cache and past_key_values is None and not self.training:
             from transformers import DynamicCache
 

@@ -27,6 +27,7 @@ from trainers.mrl import (
     MRLConfig,
     MrlReplayBuffer,
     MRLTrainer,
+    RxTCritic,
     ReplayBufferSettings,
     concat_padded,
     freeze_stage,
@@ -1080,3 +1081,20 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tokenizer, tmp_path
     wrapper = trainer.accelerator.unwrap_model(trainer.model)
     assert all(torch.equal(wrapper.policy.state_dict()[k], v) for k, v in policy.items())
     assert all(torch.equal(wrapper.critic.state_dict()[k], v) for k, v in critic.items())
+
+
+def test_critic_formula(tokenizer):
+    """checkpoints.md §4.8: V = act(Linear(LayerNorm(a[:D] * silu(a[D:])))) * scale + shift, a = GLU(masked mean)."""
+    torch.manual_seed(0)
+    critic = RxTCritic(tiny_model(tokenizer), activation="tanh", init_scale=3.0)
+    with torch.no_grad():
+        critic.shift.fill_(0.25)
+    ids = torch.randint(7, len(tokenizer), (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        hidden = critic.encoder(input_ids=ids, attention_mask=mask, mode="encode").last_hidden_state
+        pooled = torch.stack([hidden[0].mean(0), hidden[1, :3].mean(0)])
+        a = critic.glu(pooled)
+        dim = pooled.shape[-1]
+        expected = torch.tanh(critic.value(critic.norm(a[:, :dim] * F.silu(a[:, dim:]))).squeeze(-1)) * 3.0 + 0.25
+        torch.testing.assert_close(critic(ids, mask), expected)

@@ -410,8 +410,8 @@ class RxTCritic(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, mode="encode").last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, D]
-        gate, up = self.glu(pooled).chunk(2, dim=-1)
-        value = self.value(self.norm(up * F.silu(gate))).squeeze(-1)
+        linear, gate = self.glu(pooled).chunk(2, dim=-1)  # first half linear, second through SiLU (ckpt §4.8)
+        value = self.value(self.norm(linear * F.silu(gate))).squeeze(-1)
         if self.activation == "sigmoid":
             value = torch.sigmoid(value)
         elif self.activation == "tanh":

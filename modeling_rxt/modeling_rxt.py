@@ -908,6 +908,32 @@ class RxTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         init_rxt_weights(self, module)
 
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict by default (checkpoints.md §6.10): a missing or unexpected
+        weight raises a ValueError listing all of them, never a partial load. `strict=False` keeps transformers'
+        warning; keys of a head this class does not have (`lm_head.*`, `mlm_head.*` loaded into `RxTModel`) are
+        not counted."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if strict:
+            own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+            heads = () if any(n.startswith(("lm_head.", "mlm_head.")) for n in own) else ("lm_head.", "mlm_head.")
+            problems = {
+                "missing": sorted(info.get("missing_keys") or ()),
+                "unexpected": sorted(k for k in info.get("unexpected_keys") or () if not k.startswith(heads)),
+                "mismatched": sorted(str(k) for k in info.get("mismatched_keys") or ()),
+            }
+            problems = {kind: keys for kind, keys in problems.items() if keys}
+            if problems:
+                listed = "; ".join(f"{kind} ({len(keys)}): {', '.join(keys)}" for kind, keys in problems.items())
+                raise ValueError(
+                    f"{cls.__name__}.from_pretrained({args[0] if args else ''!s}) does not match the checkpoint: "
+                    f"{listed}. Expected every weight of the model to be filled and every stored weight used "
+                    "(pass strict=False to load anyway)."
+                )
+        return (model, info) if want_info else model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config and the flat code files with a full `auto_map` (loads with `trust_remote_code`)."""
         self.config.auto_map = dict(AUTO_MAP)

@@ -9,7 +9,7 @@ from transformers import TextIteratorStreamer
 
 import modeling_rxt  # noqa: F401 - registers the Auto classes
 from modeling_rxt import RxTCache, RxTChatSession, RxTConfig, RxTForCausalLM, RxTStatelessConfig
-from modeling_rxt.modeling_rxt import RxTStatelessForCausalLM, apply_rotary
+from modeling_rxt.modeling_rxt import RxTModel, RxTStatelessForCausalLM, apply_rotary
 from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
 
 V = 256
@@ -368,3 +368,19 @@ def test_initialisation_of_gated_attention_and_positional_norm_scales():
     assert scales and all(s.shape == (config.memory_attention_config.embed_dim,) for s in scales)
     values = torch.cat([s.flatten() for s in scales])
     assert abs(values.mean().item() - 1.0) < 0.05 and 0.05 < values.std().item() < 0.15
+
+
+def test_from_pretrained_is_strict(tmp_path):
+    """checkpoints.md §6.10: a missing or unexpected weight is an error listing them all, never a partial load."""
+    from safetensors.torch import load_file, save_file
+
+    build(RxTConfig.tiny()).save_pretrained(tmp_path)
+    assert isinstance(RxTModel.from_pretrained(tmp_path), RxTModel)  # the LM head of a CausalLM folder is not counted
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.decoder.head_norm.weight"]
+    weights["model.bogus"] = torch.zeros(1)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing \(1\): model.decoder.head_norm.weight; unexpected \(1\): model.bogus"):
+        RxTForCausalLM.from_pretrained(tmp_path)
+    model, info = RxTForCausalLM.from_pretrained(tmp_path, strict=False, output_loading_info=True)
+    assert "model.bogus" in info["unexpected_keys"]

@@ -1073,6 +1073,14 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tokenizer, tmp_path
                       greater_is_better=True, max_completion_length=4)  # fmt: skip
     trainer = MRLTrainer(model=tiny_model(tokenizer), args=args, processing_class=tokenizer, train_dataset=rows,
                          eval_dataset=rows)  # fmt: skip
+    evaluate = trainer.evaluate
+
+    def evaluate_first_best(*args, **kwargs):  # the real evaluation, scored so that the first checkpoint is best
+        metrics = evaluate(*args, **kwargs)
+        metrics["eval_reward"] = 1.0 / trainer.state.global_step
+        return metrics
+
+    trainer.evaluate = evaluate_first_best
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best.endswith("checkpoint-2")  # not the last one: the weights must actually be reloaded

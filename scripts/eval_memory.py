@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
         "perplexity": {"memory": memory["perplexity"], "memory_reset": reset["perplexity"]},
         "token_accuracy": {"memory": memory["token_accuracy"], "memory_reset": reset["token_accuracy"]},
         "value_token_accuracy": {"memory": memory["value_token_accuracy"], "memory_reset": reset["value_token_accuracy"]},
+        "wrong_fact": {"memory": memory["wrong_fact"], "memory_reset": reset["wrong_fact"]},
     }
     for key, folder, system in (("stateless", args.baseline, "stateless"),
                                 ("full_history", args.full_history_baseline, "full_history")):  # fmt: skip
@@ -94,6 +95,7 @@ def main(argv=None) -> dict:
             result["perplexity"][key] = measured["perplexity"]
             result["token_accuracy"][key] = measured["token_accuracy"]
             result["value_token_accuracy"][key] = measured["value_token_accuracy"]
+            result["wrong_fact"][key] = measured["wrong_fact"]
     result["seconds"] = round(time.perf_counter() - started, 1)
     output = Path(args.output) if args.output else Path(args.model_dir).resolve().parent / "memory_eval.json"
     output.parent.mkdir(parents=True, exist_ok=True)

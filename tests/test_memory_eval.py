@@ -63,3 +63,32 @@ def test_evaluate_system_reports_value_token_accuracy_per_distance(tokenizer):
     result = evaluate_system(model, tokenizer, rows, "memory", batch_size=3, max_new_tokens=4)
     assert set(result["value_token_accuracy"]) == set(result["recall"])
     assert all(0.0 <= acc <= 1.0 for acc in result["value_token_accuracy"].values())
+
+
+def test_wrong_fact_counts_misses_that_name_another_fact_of_the_dialogue(tokenizer, monkeypatch):
+    """A missed probe whose answer holds another probed value of the same dialogue is a wrong fact; a miss with an
+    unrelated value is not; hits never are."""
+    import trainers.memory_eval as memory_eval
+
+    rows = [{"query": "Hi, I am Ada.", "answer": "Nice to meet you, Ada.",
+             "interactions": [{"query": "I live in Paris.", "answer": "Paris is lovely."},
+                              {"query": "What is my name?", "answer": "Your name is Ada."},
+                              {"query": "Where do I live?", "answer": "You live in Paris."}],
+             "probes": [{"turn": 2, "distance": 2, "attribute": "name", "expected": "Ada"},
+                        {"turn": 3, "distance": 2, "attribute": "city", "expected": "Paris"}]},
+            {"query": "Hi, I am Bo.", "answer": "Nice to meet you, Bo.",
+             "interactions": [{"query": "What am I called?", "answer": "You are Bo."}],
+             "probes": [{"turn": 1, "distance": 1, "attribute": "name", "expected": "Bo"}]}]  # fmt: skip
+    replies = {"What is my name?": "Your name is Paris.", "Where do I live?": "You live in Paris.",
+               "What am I called?": "You are Zed."}  # fmt: skip
+
+    def fake_generate(model, tokens, prompts, max_new_tokens, cache=None):
+        texts = [replies.get(tokenizer.decode(p[2:-1]).strip(), "Nice.") for p in prompts]
+        return [tokens.encode(t) for t in texts], [True] * len(texts)
+
+    monkeypatch.setattr(memory_eval, "_generate", fake_generate)
+    ids = {k: v for k, v in check_rxt_tokenizer(tokenizer).items() if v is not None}
+    model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tokenizer), **ids)).eval()
+    result = evaluate_system(model, tokenizer, rows, "memory", batch_size=2, max_new_tokens=4)
+    assert result["recall"] == {"1": 0.0, "2": 0.5}  # Bo -> "Zed" (miss); Ada -> "Paris" (miss); Paris (hit)
+    assert result["wrong_fact"] == {"1": 0.0, "2": 0.5}

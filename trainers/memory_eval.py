@@ -136,12 +136,14 @@ def _teacher_forced(model, tokens: _Tokens, prompts, answers, stm=None, values=N
 
 def evaluate_system(model, tokenizer, rows: list[dict], system: str, batch_size: int = 16,
                     max_new_tokens: int = 24) -> dict:  # fmt: skip
-    """Recall and value-token accuracy per distance, answer perplexity / token accuracy of one system on `rows`."""
+    """Recall, value-token accuracy and wrong-fact rate per distance, answer perplexity / token accuracy of one system
+    on `rows`. Wrong fact = a missed probe whose answer names another probed value of the same dialogue (the memory
+    was read at the wrong fact, not corrupted)."""
     from modeling_rxt import RxTCache
 
     device = next(model.parameters()).device
     tokens = _Tokens(tokenizer, device)
-    hits, counts = defaultdict(int), defaultdict(int)
+    hits, counts, wrong_fact = defaultdict(int), defaultdict(int), defaultdict(int)
     value_correct, value_total = defaultdict(int), defaultdict(int)
     nll, correct, total = 0.0, 0, 0
     for start in range(0, len(rows), batch_size):
@@ -170,7 +172,10 @@ def evaluate_system(model, tokenizer, rows: list[dict], system: str, batch_size:
                 probe = probes[i].get(k)
                 if probe is not None:
                     counts[probe["distance"]] += 1
-                    hits[probe["distance"]] += recalled(probe["expected"], texts[j])
+                    hit = recalled(probe["expected"], texts[j])
+                    hits[probe["distance"]] += hit
+                    others = {p["expected"] for p in probes[i].values()} - {probe["expected"]}
+                    wrong_fact[probe["distance"]] += not hit and any(recalled(v, texts[j]) for v in others)
                     value_correct[probe["distance"]] += step[3][j][0]
                     value_total[probe["distance"]] += step[3][j][1]
             interactions = [tokens.interaction(q, a, e) for q, a, e in zip(queries, answers, ended)]
@@ -188,6 +193,7 @@ def evaluate_system(model, tokenizer, rows: list[dict], system: str, batch_size:
         "perplexity": math.exp(nll / max(total, 1)),
         "token_accuracy": correct / max(total, 1),
         "value_token_accuracy": {str(d): value_correct[d] / value_total[d] for d in distances if value_total[d]},
+        "wrong_fact": {str(d): wrong_fact[d] / counts[d] for d in distances},
     }
 
 

@@ -349,7 +349,8 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
             `zeros`; drawn from `stm_init_seed`, so the initial STM is deterministic.
         learned_stm_init: the initial STM `[L, 1, S, D]` is a trained parameter (`stm_init.stm`).
         use_mlm_head: add the encoder MLM head (joint pre-training).
-        chat_template_system: template of system-prompt / memory-initialisation text.
+        system_template, system_prompt_title: template of the system-prompt / memory-initialisation text (`{system}`,
+            `{title}`; RxTChatSession.init_stm, §13.5) and the Beta title.
 
     Use `RxTConfig.tiny()` for a small test/example model.
     """

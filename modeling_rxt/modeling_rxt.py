@@ -1249,6 +1249,48 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
             cache.start_new_turn()
         return new_stm
 
+    @torch.no_grad()
+    def init_stm(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        force: bool = False,
+        noise_level: float = 0.0,
+        stm: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Memory initialisation from text (§13.5) → STM `[L, B, S, D]`.
+
+        `input_ids` is the rendered system template (`config.system_template`, e.g. `[BOS][Q]{system}[A][EOS]`).
+        The text is encoded (ED `[L, B, T, D]`), `noise_level * N(0, 1)` is added to ED when `noise_level > 0`, then
+        one memory-attention update runs from `stm` (default: the initial STM); with `force=True` ED is copied into
+        the STM instead, which needs `T == S`: shorter inputs are right-padded to `S` (`[PAD]`, mask 0), longer ones
+        raise a ValueError.
+        """
+        if noise_level < 0:
+            raise ValueError(f"noise_level={noise_level}: expected a value >= 0 (standard deviation of the ED noise).")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if force:
+            slots, length = self.config.stm_shape[1], input_ids.shape[1]
+            if length > slots:
+                raise ValueError(
+                    f"force=True copies ED [L, B, T, D] into the STM [L, B, S, D] and needs T == S, but the text has "
+                    f"T={length} tokens and the STM S={slots} slots; shorten the text or use force=False."
+                )
+            if length < slots:
+                input_ids = F.pad(input_ids, (0, slots - length), value=self.config.pad_token_id or 0)
+                attention_mask = F.pad(attention_mask, (0, slots - length), value=0)
+        encoded = self.encode(input_ids, attention_mask)
+        if noise_level > 0:
+            noise = torch.randn(encoded.shape, generator=generator, device=encoded.device, dtype=encoded.dtype)
+            encoded = encoded + noise_level * noise
+        if force:
+            return encoded.contiguous()
+        previous = stm if stm is not None else self.initial_stm(input_ids.shape[0])
+        output = self.model(encoder_hidden_states=encoded, attention_mask=attention_mask, stm=previous, mode="memory_update")
+        return output.stm
+
     # -- generation hooks -----------------------------------------------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         cache = model_kwargs.get("past_key_values")
@@ -1279,24 +1321,48 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
 class RxTChatSession:
     """One or more conversations with an RxT model: an `RxTCache` (STM + per-turn KV) plus a lock.
 
-    `interact(query)` renders `[BOS][Q]query[A]`, generates with stock `generate`, then encodes the full interaction
-    and updates the STM. With `background_update=True` the memory update runs in a thread after the answer is
-    returned; the next turn (and `stm`) waits for it.
+    `interact(query)` renders `[BOS][Q]query[A]`, generates with stock `generate`, then writes the prompt ids + the
+    generated ids (up to and including `[EOS]`) into the STM (§13.3). With `background_update=True` the memory update
+    runs in a thread after the answer is returned; the next turn (and `stm`) waits for it.
+
+    RxT-Beta (tokenizers with `[T] [C] [U] [I]`, §13.2): `interact(query, thinking_mode=..., internal=...)` renders
+    `[BOS]([I]internal)?[Q]query` and the first generated token is `[A]` (`fast`), `[T]` (`extended`) or whichever of
+    the two has the larger logit (`auto`); `tool_result(result)` runs a `[BOS]([I]internal)?[U]result` turn. Beta
+    turns return the generated text with its section tokens (e.g. `[T]...[A]...`). `init_stm(text)` initialises the
+    memory from a system prompt (§13.5). Templates: `modeling_rxt.tokenization_rxt.RXT_TEMPLATES`.
     """
+
+    _REQUIRED_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "query_token_id", "answer_token_id")
+    _OPTIONAL_IDS = ("think_token_id", "tool_call_token_id", "tool_use_token_id", "internal_token_id")
+
+    class _FirstSectionToken:
+        """Logits processor: at the first generated position keep only one of `choices` (the one with the larger
+        logit; a single choice is forced); later positions are untouched."""
+
+        def __init__(self, prompt_length: int, choices: list[int]):
+            self.prompt_length, self.choices = prompt_length, choices
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if input_ids.shape[1] != self.prompt_length:
+                return scores
+            choices = torch.tensor(self.choices, device=scores.device)
+            pick = choices[scores[:, choices].argmax(dim=-1)]
+            return torch.full_like(scores, float("-inf")).scatter_(1, pick[:, None], 0.0)
 
     def __init__(self, model: RxTForCausalLM, tokenizer, stm: torch.Tensor | None = None, batch_size: int = 1,
                  background_update: bool = False):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         ids = check_rxt_tokenizer(tokenizer)
         config = model.config
-        wrong = {k: (v, getattr(config, k)) for k, v in ids.items() if k in ("pad_token_id", "bos_token_id",
-                 "eos_token_id", "query_token_id", "answer_token_id") and v != getattr(config, k)}  # fmt: skip
+        wrong = {k: (v, getattr(config, k)) for k, v in ids.items() if (k in self._REQUIRED_IDS or (
+                 k in self._OPTIONAL_IDS and getattr(config, k) is not None)) and v != getattr(config, k)}  # fmt: skip
         if wrong:
             raise ValueError(
                 "tokenizer and model disagree on special-token ids (tokenizer, model): "
                 + ", ".join(f"{k}={t} vs {m}" for k, (t, m) in wrong.items())
                 + "; use the tokenizer saved with the model."
             )
+        self.token_ids = ids
         self.background_update = background_update
         self._lock = threading.Lock()
         self._update_thread: threading.Thread | None = None
@@ -1343,82 +1409,196 @@ class RxTChatSession:
         param = model.get_input_embeddings().weight
         return cls(model, tokenizer, stm=tensors["stm"].to(device=param.device, dtype=param.dtype), **kwargs)
 
+    # -- templates (§13.2) ----------------------------------------------------------------------------------------
+    def _need(self, key: str, token: str, what: str) -> int:
+        token_id = self.token_ids.get(key)
+        if token_id is None:
+            raise ValueError(
+                f"{what} needs the {token} token, which this tokenizer lacks; expected an RxT-Beta tokenizer with "
+                "[T] [C] [U] [I] (train_rxt_tokenizer adds them)."
+            )
+        return token_id
+
+    def render_system(self, text: str, template: str | None = None) -> str:
+        """System prompt / memory-initialisation text rendered with `template` (default `config.system_template`;
+        `{title}` is `config.system_prompt_title`)."""
+        from .tokenization_rxt import render_system
+
+        config = self.model.config
+        return render_system(text, template or config.system_template, config.system_prompt_title)
+
+    def render_prompt(self, text: str, kind: str = "query", internal: str | None = None,
+                      thinking_mode: str | None = None) -> str:  # fmt: skip
+        """The decoder prompt of one turn: Alpha `[BOS][Q]query[A]` (`thinking_mode=None`), or Beta
+        `[BOS]([I]internal)?[Q]query` / `[BOS]([I]internal)?[U]result` (the section token is generated)."""
+        from .tokenization_rxt import RXT_TEMPLATES, render_turn_prompt
+
+        if kind == "tool_result":
+            self._need("tool_use_token_id", "[U]", "a tool-result turn")
+        if internal is not None:
+            self._need("internal_token_id", "[I]", "an internal instruction")
+        prompt = render_turn_prompt(text, kind, internal)
+        if kind == "query" and thinking_mode is None:
+            prompt += RXT_TEMPLATES["alpha_answer_prompt"]
+        return prompt
+
+    def _first_tokens(self, thinking_mode: str | None) -> list[int] | None:
+        from .tokenization_rxt import RXT_THINKING_MODES
+
+        if thinking_mode is None:
+            return None
+        if thinking_mode not in RXT_THINKING_MODES:
+            modes = ", ".join(map(repr, RXT_THINKING_MODES))
+            raise ValueError(f"thinking_mode={thinking_mode!r}: expected None or one of {modes}.")
+        keys = {"[A]": "answer_token_id", "[T]": "think_token_id"}
+        return [self._need(keys[t], t, f"thinking_mode={thinking_mode!r}") for t in RXT_THINKING_MODES[thinking_mode]]
+
     # -- one turn -------------------------------------------------------------------------------------------------
-    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    def _encode(self, texts: list[str], padding_side: str | None = None) -> dict[str, torch.Tensor]:
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = padding_side or side
+        try:
+            batch = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        finally:
+            self.tokenizer.padding_side = side
         device = self.model.get_input_embeddings().weight.device
         return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
-    def interact(self, query, streamer=None, max_new_tokens: int = 64, **generate_kwargs):
+    def _rows(self, value, name: str) -> list:
+        """A str / None for every conversation, or a list with one per conversation."""
+        batch = self.cache.stm.shape[1]
+        values = [value] * batch if value is None or isinstance(value, str) else list(value)
+        if len(values) != batch:
+            raise ValueError(f"{len(values)} {name} values for a session of {batch} conversations; expected equal.")
+        return values
+
+    def interact(self, query, streamer=None, max_new_tokens: int = 64, thinking_mode: str | None = None,
+                 internal=None, **generate_kwargs):  # fmt: skip
         """Answer `query` (str, or list of str — one per conversation in the batch) and update memory.
 
-        Returns the answer text (or a list). `streamer` (e.g. `TextIteratorStreamer`) receives tokens as they are
-        generated; the memory update starts after generation ends.
+        Returns the answer text (or a list). `thinking_mode=None` is the Alpha turn (`[BOS][Q]query[A]`, the answer
+        is returned without special tokens); `'fast'` / `'extended'` / `'auto'` make it a Beta turn whose first
+        generated token is `[A]` / `[T]` / the larger-logit one of the two, returned with its section tokens.
+        `internal` (str, or one per conversation) adds `[I]internal` after `[BOS]`. `streamer` (e.g.
+        `TextIteratorStreamer`) receives tokens as they are generated; the memory update starts after generation.
         """
         queries = [query] if isinstance(query, str) else list(query)
         if any(not q for q in queries):
             raise ValueError("Empty query: expected non-empty text for every conversation.")
+        answers = self._turn(queries, "query", thinking_mode, internal, streamer, max_new_tokens, generate_kwargs)
+        return answers[0] if isinstance(query, str) else answers
+
+    def tool_result(self, result, streamer=None, max_new_tokens: int = 64, thinking_mode: str | None = None,
+                    internal=None, **generate_kwargs):  # fmt: skip
+        """A Beta tool-result turn `[BOS]([I]internal)?[U]result` (str, or one per conversation): generate the reply
+        (the first section token forced / chosen by `thinking_mode`, or free with None) and update memory. Returns
+        the generated text with its section tokens, without `[EOS]`."""
+        results = [result] if isinstance(result, str) else list(result)
+        if any(not r for r in results):
+            raise ValueError("Empty tool result: expected non-empty text for every conversation.")
+        answers = self._turn(results, "tool_result", thinking_mode, internal, streamer, max_new_tokens, generate_kwargs)
+        return answers[0] if isinstance(result, str) else answers
+
+    def _turn(self, texts, kind, thinking_mode, internal, streamer, max_new_tokens, generate_kwargs) -> list[str]:
+        from transformers import LogitsProcessorList
+
+        first = self._first_tokens(thinking_mode)
         with self._lock:
             self.wait()
-            if len(queries) != self.cache.stm.shape[1]:
+            if len(texts) != self.cache.stm.shape[1]:
                 raise ValueError(
-                    f"{len(queries)} queries for a session of {self.cache.stm.shape[1]} conversations; expected equal."
+                    f"{len(texts)} queries for a session of {self.cache.stm.shape[1]} conversations; expected equal."
                 )
+            internals = self._rows(internal, "internal")
+            prompts = [self.render_prompt(t, kind, i, thinking_mode) for t, i in zip(texts, internals)]
+            # Left-pad prompts so every row's generation starts right after its own prompt.
+            prompt = self._encode(prompts, padding_side="left")
             config = self.model.config
-            eos = config.eos_token_id
-            # Left-pad prompts so every row's generation starts right after its own [A].
-            padding_side = self.tokenizer.padding_side
-            self.tokenizer.padding_side = "left"
-            try:
-                prompt = self._encode([f"[BOS][Q]{q}[A]" for q in queries])
-            finally:
-                self.tokenizer.padding_side = padding_side
             generate_kwargs.setdefault("do_sample", False)
+            if first is not None:
+                processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+                processors.append(self._FirstSectionToken(prompt["input_ids"].shape[1], first))
+                generate_kwargs["logits_processor"] = processors
             output = self.model.generate(
                 **prompt,
                 past_key_values=self.cache,
                 streamer=streamer,
                 max_new_tokens=max_new_tokens,
-                eos_token_id=eos,
+                eos_token_id=config.eos_token_id,
                 pad_token_id=config.pad_token_id,
                 **generate_kwargs,
             )
-            answer_ids = output[:, prompt["input_ids"].shape[1] :]
-            answers = self._answers(answer_ids, eos)
-            interaction = self._encode([f"[BOS][Q]{q}[A]{a}" for q, a in zip(queries, answers)])
-            interaction = self._append_eos(interaction, answer_ids, eos)
+            interaction, generated = self._interaction(prompt, output)
+            answers = self._answers(generated, keep_sections=kind != "query" or thinking_mode is not None)
             if self.background_update:
                 self._update_thread = threading.Thread(target=self._update, args=(interaction,), daemon=True)
                 self._update_thread.start()
             else:
                 self._update(interaction)
-        return answers[0] if isinstance(query, str) else answers
+        return answers
 
-    def _answers(self, answer_ids: torch.Tensor, eos) -> list[str]:
+    def _interaction(self, prompt: dict, output: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
+        """Memory-update input (§13.3): per row the prompt ids (left padding removed) + the generated ids up to and
+        including the first `[EOS]` (all of them when stopped by length), right-padded with `[PAD]` (mask 0)."""
+        eos = self.model.config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        eos = torch.tensor(eos, dtype=output.dtype, device=output.device)
+        prompt_ids, prompt_mask = prompt["input_ids"], prompt["attention_mask"].bool()
+        rows, generated = [], []
+        for i in range(output.shape[0]):
+            new = output[i, prompt_ids.shape[1] :]
+            hits = torch.isin(new, eos).nonzero()
+            if len(hits):
+                new = new[: int(hits[0, 0]) + 1]
+            rows.append(torch.cat([prompt_ids[i][prompt_mask[i]], new]))
+            generated.append(new)
+        length = max(len(row) for row in rows)
+        pad = self.model.config.pad_token_id or 0
+        ids = torch.full((len(rows), length), pad, dtype=output.dtype, device=output.device)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}, generated
+
+    def _answers(self, generated: list[torch.Tensor], keep_sections: bool = False) -> list[str]:
+        eos = self.model.config.eos_token_id
+        eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
         texts = []
-        for row in answer_ids.tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        for row in generated:
+            row = row.tolist()
+            if row and row[-1] in eos:
+                row = row[:-1]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=not keep_sections))
         return texts
-
-    def _append_eos(self, batch: dict, answer_ids: torch.Tensor, eos) -> dict:
-        """Add `[EOS]` after each answer that ended with it (a reply cut by the length limit has none, §13.3)."""
-        ended = (answer_ids == eos).any(dim=1) if eos is not None else torch.zeros(answer_ids.shape[0], dtype=torch.bool)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        pad = torch.full_like(ids[:, :1], self.model.config.pad_token_id)
-        ids, mask = torch.cat([ids, pad], dim=1), torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
-        lengths = batch["attention_mask"].sum(dim=1)
-        rows = ended.nonzero().flatten().to(ids.device)
-        ids[rows, lengths[rows]] = eos
-        mask[rows, lengths[rows]] = 1
-        return {"input_ids": ids, "attention_mask": mask}
 
     def _update(self, interaction: dict) -> None:
         try:
             self.model.update_memory(interaction["input_ids"], interaction["attention_mask"], self.cache)
         except BaseException as error:  # surfaced by wait()
             self._update_error = error
+
+    # -- memory initialisation from text (§13.5) ------------------------------------------------------------------
+    def init_stm(self, text, force: bool = False, noise_level: float = 0.0, template: str | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+        """Start the conversation(s) from a fresh initial STM initialised with `text` (a system prompt; str for every
+        conversation, or one per conversation) rendered with `template` (default `config.system_template`).
+
+        Default: one memory-attention update from the initial STM; `force=True`: the (right-padded to `S`) ED is
+        copied into the STM (a ValueError names both lengths when the text is longer than `S` tokens).
+        `noise_level` adds Gaussian noise of that standard deviation to ED. Returns the new STM.
+        """
+        texts = self._rows(text, "text")
+        if any(not isinstance(t, str) or not t for t in texts):
+            raise ValueError("init_stm() needs non-empty text for every conversation.")
+        with self._lock:
+            self.wait()
+            batch = self._encode([self.render_system(t, template) for t in texts], padding_side="right")
+            stm = self.model.init_stm(
+                batch["input_ids"], batch["attention_mask"], force=force, noise_level=noise_level, generator=generator
+            )
+            self.cache = RxTCache(stm=stm)
+        return stm
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -18,9 +18,13 @@ from transformers import PreTrainedTokenizerFast
 __all__ = [
     "RXT_SPECIAL_TOKENS",
     "RXT_CHAT_TEMPLATE",
+    "RXT_TEMPLATES",
+    "RXT_THINKING_MODES",
     "check_rxt_tokenizer",
     "render_interaction",
     "render_query",
+    "render_system",
+    "render_turn_prompt",
     "train_rxt_tokenizer",
 ]
 
@@ -70,7 +74,10 @@ DEFAULT_MODEL_MAX_LENGTH = 1024
 # Renders a conversation as RxT interactions:
 #   user + assistant          -> [BOS][Q]{user}[A]{assistant}[EOS]
 #   final user (+ gen prompt) -> [BOS][Q]{user}[A]     (without `add_generation_prompt`: [BOS][Q]{user})
-#   system                    -> [BOS][Q]{system}[A][EOS]
+#   system                    -> [BOS][Q]{system}[A][EOS]; with the template variables `system_template` (and
+#                                `system_prompt_title`), e.g. apply_chat_template(..., system_template=
+#                                config.system_template, system_prompt_title=config.system_prompt_title), that
+#                                template instead (`{title}` and `{system}` replaced, as `render_system` does)
 #   user not followed by an assistant reply -> [BOS][Q]{user}[A][EOS]   (empty answer)
 #   assistant without a preceding user      -> [BOS][Q][A]{assistant}[EOS]  (empty query)
 # Content is inserted verbatim; a list of `{"type": "text", "text": ...}` parts is concatenated. The answer and its
@@ -83,7 +90,10 @@ RXT_CHAT_TEMPLATE = (
     "| map(attribute='text') | join('') -%}"
     "{%- endif -%}"
     "{%- if message['role'] == 'system' -%}"
-    "{{- '[BOS][Q]' + content + '[A][EOS]' -}}"
+    "{%- if system_template is defined and system_template -%}"
+    "{{- system_template | replace('{title}', system_prompt_title if system_prompt_title is defined "
+    "else 'SYSTEM INSTRUCTIONS') | replace('{system}', content) -}}"
+    "{%- else -%}{{- '[BOS][Q]' + content + '[A][EOS]' -}}{%- endif -%}"
     "{%- elif message['role'] == 'user' -%}"
     "{{- '[BOS][Q]' + content -}}"
     "{%- if loop.last -%}"
@@ -101,6 +111,41 @@ RXT_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+
+
+# Turn and system templates as data (§13.2; format placeholders in braces, tokenized without automatic special
+# tokens). `{internal}` of a turn prompt is the rendered `internal` part, or "" when there is none. Alpha prompts end
+# with `[A]`; Beta turn prompts end with the query / tool result and the first section token is generated (forced or
+# chosen by the thinking mode, `RXT_THINKING_MODES`).
+RXT_TEMPLATES = {
+    "query": "[BOS]{internal}[Q]{query}",
+    "tool_result": "[BOS]{internal}[U]{result}",
+    "internal": "[I]{internal}",
+    "alpha_answer_prompt": "[A]",
+    "interaction": "[BOS][Q]{query}[A]{answer}[EOS]",
+    # system prompt / memory-initialisation text (`RxTConfig.system_template`; `{title}` = `system_prompt_title`)
+    "system_alpha": "[BOS][Q]{system}[A][EOS]",
+    "system_beta": "[BOS][I]{title}\n\n{system}[EOS]",
+    "system_reference_sft": "[BOS][Q]SYSTEM INSTRUCTIONS[A]{system}[EOS]",
+}
+
+# Thinking mode -> the section tokens allowed as the first generated token (one: forced; two: the larger logit).
+RXT_THINKING_MODES = {"fast": (ANSWER_TOKEN,), "extended": (THINK_TOKEN,), "auto": (ANSWER_TOKEN, THINK_TOKEN)}
+
+
+def render_system(system: str, template: str = RXT_TEMPLATES["system_alpha"], title: str = "SYSTEM INSTRUCTIONS") -> str:
+    """Render a system prompt / memory-initialisation text with `template` (`{title}` then `{system}` replaced)."""
+    return template.replace("{title}", title).replace("{system}", system)
+
+
+def render_turn_prompt(text: str, kind: str = "query", internal: str | None = None) -> str:
+    """Beta turn prompt: `[BOS]([I]{internal})?[Q]{query}` (`kind='query'`) or `[BOS]([I]{internal})?[U]{result}`
+    (`kind='tool_result'`), without a section token after it."""
+    if kind not in ("query", "tool_result"):
+        raise ValueError(f"kind={kind!r}: expected 'query' or 'tool_result'.")
+    rendered_internal = "" if internal is None else RXT_TEMPLATES["internal"].format(internal=internal)
+    field = "query" if kind == "query" else "result"
+    return RXT_TEMPLATES[kind].format(internal=rendered_internal, **{field: text})
 
 
 def render_query(query: str) -> str:

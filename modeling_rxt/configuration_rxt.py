@@ -10,6 +10,8 @@ This file is self-contained (it is copied flat into saved model folders for `tru
 
 from __future__ import annotations
 
+import dataclasses
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -25,6 +27,8 @@ RESIDUAL_GATE_TYPES = ("static", "elementwise", "linear")
 SLOT_STATUS_TYPES = ("mean", "linear")
 MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "self-interlayer", "grouped-self-interlayer")
 ROPE_LAYOUTS = ("interleaved", "split_concat")
+# Keys transformers writes or accepts on every config (besides PreTrainedConfig().to_dict()), and reference aliases.
+HF_CONFIG_EXTRAS = {"torch_dtype", "auto_map", "use_nope", "tie_word_embeddings"}
 STM_INIT_MODES = ("standard", "normal", "uniform", "ones", "zeros")
 # Reference fields of features that are out of scope (GMA/DMA experts, hybrid/linear attention, fp8).
 OUT_OF_SCOPE_FIELDS = (
@@ -70,6 +74,14 @@ def resolve_heads(owner: str, prefix: str, att_type: str, att_heads: int, groups
             f"(Hq > Hkv is grouped attention, Hq < Hkv is revSQA)."
         )
     return hq, hkv
+
+
+def _reject_unknown(owner: str, cls, kwargs: dict) -> None:
+    """A component field name the config does not have (a typo) is an error, not a silently stored attribute."""
+    known = {f.name for f in dataclasses.fields(cls)} | set(PreTrainedConfig().to_dict()) | HF_CONFIG_EXTRAS
+    unknown = sorted(set(kwargs) - known - set(OUT_OF_SCOPE_FIELDS))
+    if unknown:
+        raise ValueError(f"{owner}: unknown field(s) {unknown}; expected fields of {cls.__name__} (see its docstring).")
 
 
 def _reject_out_of_scope(owner: str, kwargs: dict) -> None:
@@ -168,6 +180,7 @@ class RxTComponentConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         _reject_out_of_scope("RxTComponentConfig", kwargs)
+        _reject_unknown("RxTComponentConfig", type(self), kwargs)
         if kwargs.get("use_nope") is not None:  # reference name
             self.use_rope = not kwargs.pop("use_nope")
         super().__post_init__(**kwargs)
@@ -289,6 +302,7 @@ class RxTMemoryAttentionConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         _reject_out_of_scope("RxTMemoryAttentionConfig", kwargs)
+        _reject_unknown("RxTMemoryAttentionConfig", type(self), kwargs)
         super().__post_init__(**kwargs)
         self.validate_memory_attention()
 

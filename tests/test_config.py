@@ -95,3 +95,12 @@ def test_stateless_config_from_rxt_config():
     assert stateless.decoder_config.skip_memory_cross_attention
     assert stateless.vocab_size == config.vocab_size and stateless.hidden_size == config.hidden_size
     assert stateless.decoder_config.stateless_layers_config == ["dense"]
+
+
+def test_unknown_component_fields_are_rejected():
+    with pytest.raises(ValueError, match=r"RxTComponentConfig: unknown field\(s\) \['use_gated_atention'\]"):
+        RxTConfig.tiny(decoder={"use_gated_atention": True})
+    with pytest.raises(ValueError, match=r"RxTMemoryAttentionConfig: unknown field\(s\) \['residual_gate_int'\]"):
+        RxTMemoryAttentionConfig(residual_gate_int=2.0)
+    saved = RxTConfig.tiny().to_dict()  # what save_pretrained writes loads back (transformers' own keys included)
+    assert RxTConfig.from_dict(saved).decoder_config.to_dict() == RxTConfig.tiny().decoder_config.to_dict()

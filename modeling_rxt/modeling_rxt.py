@@ -1539,38 +1539,25 @@ class RxTChatSession:
 
     def _interaction(self, prompt: dict, output: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
         """Memory-update input (§13.3): per row the prompt ids (left padding removed) + the generated ids up to and
-        including the first `[EOS]` (all of them when stopped by length), right-padded with `[PAD]` (mask 0)."""
+        including the first `[EOS]` (all of them when stopped by length), left-aligned and right-padded with `[PAD]`
+        (mask 0). Also returns each row's generated ids without that `[EOS]` (the answer to decode)."""
         eos = self.model.config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        eos = torch.tensor(eos, dtype=output.dtype, device=output.device)
-        prompt_ids, prompt_mask = prompt["input_ids"], prompt["attention_mask"].bool()
-        rows, generated = [], []
-        for i in range(output.shape[0]):
-            new = output[i, prompt_ids.shape[1] :]
-            hits = torch.isin(new, eos).nonzero()
-            if len(hits):
-                new = new[: int(hits[0, 0]) + 1]
-            rows.append(torch.cat([prompt_ids[i][prompt_mask[i]], new]))
-            generated.append(new)
-        length = max(len(row) for row in rows)
-        pad = self.model.config.pad_token_id or 0
-        ids = torch.full((len(rows), length), pad, dtype=output.dtype, device=output.device)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-        return {"input_ids": ids, "attention_mask": mask}, generated
+        eos = torch.tensor([] if eos is None else eos, dtype=output.dtype, device=output.device).reshape(-1)
+        prompt_ids, prompt_mask = prompt["input_ids"], prompt["attention_mask"].bool()  # [B, P]
+        new = output[:, prompt_ids.shape[1] :]  # [B, G]
+        is_eos = torch.isin(new, eos)
+        before_eos = (is_eos.cumsum(1) - is_eos.long()) == 0  # [B, G]: up to and including the first [EOS]
+        tokens = torch.cat([prompt_ids, new], dim=1)  # [B, P + G]
+        keep = torch.cat([prompt_mask, before_eos], dim=1)
+        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # kept tokens first, in order
+        mask = keep.gather(1, order)[:, : int(keep.sum(1).max())]
+        ids = tokens.gather(1, order)[:, : mask.shape[1]].masked_fill(~mask, self.model.config.pad_token_id or 0)
+        answers = before_eos & ~is_eos
+        return {"input_ids": ids, "attention_mask": mask.long()}, [row[keep_row] for row, keep_row in zip(new, answers)]
 
     def _answers(self, generated: list[torch.Tensor], keep_sections: bool = False) -> list[str]:
-        eos = self.model.config.eos_token_id
-        eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-        texts = []
-        for row in generated:
-            row = row.tolist()
-            if row and row[-1] in eos:
-                row = row[:-1]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=not keep_sections))
-        return texts
+        """Decoded answers (section tokens such as `[T]`/`[A]` kept with `keep_sections`)."""
+        return self.tokenizer.batch_decode(generated, skip_special_tokens=not keep_sections)
 
     def _update(self, interaction: dict) -> None:
         try:

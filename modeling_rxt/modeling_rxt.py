@@ -890,23 +890,8 @@ MODES = ("decode", "encode", "memory_update", "mlm")
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-trained model classes
 # ---------------------------------------------------------------------------------------------------------------------
-class RxTPreTrainedModel(PreTrainedModel):
-    config_class = RxTConfig
-    config: RxTConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttention"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    _is_stateful = True
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        init_rxt_weights(self, module)
+class _StrictFromPretrained:
+    """`from_pretrained` for every RxT model class (stateful and stateless)."""
 
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
@@ -933,6 +918,25 @@ class RxTPreTrainedModel(PreTrainedModel):
                     "(pass strict=False to load anyway)."
                 )
         return (model, info) if want_info else model
+
+
+class RxTPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
+    config_class = RxTConfig
+    config: RxTConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttention"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        init_rxt_weights(self, module)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config and the flat code files with a full `auto_map` (loads with `trust_remote_code`)."""
@@ -1602,7 +1606,7 @@ STATELESS_AUTO_MAP = {
 }
 
 
-class RxTStatelessForCausalLM(_LMHeadAccessors, PreTrainedModel, GenerationMixin):
+class RxTStatelessForCausalLM(_LMHeadAccessors, _StrictFromPretrained, PreTrainedModel, GenerationMixin):
     """Decoder-only baseline from the same blocks, without memory (no STM, no cross-attention), for comparisons."""
 
     config_class = RxTStatelessConfig

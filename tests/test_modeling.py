@@ -384,3 +384,16 @@ def test_from_pretrained_is_strict(tmp_path):
         RxTForCausalLM.from_pretrained(tmp_path)
     model, info = RxTForCausalLM.from_pretrained(tmp_path, strict=False, output_loading_info=True)
     assert "model.bogus" in info["unexpected_keys"]
+
+
+def test_stateless_from_pretrained_is_strict(tmp_path):
+    """The stateless baseline loads as strictly as the RxT classes."""
+    from safetensors.torch import load_file, save_file
+
+    RxTStatelessForCausalLM(RxTStatelessConfig.from_rxt_config(RxTConfig.tiny())).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights.pop(next(k for k in weights if k.endswith("head_norm.weight")))
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"RxTStatelessForCausalLM.*missing \(1\): .*head_norm.weight"):
+        RxTStatelessForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(RxTStatelessForCausalLM.from_pretrained(tmp_path, strict=False), RxTStatelessForCausalLM)

@@ -30,6 +30,7 @@ ROPE_LAYOUTS = ("interleaved", "split_concat")
 # Keys transformers writes or accepts on every config (besides PreTrainedConfig().to_dict()), and reference aliases.
 HF_CONFIG_EXTRAS = {"torch_dtype", "auto_map", "use_nope", "tie_word_embeddings"}
 STM_INIT_MODES = ("standard", "normal", "uniform", "ones", "zeros")
+LINEAR_INIT_MODES = ("normal", "pytorch")
 # Reference fields of features that are out of scope (GMA/DMA experts, hybrid/linear attention, fp8).
 OUT_OF_SCOPE_FIELDS = (
     "att_experts", "att_query_experts", "interlayer_att_experts", "interlayer_att_query_experts",
@@ -42,6 +43,15 @@ OUT_OF_SCOPE_FIELDS = (
 def _check_choice(owner: str, field: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{owner}.{field}={value!r} is not supported; expected one of {list(choices)}.")
+
+
+def _check_init(owner: str, config) -> None:
+    """`initializer_range` > 0 (std of embeddings, and of linears with `linear_init='normal'`); `linear_init` known."""
+    _check_choice(owner, "linear_init", config.linear_init, LINEAR_INIT_MODES)
+    if isinstance(config.initializer_range, bool) or not isinstance(config.initializer_range, (int, float)) or not (
+        config.initializer_range > 0
+    ):
+        raise ValueError(f"{owner}.initializer_range={config.initializer_range!r}: expected a positive float.")
 
 
 def _check_positive(owner: str, field: str, value) -> None:
@@ -363,6 +373,9 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
             `zeros`; drawn from `stm_init_seed`, so the initial STM is deterministic.
         learned_stm_init: the initial STM `[L, 1, S, D]` is a trained parameter (`stm_init.stm`).
         use_mlm_head: add the encoder MLM head (joint pre-training).
+        initializer_range: std of the N(0, std) init of embeddings (and of linears with `linear_init='normal'`).
+        linear_init: `normal` (transformers' N(0, initializer_range), zero bias) or `pytorch` (`nn.Linear`'s own
+            Kaiming-uniform init; memory was learnt ~3× faster from scratch with it, docs/training.md).
         system_template, system_prompt_title: template of the system-prompt / memory-initialisation text (`{system}`,
             `{title}`; RxTChatSession.init_stm, §13.5) and the Beta title.
 
@@ -400,6 +413,8 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
     tool_use_token_id: int | None = None
     internal_token_id: int | None = None
     moe_aux_layers: str = "all"
+    initializer_range: float = 0.02
+    linear_init: str = "normal"
     tie_word_embeddings: bool = False
     use_cache: bool = True
 
@@ -425,6 +440,7 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
         _check_choice(owner, "rope_layout", self.rope_layout, ROPE_LAYOUTS)
         _check_choice(owner, "stm_init", self.stm_init, STM_INIT_MODES)
         _check_choice(owner, "moe_aux_layers", self.moe_aux_layers, ("all", "reference"))
+        _check_init(owner, self)
         dec, enc, mem = self.decoder_config, self.encoder_config, self.memory_attention_config
         if dec.skip_memory_cross_attention:
             raise ValueError(f"{owner}.decoder_config.skip_memory_cross_attention=True: the RxT decoder reads the STM.")
@@ -526,6 +542,8 @@ class RxTStatelessConfig(_DecoderSizes, PreTrainedConfig):
     eos_token_id: int | list[int] | None = 3
     query_token_id: int | None = 5
     answer_token_id: int | None = 6
+    initializer_range: float = 0.02
+    linear_init: str = "normal"
     tie_word_embeddings: bool = False
     use_cache: bool = True
 
@@ -533,6 +551,7 @@ class RxTStatelessConfig(_DecoderSizes, PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.decoder_config.skip_memory_cross_attention = True
         _check_choice("RxTStatelessConfig", "rope_layout", self.rope_layout, ROPE_LAYOUTS)
+        _check_init("RxTStatelessConfig", self)
 
     @classmethod
     def from_rxt_config(cls, config: RxTConfig, **kwargs) -> "RxTStatelessConfig":
@@ -542,7 +561,7 @@ class RxTStatelessConfig(_DecoderSizes, PreTrainedConfig):
             decoder.pop(key, None)
         decoder["skip_memory_cross_attention"] = True
         ids = {k: getattr(config, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id", "query_token_id",
-                                                 "answer_token_id")}  # fmt: skip
+                                                 "answer_token_id", "initializer_range", "linear_init")}  # fmt: skip
         return cls(decoder_config=decoder, rope_layout=config.rope_layout, **{**ids, **kwargs})
 
 

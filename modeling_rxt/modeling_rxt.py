@@ -820,22 +820,33 @@ class RxTMLMHead(nn.Module):
 
 
 @torch.no_grad()
+def init_pytorch_linear(module: nn.Linear) -> None:
+    """`nn.Linear`'s own init: weight Kaiming-uniform (a = √5), i.e. U(±1/√fan_in); bias U(±1/√fan_in)."""
+    init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    if module.bias is not None:
+        bound = 1 / math.sqrt(module.in_features) if module.in_features > 0 else 0.0
+        init.uniform_(module.bias, -bound, bound)
+
+
 def init_rxt_weights(model: PreTrainedModel, module: nn.Module) -> None:
-    """transformers' defaults (normal(0.02) linears/embeddings, unit norms), then the RxT-specific parameters:
-    gated-attention `gate_proj` N(1, 0.01), MoE expert stacks, memory norms, residual gates (`residual_gate_init`;
-    linear gates and slot status keep PyTorch's default init, as the reference), learned STM init."""
-    if isinstance(module, nn.Linear) and getattr(module, "_torch_default_init", False):
-        module.reset_parameters()
-        return
+    """transformers' defaults (N(0, `initializer_range`) linears/embeddings, unit norms; linears get PyTorch's own
+    init with `linear_init='pytorch'`), then the RxT-specific parameters: gated-attention `gate_proj` N(1, 0.01),
+    MoE expert stacks, memory norms, residual gates (`residual_gate_init`; linear gates and slot status keep
+    PyTorch's default init, as the reference), learned STM init."""
     if isinstance(module, nn.Linear) and getattr(module, "_rxt_gate_init", False):
         # on the Linear itself: transformers initialises children after their parent, which would overwrite it
         init.normal_(module.weight, mean=1.0, std=0.01)
+        return
+    if isinstance(module, nn.Linear) and (
+        getattr(module, "_torch_default_init", False) or model.config.linear_init == "pytorch"
+    ):
+        init_pytorch_linear(module)
         return
     PreTrainedModel._init_weights(model, module)
     if isinstance(module, RxTMoE):
         for name in ("w1", "w2", "shared_w1", "shared_w2"):
             if getattr(module, name) is not None:
-                init.normal_(getattr(module, name), mean=0.0, std=0.02)
+                init.normal_(getattr(module, name), mean=0.0, std=model.config.initializer_range)
         for name in ("b1", "b2", "global_bias", "shared_b1", "shared_b2", "shared_experts_bias"):
             if getattr(module, name) is not None:
                 init.zeros_(getattr(module, name))

@@ -1,6 +1,7 @@
 """Model behaviour: every architecture option runs and trains, cached generation equals recomputation, multi-turn
 memory through generate + update_memory, chat sessions, STM persistence, bad inputs."""
 
+import math
 import threading
 
 import pytest
@@ -368,6 +369,40 @@ def test_initialisation_of_gated_attention_and_positional_norm_scales():
     assert scales and all(s.shape == (config.memory_attention_config.embed_dim,) for s in scales)
     values = torch.cat([s.flatten() for s in scales])
     assert abs(values.mean().item() - 1.0) < 0.05 and 0.05 < values.std().item() < 0.15
+
+
+def test_linear_init_modes(tmp_path):
+    """`linear_init='pytorch'`: every Linear gets nn.Linear's own init (U(±1/√fan_in), std 1/√(3·fan_in), bias too)
+    except gate_proj (N(1, 0.01)); embeddings keep N(0, initializer_range). Loading does not re-initialise."""
+    config = RxTConfig.tiny(
+        embed_dim=64, linear_init="pytorch", initializer_range=0.05, decoder={"use_gated_attention": True}
+    )
+    model = build(config)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    gated = [n for n in linears if n.endswith("gate_proj")]
+    assert gated
+    for name, linear in linears.items():
+        if name in gated:
+            assert abs(linear.weight.mean().item() - 1.0) < 0.01
+            continue
+        bound = 1 / math.sqrt(linear.in_features)
+        assert linear.weight.abs().max() <= bound and linear.weight.std() > 0.8 * bound / math.sqrt(3), name
+        if linear.bias is not None:
+            assert 0 < linear.bias.abs().max() <= bound, name
+    assert abs(model.model.embed_tokens.weight.std().item() - 0.05) < 0.005
+    normal = build(RxTConfig.tiny(embed_dim=64, decoder={"use_gated_attention": True}))
+    q = normal.model.decoder.layers[0].attention.q_proj.weight
+    assert abs(q.std().item() - 0.02) < 0.003  # the default: transformers' N(0, 0.02)
+    stateless = RxTStatelessConfig.from_rxt_config(config)
+    assert (stateless.linear_init, stateless.initializer_range) == ("pytorch", 0.05)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(1)
+    loaded = RxTForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match=r"linear_init='kaiming'.*expected one of \['normal', 'pytorch'\]"):
+        RxTConfig.tiny(linear_init="kaiming")
+    with pytest.raises(ValueError, match=r"initializer_range=-0.1: expected a positive float"):
+        RxTStatelessConfig(decoder_config=config.decoder_config.to_dict(), initializer_range=-0.1)
 
 
 def test_from_pretrained_is_strict(tmp_path):

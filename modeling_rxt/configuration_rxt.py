@@ -375,7 +375,7 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
         use_mlm_head: add the encoder MLM head (joint pre-training).
         initializer_range: std of the N(0, std) init of embeddings (and of linears with `linear_init='normal'`).
         linear_init: `normal` (transformers' N(0, initializer_range), zero bias) or `pytorch` (`nn.Linear`'s own
-            Kaiming-uniform init; memory was learnt ~3× faster from scratch with it, docs/training.md).
+            Kaiming-uniform init; the memory path is learnt faster early on with it, docs/training.md).
         system_template, system_prompt_title: template of the system-prompt / memory-initialisation text (`{system}`,
             `{title}`; RxTChatSession.init_stm, §13.5) and the Beta title.
 

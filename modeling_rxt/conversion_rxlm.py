@@ -13,6 +13,8 @@ Implements the rules of `docs/checkpoints.md` §3–§6:
 
 Public API:
     convert_rxlm_checkpoint(...) -> (RxTConfig, state_dict, report)
+    convert_rxlm_critic(critic_dir, config) -> (critic state_dict, info)
+    write_critic_folder(critic state_dict, activation, init_scale, output)
     write_converted_folder(config, state_dict, report, output, tokenizer_dir=None)
     expected_state_dict_shapes(config) -> {project key: shape}
     read_safetensors(path) -> (tensors, metadata)
@@ -36,6 +38,8 @@ from .configuration_rxt import OUT_OF_SCOPE_ATTENTION_TYPES, OUT_OF_SCOPE_FIELDS
 __all__ = [
     "ConversionError",
     "convert_rxlm_checkpoint",
+    "convert_rxlm_critic",
+    "write_critic_folder",
     "expected_state_dict_shapes",
     "read_safetensors",
     "write_converted_folder",
@@ -1907,9 +1911,12 @@ def _convert_legacy_ff(view: _View, prefix: str, target_prefix: str, b: _Builder
                 b.errors.append(f"legacy shared experts at {view.prefix}{prefix} have inconsistent shapes ({error}).")
 
 
-def _map_stack(view: _View, role: str, b: _Builder, report: _Report, dropped_cross: bool) -> None:
-    """Map decoder / encoder keys (everything except the embedding)."""
-    target = "model.decoder." if role == "decoder" else "model.encoder."
+def _map_stack(
+    view: _View, role: str, b: _Builder, report: _Report, dropped_cross: bool, target: str | None = None
+) -> None:
+    """Map decoder / encoder keys (everything except the embedding) to `target` + project name (default
+    `model.decoder.` / `model.encoder.`)."""
+    target = target or ("model.decoder." if role == "decoder" else "model.encoder.")
     legacy_prefixes = set()
     for key in view.keys():
         if key == "embedding.weight":
@@ -2046,6 +2053,46 @@ def _check_mlm(view: _View, cfg: dict, report: _Report, errors: list[str]) -> No
         for field, used in (("embed_dim", D), ("vocab_size", V)):
             if field in cfg and cfg[field] != used:
                 report.conflict("mlm_head", field, cfg[field], used, "structural fact taken from the tensors")
+
+
+def _check_strict(folders: list[_Folder], b: _Builder, expected: dict, against: str) -> None:
+    """§6.10: every stored tensor consumed or ignored, every expected key filled with its exact shape; otherwise a
+    `ConversionError` lists every unexpected, missing and mis-shaped key (`against` names the expected key set)."""
+    problems_unexpected, problems_missing, problems_shape = [], [], []
+    for folder in folders:
+        for name in sorted(folder.tensors):
+            if name not in folder.status:
+                problems_unexpected.append(
+                    f"{folder.role}:{name} {_fmt_shape(folder.tensors[name].shape)} "
+                    "(no project parameter corresponds to it)"
+                )
+    for key in sorted(b.sd):
+        if key not in expected:
+            problems_unexpected.append(
+                f"{b.src[key]} {_fmt_shape(b.sd[key].shape)} -> {key}: {against} has no such parameter"
+            )
+        elif tuple(b.sd[key].shape) != tuple(expected[key]):
+            problems_shape.append(
+                f"{key} from {b.src[key]}: shape {_fmt_shape(b.sd[key].shape)}, expected {_fmt_shape(expected[key])}"
+            )
+    for key, shape in expected.items():
+        if key not in b.sd:
+            problems_missing.append(f"{key} {_fmt_shape(shape)}")
+    if b.errors or problems_unexpected or problems_missing or problems_shape:
+        parts = []
+        if b.errors:
+            parts.append("conversion errors:\n    " + "\n    ".join(b.errors))
+        if problems_unexpected:
+            parts.append(f"unexpected keys ({len(problems_unexpected)}):\n    " + "\n    ".join(problems_unexpected))
+        if problems_missing:
+            parts.append(
+                f"missing keys ({len(problems_missing)}) [expected shape]:\n    " + "\n    ".join(problems_missing)
+            )
+        if problems_shape:
+            parts.append(f"shape mismatches ({len(problems_shape)}):\n    " + "\n    ".join(problems_shape))
+        raise ConversionError(
+            f"the checkpoint does not match {against}; nothing was written.\n  " + "\n  ".join(parts)
+        )
 
 
 def convert_rxlm_checkpoint(
@@ -2387,43 +2434,7 @@ def convert_rxlm_checkpoint(
     # other components' STM buffers in a whole-model file resolve to the same stored tensor: nothing else to do.
 
     # ---- strictness (§6.10) ----
-    expected = expected_state_dict_shapes(config)
-    problems_unexpected, problems_missing, problems_shape = [], [], []
-    for folder in folders:
-        for name in sorted(folder.tensors):
-            if name not in folder.status:
-                problems_unexpected.append(
-                    f"{folder.role}:{name} {_fmt_shape(folder.tensors[name].shape)} "
-                    "(no project parameter corresponds to it)"
-                )
-    for key in sorted(b.sd):
-        if key not in expected:
-            problems_unexpected.append(
-                f"{b.src[key]} {_fmt_shape(b.sd[key].shape)} -> {key}: the inferred configuration has no such "
-                "parameter"
-            )
-        elif tuple(b.sd[key].shape) != tuple(expected[key]):
-            problems_shape.append(
-                f"{key} from {b.src[key]}: shape {_fmt_shape(b.sd[key].shape)}, expected {_fmt_shape(expected[key])}"
-            )
-    for key in expected:
-        if key not in b.sd:
-            problems_missing.append(f"{key} {_fmt_shape(expected[key])}")
-    if b.errors or problems_unexpected or problems_missing or problems_shape:
-        parts = []
-        if b.errors:
-            parts.append("conversion errors:\n    " + "\n    ".join(b.errors))
-        if problems_unexpected:
-            parts.append(f"unexpected keys ({len(problems_unexpected)}):\n    " + "\n    ".join(problems_unexpected))
-        if problems_missing:
-            parts.append(
-                f"missing keys ({len(problems_missing)}) [expected shape]:\n    " + "\n    ".join(problems_missing)
-            )
-        if problems_shape:
-            parts.append(f"shape mismatches ({len(problems_shape)}):\n    " + "\n    ".join(problems_shape))
-        raise ConversionError(
-            "the checkpoint does not match the inferred configuration; nothing was written.\n  " + "\n  ".join(parts)
-        )
+    _check_strict(folders, b, expected_state_dict_shapes(config), "the inferred configuration")
 
     # ---- report ----
     for folder in folders:
@@ -2455,6 +2466,104 @@ def convert_rxlm_checkpoint(
     if output is not None:
         write_converted_folder(config, state_dict, report.data, output, tokenizer_dir=tok_dir)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MRL critic (checkpoints.md §4.8)
+# ----------------------------------------------------------------------------------------------------------------
+
+CRITIC_FIELDS = ("activation", "embed_dim", "init_scale")  # the reference always writes all three
+CRITIC_ACTIVATIONS = ("sigmoid", "tanh", "linear")
+# value head: reference prefix -> RxTCritic prefix
+_CRITIC_HEAD = (("value_head.0.linear.", "glu."), ("value_head.1.", "norm."), ("value_head.2.", "value."))
+
+
+def _critic_shapes(config: RxTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of `trainers.mrl.RxTCritic` for a policy with `config`, with its shape."""
+    enc = config.encoder_config
+    dim = enc.embed_dim
+    shapes = {"encoder.embed_tokens.weight": (enc.vocab_size, dim)}
+    shapes.update(_stack_shapes("encoder.encoder.", enc, decoder=False))
+    shapes.update(
+        {
+            "glu.weight": (2 * dim, dim),  # GLU D -> D: first half linear, second half through SiLU
+            "glu.bias": (2 * dim,),
+            "norm.weight": (dim,),  # LayerNorm
+            "norm.bias": (dim,),
+            "value.weight": (1, dim),
+            "value.bias": (1,),
+            "scale": (),  # 0-dim
+            "shift": (),
+        }
+    )
+    return shapes
+
+
+def convert_rxlm_critic(critic_dir, config: RxTConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """Convert a reference MRL critic folder (`MrlCriticModel`) into the state dict of `trainers.mrl.RxTCritic` for a
+    policy with `config` (the converted model's config).
+
+    `encoder.model.*` goes through the encoder mapping of the other inputs (RoPE and STM buffers ignored); the value
+    head `value_head.{0.linear,1,2}.*` becomes `glu.*`, `norm.*`, `value.*`; `scale` and `shift` keep their names.
+
+    Returns:
+        `(state_dict, info)`; `info` holds the config's `activation` and `init_scale`, the input folder (with its
+        config hash), the ignored keys and any dtype conversions.
+
+    Raises:
+        `ConversionError`: a config field is unknown, missing or invalid, or keys are missing, unexpected or mis-shaped
+        (all of them listed, checkpoints.md §6.10).
+    """
+    folder = _Folder("critic", critic_dir)
+    cfg, dim = folder.config, config.encoder_config.embed_dim
+    errors = []
+    _check_fields("critic", cfg, CRITIC_FIELDS, errors)
+    errors += [f"critic config field '{field}' is missing" for field in CRITIC_FIELDS if field not in cfg]
+    if "activation" in cfg and cfg["activation"] not in CRITIC_ACTIVATIONS:
+        errors.append(f"critic activation={cfg['activation']!r}: expected one of {list(CRITIC_ACTIVATIONS)}")
+    if "embed_dim" in cfg and cfg["embed_dim"] != dim:
+        errors.append(f"critic embed_dim={cfg['embed_dim']}: the policy's is {dim}")
+    if errors:
+        raise ConversionError(f"critic folder '{folder.path}': invalid config.json:\n  " + "\n  ".join(errors))
+
+    report = _Report()
+    b = _Builder(report)
+    encoder = _View(folder, "encoder.model.", "encoder")
+    if encoder.has("embedding.weight"):
+        b.map(encoder, "embedding.weight", "encoder.embed_tokens.weight")
+    _map_stack(encoder, "encoder", b, report, False, target="encoder.encoder.")
+    head = _View(folder, "", "critic")
+    for key in head.keys():
+        if key in ("scale", "shift"):
+            b.map(head, key, key)
+        for old, new in _CRITIC_HEAD:
+            if key.startswith(old):
+                b.map(head, key, new + key[len(old) :])
+    _check_strict([folder], b, _critic_shapes(config), "the policy's critic")
+
+    info = {
+        "input": folder.describe(),
+        "activation": cfg["activation"],
+        "init_scale": cfg["init_scale"],
+        "ignored_keys": [
+            {"key": f"critic:{name}", "reason": detail}
+            for name, (kind, detail) in sorted(folder.status.items())
+            if kind == "ignored"
+        ],
+        "dtype_conversions": report.data["dtype_conversions"],
+    }
+    return {k: v.contiguous() for k, v in b.sd.items()}, info
+
+
+def write_critic_folder(state_dict: dict, activation: str, init_scale: float, output) -> Path:
+    """The MRL critic layout: `output/critic/model.safetensors` + `output/critic/config.json` (`activation`,
+    `init_scale`), read back by MRL's `--critic_name_or_path`. Returns the critic folder."""
+    folder = Path(output) / "critic"
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({"activation": activation, "init_scale": init_scale}, indent=2))
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,12 +4,13 @@
 Component repos:
     python scripts/convert_rxlm_checkpoint.py --decoder DEC --encoder ENC --memory-attention MEM \
         [--mlm-head MLM] [--rope-layout interleaved|split_concat] [--memory-attention-variant NAME] \
-        [--import-stm] [--drop-encoder-cross-attention] [--tokenizer DIR] --output OUT
+        [--import-stm] [--drop-encoder-cross-attention] [--tokenizer DIR] [--critic DIR] --output OUT
 Whole-model repo (RxTAlpha / RxTBeta):
-    python scripts/convert_rxlm_checkpoint.py --whole-model DIR --output OUT
+    python scripts/convert_rxlm_checkpoint.py --whole-model DIR [--critic DIR] --output OUT
 
 The output folder holds config.json, model.safetensors, the tokenizer files (when a tokenizer is found) and
-conversion_report.json. Nothing is written unless the conversion is complete and exact.
+conversion_report.json; with --critic also critic/ (model.safetensors + config.json: the MRL checkpoint layout, for
+MRL's --critic_name_or_path). Nothing is written unless the conversion is complete and exact.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from modeling_rxt.conversion_rxlm import (  # noqa: E402
     ROPE_LAYOUT_CHOICES,
     VARIANT_CHOICES,
     convert_rxlm_checkpoint,
+    convert_rxlm_critic,
     write_converted_folder,
+    write_critic_folder,
 )
 
 
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept a predecessor-framework encoder and drop its memory cross-attention",
     )
     parser.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: search the inputs)")
+    parser.add_argument("--critic", type=Path, help="optional MRL critic folder; written to OUT/critic/")
     parser.add_argument("--output", type=Path, required=True, help="output folder")
     return parser
 
@@ -78,8 +82,14 @@ def main(argv=None) -> int:
             drop_encoder_cross_attention=args.drop_encoder_cross_attention,
             tokenizer=args.tokenizer,
         )
+        critic = None
+        if args.critic is not None:
+            critic, report["critic"] = convert_rxlm_critic(args.critic, config)
+            report["critic"]["output"] = "critic/model.safetensors"
         tokenizer_dir = report.get("token_ids", {}).get("tokenizer_dir")
         write_converted_folder(config, state_dict, report, args.output, tokenizer_dir=tokenizer_dir)
+        if critic is not None:
+            write_critic_folder(critic, report["critic"]["activation"], report["critic"]["init_scale"], args.output)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -100,6 +110,8 @@ def main(argv=None) -> int:
     if diff:
         print(f"  note: decoder and encoder embeddings differ (max abs diff {diff:g}); the encoder's is used")
     print(f"  token ids: {report['token_ids']['source']}")
+    if critic is not None:
+        print(f"  critic: {args.output / 'critic'} (MRL: --critic_name_or_path {args.output})")
     print(f"  report: {args.output / REPORT_NAME}")
     return 0
 

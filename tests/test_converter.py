@@ -23,6 +23,7 @@ from modeling_rxt.configuration_rxt import RxTConfig  # noqa: E402
 from modeling_rxt.conversion_rxlm import (  # noqa: E402
     ConversionError,
     convert_rxlm_checkpoint,
+    convert_rxlm_critic,
     expected_state_dict_shapes,
     read_safetensors,
     write_converted_folder,
@@ -1273,3 +1274,111 @@ def test_synthetic_round_trip(tmp_path, name):
     assert_full_coverage(
         report, {r: root / r for r in ("decoder", "encoder", "memory_attention", "mlm_head") if (root / r).is_dir()}
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MRL critic (checkpoints.md §4.8)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tiny_critic(activation="tanh"):
+    """A tiny policy config and an `RxTCritic` for it, every tensor perturbed (so no two are alike)."""
+    from modeling_rxt import RxTForCausalLM
+    from trainers.mrl import RxTCritic
+
+    torch.manual_seed(0)
+    config = RxTConfig.tiny()
+    critic = RxTCritic(RxTForCausalLM(config), activation=activation).eval()
+    with torch.no_grad():
+        for param in critic.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return config, critic
+
+
+def write_reference_critic(config, critic, root: Path) -> Path:
+    """`critic` in the reference format (`MrlCriticModel`) at root/critic; the encoder goes through
+    `write_reference_folders` (scratch output in root/critic_parts)."""
+    sd = critic.state_dict()
+    encoder = {"model." + k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
+    parts = write_reference_folders(config, encoder, root / "critic_parts")
+    tensors = {"encoder." + k: v for k, v in load_file(parts / "encoder" / "model.safetensors").items()}
+    for ref, own in (("value_head.0.linear.", "glu."), ("value_head.1.", "norm."), ("value_head.2.", "value.")):
+        tensors.update({ref + n: sd[own + n] for n in ("weight", "bias")})
+    tensors.update(scale=sd["scale"], shift=sd["shift"])  # 0-dim
+    folder = root / "critic"
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    cfg = {"activation": critic.activation, "embed_dim": config.encoder_config.embed_dim, "init_scale": 10.0}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_critic_round_trip(tmp_path):
+    from modeling_rxt import RxTForCausalLM
+    from trainers.mrl import RxTCritic
+
+    config, critic = tiny_critic()
+    sd, info = convert_rxlm_critic(write_reference_critic(config, critic, tmp_path), config)
+    own = critic.state_dict()
+    assert set(sd) == set(own) and all(torch.equal(sd[k], own[k]) for k in own)
+    assert (info["activation"], info["init_scale"]) == ("tanh", 10.0)
+    assert {e["key"] for e in info["ignored_keys"]} == {
+        "critic:encoder.model.layers.0.attention.rope.inv_freq",
+        "critic:encoder.model.layers.0.attention.rope.cache",
+    }
+    loaded = RxTCritic(RxTForCausalLM(config), activation=info["activation"]).eval()
+    loaded.load_state_dict(sd, strict=True)
+    ids = torch.randint(7, config.encoder_config.vocab_size, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), critic(ids, mask), rtol=0, atol=0)
+
+
+def test_critic_bad_keys_and_config_all_listed(tmp_path):
+    config, critic = tiny_critic()
+    folder = write_reference_critic(config, critic, tmp_path)
+
+    def damage(t, meta):
+        del t["value_head.1.bias"]  # missing
+        t["value_head.3.weight"] = torch.zeros(1, 32)  # unexpected
+        t["scale"] = torch.ones(1)  # shape mismatch (0-dim expected)
+
+    edit_tensors(folder, damage)
+    with pytest.raises(ConversionError) as info:
+        convert_rxlm_critic(folder, config)
+    msg = str(info.value)
+    assert "critic:value_head.3.weight [1, 32]" in msg
+    assert "missing keys (1)" in msg and "norm.bias [32]" in msg
+    assert "scale from critic:scale: shape [1], expected []" in msg
+    edit_config(folder, lambda c: c.update(activation="relu", embed_dim=64, head="mlp"))
+    with pytest.raises(ConversionError, match=r"(?s)'head' is unknown.*activation='relu'.*embed_dim=64"):
+        convert_rxlm_critic(folder, config)
+
+
+def test_cli_critic(tmp_path):
+    config, critic = tiny_critic()
+    gen = torch.Generator().manual_seed(0)
+    policy = {k: torch.randn(shape, generator=gen) for k, shape in expected_state_dict_shapes(config).items()}
+    root = write_reference_folders(config, policy, tmp_path / "reference")
+    out = tmp_path / "converted"
+    proc = _cli(
+        "--decoder",
+        str(root / "decoder"),
+        "--encoder",
+        str(root / "encoder"),
+        "--memory-attention",
+        str(root / "memory_attention"),
+        "--critic",
+        str(write_reference_critic(config, critic, tmp_path)),
+        "--output",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--critic_name_or_path" in proc.stdout
+    written = load_file(out / "critic" / "model.safetensors")
+    own = critic.state_dict()
+    assert set(written) == set(own) and all(torch.equal(written[k], own[k]) for k in own)
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["critic"]["output"] == "critic/model.safetensors" and report["critic"]["activation"] == "tanh"
+    assert json.loads((out / "critic" / "config.json").read_text()) == {"activation": "tanh", "init_scale": 10.0}

@@ -661,6 +661,8 @@ def test_gradients_reach_exactly_the_unfrozen_components(tokenizer, episodes, tm
         ({"advantage_mode": "global"}, "advantage_mode"),
         ({"advantage_estimator": "group", "num_generations": 1}, "num_generations"),
         ({"advantage_estimator": "group", "num_generations": 2, "use_gae": True}, "use_gae"),
+        ({"advantage_estimator": "group", "num_generations": 2, "critic_name_or_path": "runs/mrl"},
+         "critic_name_or_path='runs/mrl' needs advantage_estimator='critic'"),
         ({"curriculum": "1,two,4"}, "curriculum"),
         ({"curriculum": "1,0"}, "steps=0"),
         ({"curriculum": "[]"}, "curriculum"),
@@ -748,6 +750,7 @@ def test_save_model_writes_a_remote_code_policy_and_the_critic(tokenizer, tmp_pa
     trainer.save_model(str(out))
     assert (out / "config.json").is_file() and (out / "modeling_rxt.py").is_file()
     assert (out / "tokenizer.json").is_file() and (out / "critic" / "model.safetensors").is_file()
+    assert json.loads((out / "critic" / "config.json").read_text())["activation"] == "sigmoid"
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rxt.RxTForCausalLM"
     # the folder's own code (the package's registered classes would win in this process)
@@ -770,6 +773,37 @@ def test_save_model_writes_a_remote_code_policy_and_the_critic(tokenizer, tmp_pa
     critic = load_file(str(out / "critic" / "model.safetensors"))
     state = trainer.model.critic.state_dict()
     assert set(critic) == set(state) and all(torch.equal(critic[k], state[k]) for k in state)
+
+
+def test_critic_name_or_path_loads_the_critic_strictly(tokenizer, tmp_path):
+    """An MRL output (policy model.safetensors + critic/model.safetensors: the critic's is taken) or a folder holding
+    the critic's model.safetensors itself; a mismatch names the folder and the key."""
+    from safetensors.torch import save_file
+
+    source = RxTCritic(tiny_model(tokenizer, seed=3))
+    with torch.no_grad():
+        source.shift.fill_(0.5)
+    weights = {k: v.contiguous() for k, v in source.state_dict().items()}
+    (tmp_path / "mrl_output" / "critic").mkdir(parents=True)
+    save_file({"not_the_critic": torch.zeros(1)}, str(tmp_path / "mrl_output" / "model.safetensors"))
+    save_file(weights, str(tmp_path / "mrl_output" / "critic" / "model.safetensors"))
+    (tmp_path / "file_only").mkdir()
+    save_file(weights, str(tmp_path / "file_only" / "model.safetensors"))
+    for folder in ("mrl_output", "file_only"):
+        trainer = make_trainer(tokenizer, tmp_path / "out", critic_name_or_path=str(tmp_path / folder))
+        state = trainer.model.critic.state_dict()
+        assert set(state) == set(weights) and all(torch.equal(state[k], weights[k]) for k in weights), folder
+    del weights["value.bias"]
+    (tmp_path / "broken").mkdir()
+    save_file(weights, str(tmp_path / "broken" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"(?s)critic_name_or_path='.*broken'.*value\.bias"):
+        make_trainer(tokenizer, tmp_path / "out", critic_name_or_path=str(tmp_path / "broken"))
+    (tmp_path / "mrl_output" / "critic" / "config.json").write_text('{"activation": "tanh", "init_scale": 10.0}')
+    with pytest.raises(ValueError, match=r"activation 'tanh', this run uses critic_activation='sigmoid'"):
+        make_trainer(tokenizer, tmp_path / "out", critic_name_or_path=str(tmp_path / "mrl_output"))
+    trainer = make_trainer(tokenizer, tmp_path / "out", critic_name_or_path=str(tmp_path / "mrl_output"),
+                           critic_activation="tanh")  # fmt: skip
+    assert trainer.model.critic.activation == "tanh"
 
 
 # --------------------------------------------------------------------------------------------------------------------

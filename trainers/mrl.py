@@ -51,6 +51,7 @@ from transformers import TrainerCallback, TrainingArguments
 from trl import GRPOConfig
 
 from modeling_rxt import RxTCache
+from modeling_rxt.conversion_rxlm import write_critic_folder
 
 from ._trl_compat import (
     RepeatSampler,
@@ -229,6 +230,11 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
     critic_value_clip: float = field(default=20.0, metadata={"help": "Values and targets clamped to +-clip."})
     critic_init_scale: float = field(default=10.0, metadata={"help": "Initial value scale."})
     critic_activation: str = field(default="sigmoid", metadata={"help": "sigmoid | tanh | linear."})
+    critic_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Start the critic from a folder holding critic/model.safetensors (a converted reference "
+                  "critic or an earlier MRL output) or the model.safetensors file's folder itself (None: fresh)."},
+    )  # fmt: skip
     # per-component learning rates
     separate_memory_lr: bool = field(default=False, metadata={"help": "Use memory_lr for memory components."})
     memory_lr: float = field(default=5e-4, metadata={"help": "LR of encoder + memory attention (separate)."})
@@ -280,6 +286,11 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
             raise ValueError("advantage_estimator='group' needs num_generations >= 2 (answers per episode).")
         if self.use_gae and self.advantage_estimator != "critic":
             raise ValueError("use_gae=True needs advantage_estimator='critic'.")
+        if self.critic_name_or_path is not None and self.advantage_estimator != "critic":
+            raise ValueError(
+                f"critic_name_or_path={self.critic_name_or_path!r} needs advantage_estimator='critic' "
+                f"(got {self.advantage_estimator!r})."
+            )
         for name in ("epsilon", "beta", "entropy_coef", "interstep_kl_coef", "stm_diff_coef", "cosine_sim_coef",
                      "critic_value_clip", "critic_init_scale"):  # fmt: skip
             if getattr(self, name) < 0:
@@ -417,6 +428,30 @@ class RxTCritic(nn.Module):
         elif self.activation == "tanh":
             value = torch.tanh(value)
         return value * self.scale + self.shift
+
+    def load_weights(self, folder: str) -> None:
+        """Load `folder/critic/model.safetensors` (else `folder/model.safetensors`) strictly; the `activation` in
+        the `config.json` beside it (written by MRL and the converter) must be this critic's."""
+        from safetensors.torch import load_file
+
+        paths = [os.path.join(folder, "critic", "model.safetensors"), os.path.join(folder, "model.safetensors")]
+        path = next((p for p in paths if os.path.isfile(p)), None)
+        if path is None:
+            raise ValueError(f"critic_name_or_path={folder!r}: found neither {paths[0]} nor {paths[1]}.")
+        config_path = os.path.join(os.path.dirname(path), "config.json")
+        if os.path.isfile(config_path):
+            stored = json.loads(open(config_path).read()).get("activation", self.activation)
+            if stored != self.activation:
+                raise ValueError(
+                    f"critic_name_or_path={folder!r}: the critic was trained with activation {stored!r}, this run "
+                    f"uses critic_activation={self.activation!r}; pass --critic_activation {stored}."
+                )
+        try:
+            self.load_state_dict(load_file(path), strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"critic_name_or_path={folder!r}: {path} does not fit this policy's critic: {error}"
+            ) from None
 
 
 class MRLModel(nn.Module):
@@ -690,6 +725,8 @@ class MRLTrainer(RxTTrainer):
         critic = None
         if args.advantage_estimator == "critic":
             critic = RxTCritic(model, args.critic_activation, args.critic_init_scale)
+            if args.critic_name_or_path is not None:
+                critic.load_weights(args.critic_name_or_path)
         if args.disable_dropout:
             disable_dropout_in_model(model)
         wrapper = MRLModel(model, critic)
@@ -1247,11 +1284,8 @@ class MRLTrainer(RxTTrainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         if wrapper.critic is not None:
-            from safetensors.torch import save_file
-
-            os.makedirs(os.path.join(output_dir, "critic"), exist_ok=True)
-            tensors = {k: v.detach().contiguous().cpu() for k, v in wrapper.critic.state_dict().items()}
-            save_file(tensors, os.path.join(output_dir, "critic", "model.safetensors"))
+            critic = wrapper.critic
+            write_critic_folder(critic.state_dict(), critic.activation, self.args.critic_init_scale, output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_weights(self, folder: str, model=None) -> None:

@@ -466,6 +466,11 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
             raise ValueError(
                 f"{owner}: decoder stm_size={dec.stm_size} but memory_attention stm_size={mem.stm_size}; expected equal."
             )
+        if self.memory_attention_variant != "grouped-self-interlayer" and mem.num_groups != 1:
+            raise ValueError(
+                f"{owner}: memory_attention_config.num_groups={mem.num_groups} applies only to the "
+                f"'grouped-self-interlayer' variant (this one is {self.memory_attention_variant!r}); expected 1."
+            )
         if self.memory_attention_variant == "grouped-self-interlayer" and mem.num_layers % mem.num_groups != 0:
             raise ValueError(
                 f"{owner}: grouped-self-interlayer needs num_layers % num_groups == 0, got {mem.num_layers} layers "

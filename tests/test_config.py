@@ -29,6 +29,7 @@ from modeling_rxt import RxTComponentConfig, RxTConfig, RxTMemoryAttentionConfig
         (dict(encoder=dict(embed_dim=48, att_heads=4)), r"embed_dim differs"),
         (dict(memory_attention_variant="grouped-self-interlayer", memory_attention=dict(num_groups=3)),
          r"layers % num_groups == 0"),
+        (dict(memory_attention=dict(num_groups=2)), r"num_groups=2 applies only to the 'grouped-self-interlayer'"),
         (dict(memory_attention_variant="fancy"), r"memory_attention_variant='fancy' is not supported"),
         (dict(memory_attention=dict(norm_type="batch")), r"norm_type='batch'"),
         (dict(memory_attention=dict(residual_gate_type="random")), r"residual_gate_type='random'"),

@@ -48,9 +48,8 @@ def _check_choice(owner: str, field: str, value, choices) -> None:
 def _check_init(owner: str, config) -> None:
     """`initializer_range` > 0 (std of embeddings, and of linears with `linear_init='normal'`); `linear_init` known."""
     _check_choice(owner, "linear_init", config.linear_init, LINEAR_INIT_MODES)
-    if isinstance(config.initializer_range, bool) or not isinstance(config.initializer_range, (int, float)) or not (
-        config.initializer_range > 0
-    ):
+    value = config.initializer_range
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{owner}.initializer_range={config.initializer_range!r}: expected a positive float.")
 
 

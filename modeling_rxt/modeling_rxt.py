@@ -819,7 +819,6 @@ class RxTMLMHead(nn.Module):
         return self.decoder(self.layer_norm(F.gelu(self.dense(hidden_states))))
 
 
-@torch.no_grad()
 def init_pytorch_linear(module: nn.Linear) -> None:
     """`nn.Linear`'s own init: weight Kaiming-uniform (a = √5), i.e. U(±1/√fan_in); bias U(±1/√fan_in)."""
     init.kaiming_uniform_(module.weight, a=math.sqrt(5))
@@ -828,6 +827,7 @@ def init_pytorch_linear(module: nn.Linear) -> None:
         init.uniform_(module.bias, -bound, bound)
 
 
+@torch.no_grad()
 def init_rxt_weights(model: PreTrainedModel, module: nn.Module) -> None:
     """transformers' defaults (N(0, `initializer_range`) linears/embeddings, unit norms; linears get PyTorch's own
     init with `linear_init='pytorch'`), then the RxT-specific parameters: gated-attention `gate_proj` N(1, 0.01),
@@ -1544,7 +1544,8 @@ class RxTChatSession:
                 **generate_kwargs,
             )
             interaction, generated = self._interaction(prompt, output)
-            answers = self._answers(generated, keep_sections=kind != "query" or thinking_mode is not None)
+            keep_sections = kind != "query" or thinking_mode is not None  # e.g. [T]...[A]... of Beta turns
+            answers = self.tokenizer.batch_decode(generated, skip_special_tokens=not keep_sections)
             if self.background_update:
                 self._update_thread = threading.Thread(target=self._update, args=(interaction,), daemon=True)
                 self._update_thread.start()
@@ -1569,10 +1570,6 @@ class RxTChatSession:
         ids = tokens.gather(1, order)[:, : mask.shape[1]].masked_fill(~mask, self.model.config.pad_token_id or 0)
         answers = before_eos & ~is_eos
         return {"input_ids": ids, "attention_mask": mask.long()}, [row[keep_row] for row, keep_row in zip(new, answers)]
-
-    def _answers(self, generated: list[torch.Tensor], keep_sections: bool = False) -> list[str]:
-        """Decoded answers (section tokens such as `[T]`/`[A]` kept with `keep_sections`)."""
-        return self.tokenizer.batch_decode(generated, skip_special_tokens=not keep_sections)
 
     def _update(self, interaction: dict) -> None:
         try:

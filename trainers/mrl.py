@@ -440,7 +440,8 @@ class RxTCritic(nn.Module):
             raise ValueError(f"critic_name_or_path={folder!r}: found neither {paths[0]} nor {paths[1]}.")
         config_path = os.path.join(os.path.dirname(path), "config.json")
         if os.path.isfile(config_path):
-            stored = json.loads(open(config_path).read()).get("activation", self.activation)
+            with open(config_path) as file:
+                stored = json.load(file).get("activation", self.activation)
             if stored != self.activation:
                 raise ValueError(
                     f"critic_name_or_path={folder!r}: the critic was trained with activation {stored!r}, this run "

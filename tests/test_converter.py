@@ -954,16 +954,17 @@ def _cli(*args, cwd=None):
     )
 
 
+def _component_flags(root, decoder=None) -> list[str]:
+    """`--decoder --encoder --memory-attention` of the component folders under `root` (`decoder` overrides one)."""
+    return ["--decoder", str(decoder or root / "decoder"), "--encoder", str(root / "encoder"),
+            "--memory-attention", str(root / "memory_attention")]  # fmt: skip
+
+
 def test_cli(tmp_path):
     case = FIXTURES / "self_memattn_tanh"
     out = tmp_path / "converted"
     proc = _cli(
-        "--decoder",
-        str(case / "decoder"),
-        "--encoder",
-        str(case / "encoder"),
-        "--memory-attention",
-        str(case / "memory_attention"),
+        *_component_flags(case),
         "--mlm-head",
         str(case / "mlm_head"),
         "--rope-layout",
@@ -978,12 +979,7 @@ def test_cli(tmp_path):
     broken = copy_case("self_memattn_tanh", tmp_path)
     (broken / "decoder" / "model.safetensors").unlink()
     proc = _cli(
-        "--decoder",
-        str(broken / "decoder"),
-        "--encoder",
-        str(case / "encoder"),
-        "--memory-attention",
-        str(case / "memory_attention"),
+        *_component_flags(case, decoder=broken / "decoder"),
         "--output",
         str(tmp_path / "x"),
     )
@@ -1363,12 +1359,7 @@ def test_cli_critic(tmp_path):
     root = write_reference_folders(config, policy, tmp_path / "reference")
     out = tmp_path / "converted"
     proc = _cli(
-        "--decoder",
-        str(root / "decoder"),
-        "--encoder",
-        str(root / "encoder"),
-        "--memory-attention",
-        str(root / "memory_attention"),
+        *_component_flags(root),
         "--critic",
         str(write_reference_critic(config, critic, tmp_path)),
         "--output",

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .cache_rxt import RxTCache
 from .configuration_rxt import RxTComponentConfig, RxTConfig, RxTMemoryAttentionConfig, RxTStatelessConfig
 from .modeling_rxt import (
+    CACHE_KWARG,
     RxTChatSession,
     RxTForCausalLM,
     RxTModel,
@@ -22,6 +23,7 @@ AutoModelForCausalLM.register(RxTConfig, RxTForCausalLM, exist_ok=True)
 AutoModelForCausalLM.register(RxTStatelessConfig, RxTStatelessForCausalLM, exist_ok=True)
 
 __all__ = [
+    "CACHE_KWARG",
     "RxTCache",
     "RxTChatSession",
     "RxTComponentConfig",

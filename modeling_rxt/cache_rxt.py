@@ -1,4 +1,4 @@
-"""`RxTCache`: the per-conversation inference state carried in `past_key_values` of stock `generate()`.
+"""`RxTCache`: the per-conversation inference state passed as `cache` to stock `generate()`.
 
 It holds
 - the decoder self-attention KV of the **current turn only** (a `DynamicCache`; reset by `start_new_turn`),

@@ -13,8 +13,11 @@ saved model folders for `trust_remote_code`.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +36,34 @@ from .configuration_rxt import RxTComponentConfig, RxTConfig, RxTMemoryAttention
 from .tokenization_rxt import check_rxt_tokenizer
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the KV-cache keyword `past_key_values` to `cache` (model arguments, output fields and
+# generate()'s model kwargs). RxT uses `cache` and runs on both sides of the rename: `CACHE_KWARG` is the name the
+# installed transformers passes around.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def accept_past_key_values(forward: Callable) -> Callable:
+    """`forward(past_key_values=...)` → `forward(cache=...)`: older transformers' generate() passes the old name;
+    where transformers itself uses `cache`, the old name is deprecated (FutureWarning)."""
+
+    @functools.wraps(forward)
+    def renamed(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            old = kwargs.pop("past_key_values")
+            if old is not None and kwargs.get("cache") is not None:
+                raise ValueError(
+                    "Got a KV cache as both `cache` and `past_key_values`; pass the RxTCache once, as `cache`. "
+                    "(PEFT prefix tuning / P-tuning / CPT add their own virtual-token cache, which would drop the STM: "
+                    "use a LoRA-family adapter instead.)"
+                )
+            if old is not None:
+                if CACHE_KWARG == "cache":
+                    warnings.warn("`past_key_values` is deprecated (transformers >= 5.24): pass `cache`.", FutureWarning)
+                kwargs["cache"] = old
+        return forward(*args, **kwargs)
+
+    return renamed
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -238,14 +269,14 @@ class RxTSelfAttention(RxTAttention):
         self.is_causal = is_causal
         self.rope_layout = rope_layout
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         query = self.project_query(hidden_states)
         key, value = self.project_key_value(hidden_states)
         if position_embeddings is not None:
             query = apply_rotary(query, *position_embeddings, self.rope_layout)
             key = apply_rotary(key, *position_embeddings, self.rope_layout)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         return self.attend(hidden_states, query, key, value, attention_mask, is_causal=self.is_causal, **kwargs)
 
 
@@ -485,15 +516,15 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         stm_layer: torch.Tensor | None = None,
         position_embeddings=None,
         attention_mask=None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool | None = False,
         **kwargs,
     ) -> torch.Tensor:
         h = hidden_states
-        h = h + self.attention(self.norm1(h), position_embeddings, attention_mask, past_key_values, **kwargs)
+        h = h + self.attention(self.norm1(h), position_embeddings, attention_mask, cache, **kwargs)
         if self.memory_layer_idx is not None:
-            if past_key_values is not None and hasattr(past_key_values, "get_memory_kv") and not self.training:
-                memory_key_value = past_key_values.get_memory_kv(self.memory_layer_idx, self.project_memory)
+            if cache is not None and hasattr(cache, "get_memory_kv") and not self.training:
+                memory_key_value = cache.get_memory_kv(self.memory_layer_idx, self.project_memory)
             else:  # training (and activation checkpointing, which drops the cache): STM layer passed positionally
                 memory_key_value = self.project_memory(stm_layer)
             h = h + self.memory_cross_attention(self.norm2(h), memory_key_value, position_embeddings)
@@ -548,17 +579,17 @@ class RxTDecoder(nn.Module):
         if config.use_head_norm:
             self.head_norm = make_norm(config.embed_dim, config.head_norm_type == "rms_norm")
 
-    def forward(self, hidden_states, stm=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, stm=None, attention_mask=None, position_ids=None, cache=None, **kwargs):
         """`hidden_states [B, T, D]`, `stm [L, B, S, D]` → `[B, T, D]` (after the head norm, before the LM head)."""
         position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
         common = dict(position_embeddings=position_embeddings, attention_mask=attention_mask)
         for layer in self.stateless_layers:
-            hidden_states = layer(hidden_states, None, past_key_values=past_key_values, **common, **kwargs)
+            hidden_states = layer(hidden_states, None, cache=cache, **common, **kwargs)
         for i, layer in enumerate(self.layers):
             stm_layer = stm[i] if stm is not None else None
-            hidden_states = layer(hidden_states, stm_layer, past_key_values=past_key_values, **common, **kwargs)
+            hidden_states = layer(hidden_states, stm_layer, cache=cache, **common, **kwargs)
         for layer in self.final_stateless_layers:
-            hidden_states = layer(hidden_states, None, past_key_values=past_key_values, **common, **kwargs)
+            hidden_states = layer(hidden_states, None, cache=cache, **common, **kwargs)
         if self.head_norm is not None:
             hidden_states = self.head_norm(hidden_states)
         return hidden_states
@@ -874,7 +905,7 @@ class RxTModelOutput(ModelOutput):
     `aux_loss` = MoE router loss (training)."""
 
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: RxTCache | None = None
+    cache: RxTCache | None = None
     stm: torch.Tensor | None = None
     encoder_hidden_states: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -887,7 +918,7 @@ class RxTCausalLMOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: RxTCache | None = None
+    cache: RxTCache | None = None
     stm: torch.Tensor | None = None
     encoder_hidden_states: torch.Tensor | None = None
     mlm_logits: torch.Tensor | None = None
@@ -938,7 +969,7 @@ class RxTPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttention"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KWARG]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -1028,12 +1059,13 @@ class RxTModel(RxTPreTrainedModel):
         return self.stm_init(batch_size, device=param.device, dtype=param.dtype)
 
     # -- forward --------------------------------------------------------------------------------------------------
+    @accept_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: RxTCache | None = None,
+        cache: RxTCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         stm: torch.Tensor | None = None,
@@ -1048,34 +1080,34 @@ class RxTModel(RxTPreTrainedModel):
             raise ValueError(f"mode={mode!r} is not supported by RxTModel; expected 'decode', 'encode' or 'memory_update'.")
         if mode == "memory_update" and encoder_hidden_states is not None:
             return self._write_memory(encoder_hidden_states, attention_mask, stm)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         batch, length = self._check_input(input_ids, inputs_embeds, attention_mask, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if mode != "decode":
             return self._memory_forward(inputs_embeds, attention_mask, stm, mode)
 
-        if past_key_values is not None and not hasattr(past_key_values, "set_stm"):
+        if cache is not None and not hasattr(cache, "set_stm"):
             raise ValueError(
-                f"past_key_values must be an RxTCache (it carries the STM), got {type(past_key_values).__name__}. "
-                "PEFT prefix tuning / P-tuning / CPT replace past_key_values and would drop the STM: use a LoRA-family "
+                f"cache must be an RxTCache (it carries the STM), got {type(cache).__name__}. "
+                "PEFT prefix tuning / P-tuning / CPT replace the KV cache and would drop the STM: use a LoRA-family "
                 "adapter instead."
             )
         if stm is not None:
             self.check_stm(stm, batch, check_finite=not self.training, any_slots=self.training)
-        if past_key_values is not None:
-            if stm is not None and stm is not past_key_values.stm:
-                past_key_values.set_stm(stm)
-            elif past_key_values.stm is None:
-                past_key_values.set_stm(self.initial_stm(1))
-            if past_key_values.stm.shape[1] != batch:
-                past_key_values.set_stm(self._fit_stm_batch(past_key_values.stm, batch))
-            stm = past_key_values.stm
+        if cache is not None:
+            if stm is not None and stm is not cache.stm:
+                cache.set_stm(stm)
+            elif cache.stm is None:
+                cache.set_stm(self.initial_stm(1))
+            if cache.stm.shape[1] != batch:
+                cache.set_stm(self._fit_stm_batch(cache.stm, batch))
+            stm = cache.stm
         elif stm is None:
             stm = self.initial_stm(1)
         stm = self._fit_stm_batch(stm, batch)
-        if use_cache and past_key_values is None and not self.training:
-            past_key_values = RxTCache(stm=stm)
+        if use_cache and cache is None and not self.training:
+            cache = RxTCache(stm=stm)
 
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, length, past_length, inputs_embeds.device)
@@ -1083,16 +1115,16 @@ class RxTModel(RxTPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_KWARG: cache},
         )
         hidden_states = self.decoder(
-            inputs_embeds, stm, causal_mask, position_ids, past_key_values=past_key_values, **kwargs
+            inputs_embeds, stm, causal_mask, position_ids, cache=cache, **kwargs
         )
         aux_loss = None
         if self.training:
             aux_loss = self.decoder.router_loss(include_final=self.config.moe_aux_layers == "all")
-        return RxTModelOutput(last_hidden_state=hidden_states, past_key_values=past_key_values, stm=stm, aux_loss=aux_loss)
+        return RxTModelOutput(last_hidden_state=hidden_states, cache=cache, stm=stm, aux_loss=aux_loss)
 
     def _memory_forward(self, inputs_embeds, attention_mask, stm, mode: str) -> RxTModelOutput:
         length = inputs_embeds.shape[1]
@@ -1147,7 +1179,7 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
     """RxT with its LM head (`Linear(D, V)` with bias, untied) and optional MLM head; stateful generation.
 
     Inference API: `forward(input_ids, attention_mask, stm=...)`, `encode`, `mlm_logits`, `update_memory`,
-    `initial_stm`, `generate(..., past_key_values=RxTCache(stm))`, `interact` and `RxTChatSession`.
+    `initial_stm`, `generate(..., cache=RxTCache(stm))`, `interact` and `RxTChatSession`.
     """
 
     _tied_weights_keys = {}
@@ -1163,12 +1195,13 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
 
 
     # -- forward --------------------------------------------------------------------------------------------------
+    @accept_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: RxTCache | None = None,
+        cache: RxTCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -1196,7 +1229,7 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             stm=stm,
@@ -1215,7 +1248,7 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
         return RxTCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             stm=outputs.stm,
             aux_loss=outputs.aux_loss,
             last_hidden_state=outputs.last_hidden_state,
@@ -1308,12 +1341,16 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
 
     # -- generation hooks -----------------------------------------------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        cache = model_kwargs.get("past_key_values")
+        if CACHE_KWARG != "cache" and "cache" in model_kwargs:  # transformers < 5.24 knows the cache by its old name
+            if model_kwargs.get(CACHE_KWARG) is not None:
+                raise ValueError("Pass the RxTCache once, as `cache` (not also as `past_key_values`).")
+            model_kwargs[CACHE_KWARG] = model_kwargs.pop("cache")
+        cache = model_kwargs.get(CACHE_KWARG)
         if cache is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = RxTCache()
+            model_kwargs[CACHE_KWARG] = RxTCache()
         elif cache is not None and not hasattr(cache, "set_stm"):
             raise ValueError(
-                f"past_key_values must be an RxTCache (self-attention KV + STM), got {type(cache).__name__}."
+                f"cache must be an RxTCache (self-attention KV + STM), got {type(cache).__name__}."
             )
         elif cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
@@ -1536,7 +1573,7 @@ class RxTChatSession:
                 generate_kwargs["logits_processor"] = processors
             output = self.model.generate(
                 **prompt,
-                past_key_values=self.cache,
+                cache=self.cache,
                 streamer=streamer,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=config.eos_token_id,
@@ -1637,13 +1674,13 @@ class RxTStatelessForCausalLM(_LMHeadAccessors, _StrictFromPretrained, PreTraine
         self.lm_head = nn.Linear(dec.embed_dim, dec.vocab_size, bias=True)
         self.post_init()
 
-
+    @accept_past_key_values
     def forward(
         self,
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
@@ -1654,22 +1691,22 @@ class RxTStatelessForCausalLM(_LMHeadAccessors, _StrictFromPretrained, PreTraine
             raise ValueError("Pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D].")
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         length = inputs_embeds.shape[1]
-        if use_cache and past_key_values is None and not self.training:
+        if use_cache and cache is None and not self.training:
             from transformers import DynamicCache
 
-            past_key_values = DynamicCache()
+            cache = DynamicCache()
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, length, past_length, inputs_embeds.device)
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_KWARG: cache},
         )
-        hidden_states = self.model.decoder(inputs_embeds, None, mask, position_ids, past_key_values, **kwargs)
+        hidden_states = self.model.decoder(inputs_embeds, None, mask, position_ids, cache, **kwargs)
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
@@ -1677,7 +1714,7 @@ class RxTStatelessForCausalLM(_LMHeadAccessors, _StrictFromPretrained, PreTraine
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         aux_loss = self.model.decoder.router_loss() if self.training else None
-        return RxTCausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values, aux_loss=aux_loss)
+        return RxTCausalLMOutput(loss=loss, logits=logits, cache=cache, aux_loss=aux_loss)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

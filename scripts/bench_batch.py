@@ -23,6 +23,8 @@ import time
 import bench_common as bc
 import torch
 
+from modeling_rxt import CACHE_KWARG
+
 SUMMARY_KEYS = ("throughput_ratio_rxt_vs_llama_b32_turn16",)
 
 
@@ -86,14 +88,14 @@ def main(argv=None) -> dict:
             parts = []
             for start in range(0, b_max, chunk):
                 c = DynamicCache()
-                llama(input_ids=history[start : start + chunk], past_key_values=c, use_cache=True, logits_to_keep=1)
+                llama(input_ids=history[start : start + chunk], **{CACHE_KWARG: c}, use_cache=True, logits_to_keep=1)
                 parts.append(c)
             for i in range(len(parts[0].layers)):
                 full_cache.update(torch.cat([p.layers[i].keys for p in parts]),
                                   torch.cat([p.layers[i].values for p in parts]), i)  # fmt: skip
         build_s = time.perf_counter() - t0
         for _ in range(args.global_warmup):  # whole-process warm-up before the first point
-            _generate(rxt, queries[:1], a_len, past_key_values=RxTCache(stm=stm[:, :1].contiguous()))
+            _generate(rxt, queries[:1], a_len, cache=RxTCache(stm=stm[:, :1].contiguous()))
             _generate(llama, queries[:1], a_len)
         for b in sizes:
             kv = DynamicCache()
@@ -103,7 +105,7 @@ def main(argv=None) -> dict:
             rxt_stm = stm[:, :b].contiguous()
 
             def run_rxt(b=b, rxt_stm=rxt_stm):
-                return _generate(rxt, queries[:b], a_len, past_key_values=RxTCache(stm=rxt_stm))
+                return _generate(rxt, queries[:b], a_len, cache=RxTCache(stm=rxt_stm))
 
             def run_update(b=b, rxt_stm=rxt_stm):
                 t = time.perf_counter()
@@ -111,7 +113,7 @@ def main(argv=None) -> dict:
                 return {"update_ms": (time.perf_counter() - t) * 1e3}
 
             def run_llama(prompt=prompt, kv=kv):
-                out = _generate(llama, prompt, a_len, past_key_values=kv)
+                out = _generate(llama, prompt, a_len, **{CACHE_KWARG: kv})
                 kv.crop(history_len - kv.get_seq_length())
                 return out
 

@@ -7,12 +7,12 @@ A conversation is a fixed sequence of random interactions `[BOS][Q] query [A] an
 query with `generate()` (greedy, exactly `--answer-len` new tokens: EOS disabled) starting from its state after
 turns 1 ... t-1:
 
-- **rxt**: `RxTForCausalLM.generate(query, past_key_values=RxTCache(stm))`: reads the query only; memory K/V are
+- **rxt**: `RxTForCausalLM.generate(query, cache=RxTCache(stm))`: reads the query only; memory K/V are
   projected from the STM once per turn (inside the prefill). The memory update (`update_memory` of the 128-token
   interaction) is timed separately (`rxt_memory_update`); its cost does not block the reply (see background below).
 - **llama_reread**: `LlamaForCausalLM.generate(history + query)` with no cache between turns (a stateless chatbot
   re-reads the whole conversation every turn).
-- **llama_kvcache**: the same Llama, `generate(history + query, past_key_values=cache)` with the `DynamicCache`
+- **llama_kvcache**: the same Llama, `generate(history + query, cache=cache)` (`past_key_values` before transformers 5.24) with the `DynamicCache`
   holding the history; only the new tokens are prefilled. The cache is cropped back after each timed repeat.
 
 Measured per turn and system (median and quartiles over `--repeats`, the systems timed in alternation after
@@ -37,6 +37,8 @@ import time
 
 import bench_common as bc
 import torch
+
+from modeling_rxt import CACHE_KWARG
 
 SUMMARY_KEYS = (
     "rxt_prompt_latency_ratio_turn64_vs_turn1",
@@ -129,7 +131,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(args.global_warmup):  # whole-process warm-up (allocator, kernels) before the first point
-            _generate_timed(rxt, queries[0], a_len, past_key_values=RxTCache(stm=stm))
+            _generate_timed(rxt, queries[0], a_len, cache=RxTCache(stm=stm))
             rxt.update_memory(interactions[0], None, stm)
             _generate_timed(llama, queries[0], a_len)
         for t in range(1, turns + 1):
@@ -143,7 +145,7 @@ def main(argv=None) -> dict:
 
                 def run_rxt(query=query, info=info, stm=stm):
                     cache = RxTCache(stm=stm)
-                    times, _ = _generate_timed(rxt, query, a_len, past_key_values=cache)
+                    times, _ = _generate_timed(rxt, query, a_len, cache=cache)
                     info["rxt_turn_bytes"] = bc.dynamic_cache_bytes(cache) + bc.tensor_bytes(
                         x for kv in cache.memory_kv.values() for x in kv)
                     return times
@@ -157,7 +159,7 @@ def main(argv=None) -> dict:
                     return _generate_timed(llama, prompt, a_len)[0]
 
                 def run_kv(prompt=prompt, hist_len=hist_len, info=info):
-                    times, _ = _generate_timed(llama, prompt, a_len, past_key_values=kv_cache)
+                    times, _ = _generate_timed(llama, prompt, a_len, **{CACHE_KWARG: kv_cache})
                     info["kv_bytes_after"] = bc.dynamic_cache_bytes(kv_cache)
                     info["kv_tokens_after"] = kv_cache.get_seq_length()
                     kv_cache.crop(hist_len - kv_cache.get_seq_length())  # back to the history (negative count)
@@ -220,11 +222,11 @@ def main(argv=None) -> dict:
                 )
             # advance every state by turn t (untimed)
             stm = rxt.update_memory(interaction, None, stm)
-            llama(input_ids=interaction, past_key_values=kv_cache, use_cache=True, logits_to_keep=1)
+            llama(input_ids=interaction, **{CACHE_KWARG: kv_cache}, use_cache=True, logits_to_keep=1)
 
         # -- RxT at every measured turn, timed in alternation (same background load for turn 1 and turn 64) --
         rxt_fns = [
-            lambda t=t: _generate_timed(rxt, queries[t - 1], a_len, past_key_values=RxTCache(stm=stm_at_turn[t]))[0]
+            lambda t=t: _generate_timed(rxt, queries[t - 1], a_len, cache=RxTCache(stm=stm_at_turn[t]))[0]
             for t in measure
         ]
         rxt_by_turn = {
@@ -250,7 +252,7 @@ def main(argv=None) -> dict:
                     rows[-1]["hidden_fraction"] = max(0.0, min(1.0, 1.0 - rows[-1]["wait_ms"] / rows[-1]["update_ms"]))
                 if k == bg_turns:
                     break
-                times, out = _generate_timed(rxt, query, a_len, past_key_values=cache)
+                times, out = _generate_timed(rxt, query, a_len, cache=cache)
                 interaction = out  # [BOS][Q]query[A] + the generated answer
                 stamps: list[float] = []
 

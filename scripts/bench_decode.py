@@ -4,10 +4,10 @@
 Both models get the same prompt (`--prompt-lens`, random ids) and generate `--new-tokens` tokens greedily (EOS
 disabled), batch 1. Measured, median and quartiles over `--repeats`, systems in alternation after warm-up:
 
-- **generate**: stock `generate()` (RxT with `past_key_values=RxTCache(stm)`); per-token decode latency from the
+- **generate**: stock `generate()` (RxT with `cache=RxTCache(stm)`); per-token decode latency from the
   streamer's time stamps, `(t_last_token - t_first_token) / (N - 1)` (the prefill excluded), and, as a cross-check,
   `(time(generate N) - time(generate 1)) / (N - 1)`;
-- **manual loop**: `model(input_ids=token, past_key_values=cache)` per step with argmax, for Llama, RxT (memory
+- **manual loop**: `model(input_ids=token, cache=cache)` per step with argmax, for Llama, RxT (memory
   K/V projected once per turn and reused, the normal path) and RxT re-projecting the memory K/V from the STM at
   every token (`cache.memory_kv.clear()` before each step: what an implementation without the memory K/V cache does);
 - **memory K/V projection**: the once-per-turn cost (`stm_norm` + `k_proj`/`v_proj` of every memory layer);
@@ -29,6 +29,8 @@ import time
 import bench_common as bc
 import torch
 
+from modeling_rxt import CACHE_KWARG
+
 SUMMARY_KEYS = ("decode_ratio_rxt_vs_llama", "memory_kv_cache_speedup")
 
 
@@ -47,13 +49,13 @@ def _generate(model, ids, new_tokens, **kwargs) -> dict:
 def _loop(model, ids, new_tokens, cache, reproject: bool = False) -> dict:
     """Greedy manual loop; returns the prefill time and the mean decode step."""
     t0 = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     t1 = time.perf_counter()
     for _ in range(new_tokens):
         if reproject:
             cache.memory_kv.clear()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **{CACHE_KWARG: cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     t2 = time.perf_counter()
     return {"prefill_ms": (t1 - t0) * 1e3, "per_token_ms": (t2 - t1) / new_tokens * 1e3}
@@ -102,12 +104,12 @@ def _breakdown(rxt, llama, ids, new_tokens, make_rxt_cache, make_llama_cache) ->
         for prefix, model, make in (("rxt", rxt, make_rxt_cache), ("llama", llama, make_llama_cache)):
             _loop(model, ids, 2, make())  # warm
             cache = make()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1:].argmax(-1)
             acc.clear()
             t0 = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, **{CACHE_KWARG: cache}, use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
             step = (time.perf_counter() - t0) / new_tokens * 1e3
             parts = {k.split(".", 1)[1]: v / new_tokens * 1e3 for k, v in acc.items() if k.startswith(prefix)}
@@ -165,15 +167,15 @@ def main(argv=None) -> dict:
     with torch.inference_mode():
         warm = bc.rxt_query(gen, 1, prompt_lens[0], dims["vocab_size"], config)
         for _ in range(args.global_warmup):  # whole-process warm-up before the first point
-            _generate(rxt, warm, new_tokens, past_key_values=RxTCache(stm=stm))
+            _generate(rxt, warm, new_tokens, cache=RxTCache(stm=stm))
             _generate(llama, warm, new_tokens)
         for plen in prompt_lens:
             ids = bc.rxt_query(gen, 1, plen, dims["vocab_size"], config)
             # all systems in one alternation group (same background load for every ratio)
             g_rxt, g_llama, g1_rxt, g1_llama, l_llama, l_rxt, l_noreuse = bc.measure_interleaved([
-                lambda: _generate(rxt, ids, new_tokens, past_key_values=RxTCache(stm=stm)),
+                lambda: _generate(rxt, ids, new_tokens, cache=RxTCache(stm=stm)),
                 lambda: _generate(llama, ids, new_tokens),
-                lambda: _generate(rxt, ids, 1, past_key_values=RxTCache(stm=stm)),
+                lambda: _generate(rxt, ids, 1, cache=RxTCache(stm=stm)),
                 lambda: _generate(llama, ids, 1),
                 lambda: _loop(llama, ids, new_tokens, DynamicCache()),
                 lambda: _loop(rxt, ids, new_tokens, RxTCache(stm=stm)),

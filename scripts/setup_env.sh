@@ -8,12 +8,15 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 if ! "$PY" - <<'PYCHECK' 2>/dev/null; then
-import importlib.metadata as md, sys
-need = {"transformers": "5.23", "trl": "1.16", "peft": "0.21", "accelerate": "1.15", "datasets": "", "tokenizers": "",
-        "safetensors": "", "nltk": "", "pytest": "", "matplotlib": "", "pyyaml": "", "tensorboard": "",
-        "reactive-transformer": ""}
-for name, prefix in need.items():
-    if not md.version(name).startswith(prefix):
+# Every requirement of setup.py (install_requires + the dev extra) installed at a version it allows, and the package.
+import ast, importlib.metadata as md, sys
+from packaging.requirements import Requirement
+call = next(node for node in ast.walk(ast.parse(open("setup.py").read()))
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+spec = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg in ("install_requires", "extras_require")}
+md.version("reactive-transformer")
+for requirement in map(Requirement, spec["install_requires"] + spec["extras_require"]["dev"]):
+    if not requirement.specifier.contains(md.version(requirement.name), prereleases=True):
         sys.exit(1)
 PYCHECK
   "$PY" -m pip install --quiet -e ".[dev]"

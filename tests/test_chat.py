@@ -62,7 +62,7 @@ class EosAt:
 def single_turn(model, tokenizer, stm, prompt, max_new_tokens, **kwargs):
     """Reference: one unbatched generate from `stm` → generated ids (cut after the first [EOS])."""
     prompt_ids = torch.tensor([ids(tokenizer, prompt)])
-    out = model.generate(prompt_ids, past_key_values=RxTCache(stm=stm.clone()), max_new_tokens=max_new_tokens,
+    out = model.generate(prompt_ids, cache=RxTCache(stm=stm.clone()), max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=EOS, pad_token_id=0, **kwargs)[0, prompt_ids.shape[1]:].tolist()  # fmt: skip
     return out[: out.index(EOS) + 1] if EOS in out else out
 

@@ -7,7 +7,7 @@
 4. Activation checkpointing: gradients reach memory cross-attention, the learned STM init and the memory-attention
    network, and equal the gradients without checkpointing.
 5. PEFT: LoRA (regex targets + `modules_to_save=["stm_init"]`), generate with an `RxTCache`, save → `AutoPeftModel`
-   reload → `merge_and_unload`; prefix tuning (which replaces `past_key_values`) must be rejected.
+   reload → `merge_and_unload`; prefix tuning (which replaces the KV cache) must be rejected.
 6. `num_items_in_batch` (gradient accumulation) loss normalisation.
 
 CPU only, tiny configs.
@@ -38,6 +38,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import modeling_rxt  # registers the RxT Auto classes
 from modeling_rxt import (
+    CACHE_KWARG,
     RxTCache,
     RxTConfig,
     RxTForCausalLM,
@@ -147,11 +148,11 @@ CHILD_SCRIPT = textwrap.dedent(
                 result["cache_module"] = module.RxTCache.__module__
                 cache = module.RxTCache(stm=inputs["stm"][:, :1])
                 generated = model.generate(
-                    inputs["ids"][:1], attention_mask=inputs["mask"][:1], past_key_values=cache, max_new_tokens=3,
+                    inputs["ids"][:1], attention_mask=inputs["mask"][:1], cache=cache, max_new_tokens=3,
                     do_sample=False, return_dict_in_generate=True, pad_token_id=0,
                 )
                 outputs["generated"] = generated.sequences
-                result["generate_cache_module"] = type(generated.past_key_values).__module__
+                result["generate_cache_module"] = type(getattr(generated, module.CACHE_KWARG)).__module__
                 base = AutoModel.from_pretrained(job["model_dir"], trust_remote_code=True).eval()
                 result["base_class"] = type(base).__name__
                 result["base_module"] = type(base).__module__
@@ -265,7 +266,7 @@ def test_remote_code_reload_without_package(rxt_dir, remote_reload):
         logits_init = model(ids, attention_mask=mask).logits
         hidden = model.model(ids, attention_mask=mask, stm=stm).last_hidden_state
         generated = model.generate(
-            ids[:1], attention_mask=mask[:1], past_key_values=RxTCache(stm=stm[:, :1]), max_new_tokens=3,
+            ids[:1], attention_mask=mask[:1], cache=RxTCache(stm=stm[:, :1]), max_new_tokens=3,
             do_sample=False, pad_token_id=0,
         )  # fmt: skip
     assert (child["logits_stm"] - logits_stm).abs().max().item() == 0
@@ -545,10 +546,10 @@ def test_peft_lora_roundtrip(rxt_dir, tmp_path):
     prompt = ids[:1]
     cache = RxTCache(stm=stm)
     generated = peft_model.generate(
-        input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=3,
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), cache=cache, max_new_tokens=3,
         do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True,
     )  # fmt: skip
-    assert generated.past_key_values is cache
+    assert getattr(generated, CACHE_KWARG) is cache
     assert torch.equal(cache.stm, stm)
     assert cache.get_seq_length() == prompt.shape[1] + 2
     with torch.no_grad():
@@ -580,7 +581,7 @@ def test_peft_lora_roundtrip(rxt_dir, tmp_path):
 
 
 def test_peft_prefix_tuning_is_rejected(rxt_dir):
-    """Prefix tuning replaces `past_key_values` with its own DynamicCache of virtual-token KV, which would silently
+    """Prefix tuning replaces the KV cache with its own DynamicCache of virtual-token KV, which would silently
     drop the STM carried by the RxTCache: the model must refuse it with a ValueError naming prefix tuning."""
     from peft import PrefixTuningConfig, get_peft_model
 
@@ -600,9 +601,9 @@ def test_peft_prefix_tuning_is_rejected(rxt_dir):
     ids = _seeded_ids(2, 5, seed=61)
     stm = _seeded_stm(base.config, 2, seed=62)
     with pytest.raises(ValueError, match=r"(?i)prefix"):
-        peft_model(input_ids=ids, past_key_values=RxTCache(stm=stm))
+        peft_model(input_ids=ids, cache=RxTCache(stm=stm))
     with pytest.raises(ValueError, match=r"(?i)prefix"):
-        peft_model.generate(input_ids=ids[:1], past_key_values=RxTCache(stm=stm[:, :1]), max_new_tokens=2)
+        peft_model.generate(input_ids=ids[:1], cache=RxTCache(stm=stm[:, :1]), max_new_tokens=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

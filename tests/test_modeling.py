@@ -1,15 +1,17 @@
 """Model behaviour: every architecture option runs and trains, cached generation equals recomputation, multi-turn
 memory through generate + update_memory, chat sessions, STM persistence, bad inputs."""
 
+import contextlib
 import math
 import threading
+import warnings
 
 import pytest
 import torch
 from transformers import TextIteratorStreamer
 
 import modeling_rxt  # noqa: F401 - registers the Auto classes
-from modeling_rxt import RxTCache, RxTChatSession, RxTConfig, RxTForCausalLM, RxTStatelessConfig
+from modeling_rxt import CACHE_KWARG, RxTCache, RxTChatSession, RxTConfig, RxTForCausalLM, RxTStatelessConfig
 from modeling_rxt.modeling_rxt import RxTModel, RxTStatelessForCausalLM, apply_rotary
 from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
 
@@ -139,13 +141,34 @@ def test_cached_generation_equals_uncached_recomputation(batch_size):
     stm = torch.randn(2, batch_size, 8, 32, generator=torch.Generator().manual_seed(3))
     cache = RxTCache(stm=stm)
     out = model.generate(
-        ids, past_key_values=cache, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+        ids, cache=cache, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
         return_dict_in_generate=True, output_logits=True,
     )  # fmt: skip
     full = model(out.sequences, stm=stm).logits[:, ids.shape[1] - 1 : -1]
     torch.testing.assert_close(torch.stack(out.logits, dim=1), full, rtol=0, atol=1e-5)
     assert torch.equal(full.argmax(-1), out.sequences[:, ids.shape[1] :])
-    assert out.past_key_values is cache and cache.stm is stm
+    assert getattr(out, CACHE_KWARG) is cache and cache.stm is stm
+
+
+def test_past_key_values_is_an_alias_of_cache():
+    """transformers 5.24 renamed the cache keyword to `cache`; the old name still reaches the same code path."""
+    model = build(RxTConfig.tiny())
+    ids, stm = random_ids(1, 6), torch.randn(2, 1, 8, 32, generator=torch.Generator().manual_seed(4))
+    by_new = model(ids, cache=RxTCache(stm=stm), use_cache=True)
+    expectation = pytest.warns(FutureWarning, match="cache") if CACHE_KWARG == "cache" else contextlib.nullcontext()
+    with expectation:
+        by_old = model(ids, past_key_values=RxTCache(stm=stm), use_cache=True)
+    torch.testing.assert_close(by_old.logits, by_new.logits, rtol=0, atol=0)
+    assert by_old.cache.get_seq_length() == 6 and by_old.cache.stm is stm
+    generated = {}
+    for name in ("cache", "past_key_values"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            generated[name] = model.generate(ids, **{name: RxTCache(stm=stm)}, max_new_tokens=4, do_sample=False,
+                                             eos_token_id=None, pad_token_id=0)  # fmt: skip
+    assert torch.equal(generated["cache"], generated["past_key_values"])
+    with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
+        model(ids, cache=RxTCache(stm=stm), past_key_values=RxTCache(stm=stm))
 
 
 def test_memory_kv_projected_once_per_turn(monkeypatch):
@@ -154,7 +177,7 @@ def test_memory_kv_projected_once_per_turn(monkeypatch):
     for layer in model.model.decoder.layers:
         original = layer.project_memory
         monkeypatch.setattr(layer, "project_memory", lambda s, original=original: calls.append(1) or original(s))
-    model.generate(random_ids(1, 5), past_key_values=RxTCache(), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    model.generate(random_ids(1, 5), cache=RxTCache(), max_new_tokens=6, do_sample=False, eos_token_id=None)
     assert len(calls) == 2  # one projection per memory layer for the whole turn, not per token
 
 
@@ -165,10 +188,10 @@ def test_left_padded_batch_generation_equals_single_rows():
     mask = torch.zeros(2, 9, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, 9 - row.shape[1] :], mask[i, 9 - row.shape[1] :] = row, 1
-    batched = model.generate(ids, attention_mask=mask, past_key_values=RxTCache(), max_new_tokens=6, do_sample=False,
+    batched = model.generate(ids, attention_mask=mask, cache=RxTCache(), max_new_tokens=6, do_sample=False,
                              eos_token_id=None, pad_token_id=0)  # fmt: skip
     for i, row in enumerate(rows):
-        single = model.generate(row, past_key_values=RxTCache(), max_new_tokens=6, do_sample=False, eos_token_id=None)
+        single = model.generate(row, cache=RxTCache(), max_new_tokens=6, do_sample=False, eos_token_id=None)
         assert torch.equal(batched[i, 9:], single[0, row.shape[1] :])
 
 
@@ -176,7 +199,7 @@ def test_two_turns_through_generate_and_update_memory():
     model = build(RxTConfig.tiny())
     cache = RxTCache()
     turn1 = random_ids(1, 6, seed=11)
-    out1 = model.generate(turn1, past_key_values=cache, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    out1 = model.generate(turn1, cache=cache, max_new_tokens=5, do_sample=False, eos_token_id=None)
     first_stm = cache.stm.clone()
     torch.testing.assert_close(first_stm, model.initial_stm(1))
     new_stm = model.update_memory(out1, None, cache)
@@ -184,7 +207,7 @@ def test_two_turns_through_generate_and_update_memory():
     assert cache.stm is new_stm and not torch.allclose(new_stm, first_stm)
 
     turn2 = random_ids(1, 8, seed=12)
-    out2 = model.generate(turn2, past_key_values=cache, max_new_tokens=5, do_sample=False, eos_token_id=None,
+    out2 = model.generate(turn2, cache=cache, max_new_tokens=5, do_sample=False, eos_token_id=None,
                           return_dict_in_generate=True, output_logits=True)  # fmt: skip
     assert torch.equal(out2.sequences[:, :8], turn2)  # the turn-2 prompt is intact (nothing sliced off)
     with_memory = model(out2.sequences, stm=new_stm).logits[:, 7:-1]
@@ -193,7 +216,7 @@ def test_two_turns_through_generate_and_update_memory():
     assert (with_memory - fresh).abs().max() > 1e-3  # the output depends on the STM
 
     with pytest.raises(ValueError, match="previous turn"):
-        model.generate(turn2, past_key_values=cache, max_new_tokens=2)
+        model.generate(turn2, cache=cache, max_new_tokens=2)
 
 
 def test_beams_and_return_sequences_with_batch1_stm():
@@ -201,11 +224,11 @@ def test_beams_and_return_sequences_with_batch1_stm():
     stm = torch.randn(2, 1, 8, 32, generator=torch.Generator().manual_seed(0))
     ids = random_ids(1, 5)
     cache = RxTCache(stm=stm)
-    beams = model.generate(ids, past_key_values=cache, max_new_tokens=4, num_beams=3, do_sample=False, eos_token_id=None)
+    beams = model.generate(ids, cache=cache, max_new_tokens=4, num_beams=3, do_sample=False, eos_token_id=None)
     assert beams.shape == (1, 9)
     greedy_first = model(ids, stm=stm).logits[0, -1].argmax()
     cache = RxTCache(stm=stm)
-    sampled = model.generate(ids, past_key_values=cache, max_new_tokens=4, num_return_sequences=3, do_sample=True,
+    sampled = model.generate(ids, cache=cache, max_new_tokens=4, num_return_sequences=3, do_sample=True,
                              top_k=5, eos_token_id=None)  # fmt: skip
     assert sampled.shape == (3, 9) and cache.stm.shape == (2, 3, 8, 32)
     torch.testing.assert_close(cache.stm, stm.expand(2, 3, 8, 32))
@@ -224,7 +247,7 @@ def test_streamer_in_thread_terminates(tokenizer):
     prompt = tokenizer("[BOS][Q]hello[A]", add_special_tokens=False, return_tensors="pt")
     thread = threading.Thread(
         target=model.generate,
-        kwargs=dict(**prompt, past_key_values=RxTCache(), streamer=streamer, max_new_tokens=8, do_sample=False),
+        kwargs=dict(**prompt, cache=RxTCache(), streamer=streamer, max_new_tokens=8, do_sample=False),
     )
     thread.start()
     text = "".join(streamer)
@@ -329,7 +352,7 @@ def test_bad_token_inputs():
     with pytest.raises(ValueError, match="RxTCache"):
         from transformers import DynamicCache
 
-        model.generate(random_ids(1, 4), past_key_values=DynamicCache(), max_new_tokens=2)
+        model.generate(random_ids(1, 4), cache=DynamicCache(), max_new_tokens=2)
 
 
 def test_missing_files_in_model_folder(tmp_path):

@@ -76,7 +76,7 @@ def test_cached_generation_matches_uncached_on_converted_model(converted):
     ids, stm = inputs["input_ids"][:1, :6], inputs["stm"][:, :1]
     cache_cls = type(model).__module__.rsplit(".", 1)[0] + ".cache_rxt"
     cache = sys.modules[cache_cls].RxTCache(stm=stm.clone())
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False, eos_token_id=None,
+    out = model.generate(ids, cache=cache, max_new_tokens=6, do_sample=False, eos_token_id=None,
                          pad_token_id=0, return_dict_in_generate=True, output_logits=True)  # fmt: skip
     with torch.no_grad():
         full = model(out.sequences, stm=stm).logits[:, ids.shape[1] - 1 : -1]

@@ -77,7 +77,7 @@ class _Tokens:
 @torch.no_grad()
 def _generate(model, tokens: _Tokens, prompts: list[list[int]], max_new_tokens: int, cache=None):
     ids, mask = tokens.batch(prompts, left=True)
-    kwargs = {"past_key_values": cache} if cache is not None else {}
+    kwargs = {"cache": cache} if cache is not None else {}
     out = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
         eos_token_id=tokens.ids["eos_token_id"], pad_token_id=tokens.ids["pad_token_id"], **kwargs,

@@ -997,7 +997,7 @@ class MRLTrainer(RxTTrainer):
                 prompt_ids, prompt_mask = _pad(prompt_rows, pad, left=True)
                 prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
                 output = policy.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=RxTCache(stm=stm),
+                    input_ids=prompt_ids, attention_mask=prompt_mask, cache=RxTCache(stm=stm),
                     max_new_tokens=args.max_completion_length, eos_token_id=ids["eos_token_id"], pad_token_id=pad,
                     suppress_tokens=suppressed, output_scores=args.log_probs_source == "collect",
                     return_dict_in_generate=True, **sampling,

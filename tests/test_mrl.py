@@ -590,6 +590,17 @@ def test_advantages_group_critic_gae_and_modes(tokenizer, tmp_path):
 # 6. Freeze stages
 
 
+def test_frac_reward_zero_std_counts_groups_without_spread(tokenizer, tmp_path):
+    """TRL GRPO's `frac_reward_zero_std`: share of (episode, step) groups whose rollouts all got the same reward."""
+    trainer = make_trainer(tokenizer, tmp_path, num_generations=2)
+    rewards = torch.tensor([[0.5, 0.2, 0.7], [0.5, 0.3, 0.1],   # episode 0: step 0 equal, steps 1, 2 differ
+                            [0.4, 0.9, 0.0], [0.4, 0.9, 0.6]])  # episode 1: steps 0, 1 equal, step 2 absent
+    mask = torch.tensor([[True] * 3] * 2 + [[True, True, False]] * 2)
+    trainer._metrics["train"].clear()
+    trainer._log_rollout({"rewards": rewards, "turn_mask": mask, "action_mask": torch.ones(4, 3, 5)})
+    assert trainer._metrics["train"]["frac_reward_zero_std"] == [pytest.approx(3 / 5)]
+
+
 def test_unfreeze_epochs_give_the_freeze_stages():
     args = MRLConfig(output_dir="unused", report_to="none", use_cpu=True, unfreeze_epoch="[1, 2, 3]")
     assert args.unfreeze == [(1, None), (2, None), (3, None)]

@@ -1132,6 +1132,11 @@ class MRLTrainer(RxTTrainer):
         mask = rollout["turn_mask"].bool()
         # the same keys on every rank (DDP gathers them): NaN where a rank has no episode with that step
         steps = {f"reward_step_{i}": rollout["rewards"][:, i][mask[:, i]].mean() for i in range(mask.shape[1])}
+        generations = self.args.num_generations
+        if generations > 1:  # TRL GRPO's metric: (episode, step) groups whose rollouts all got the same reward
+            grouped = rollout["rewards"].view(-1, generations, mask.shape[1])
+            same = grouped.amax(1) == grouped.amin(1)  # [E, N]; no spread = zero group-normalised advantage
+            steps["frac_reward_zero_std"] = same[mask.view(-1, generations, mask.shape[1]).all(1)].float().mean()
         self.record(reward=rollout["rewards"][mask].mean(), episode_steps=float(self.steps),
                     answer_length=rollout["action_mask"].sum(-1).float()[mask].mean(), **steps)  # fmt: skip
 

@@ -59,7 +59,8 @@ def accept_past_key_values(forward: Callable) -> Callable:
                 )
             if old is not None:
                 if CACHE_KWARG == "cache":
-                    warnings.warn("`past_key_values` is deprecated (transformers >= 5.24): pass `cache`.", FutureWarning)
+                    message = "`past_key_values` is deprecated (transformers >= 5.24): pass `cache`."
+                    warnings.warn(message, FutureWarning, stacklevel=2)
                 kwargs["cache"] = old
         return forward(*args, **kwargs)
 

@@ -387,7 +387,7 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
         "encoder_config": RxTComponentConfig,
         "memory_attention_config": RxTMemoryAttentionConfig,
     }
-    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     decoder_config: RxTComponentConfig | dict | None = None
     encoder_config: RxTComponentConfig | dict | None = None
@@ -537,7 +537,7 @@ class RxTStatelessConfig(_DecoderSizes, PreTrainedConfig):
 
     model_type = "rxt_stateless"
     sub_configs_defaults = {"decoder_config": RxTComponentConfig}
-    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     decoder_config: RxTComponentConfig | dict | None = None
     rope_layout: str = "interleaved"

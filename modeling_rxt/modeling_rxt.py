@@ -43,25 +43,33 @@ logger = logging.get_logger(__name__)
 CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
+def merge_cache_names(kwargs: dict, into: str) -> None:
+    """Move the KV cache of `kwargs` under the name `into` (`cache` or `past_key_values`), in place; a cache given
+    under both names is an error."""
+    other = "past_key_values" if into == "cache" else "cache"
+    if other not in kwargs:
+        return
+    value = kwargs.pop(other)
+    if value is not None and kwargs.get(into) is not None:
+        raise ValueError(
+            "Got a KV cache as both `cache` and `past_key_values`; pass the RxTCache once, as `cache`. "
+            "(PEFT prefix tuning / P-tuning / CPT add their own virtual-token cache, which would drop the STM: "
+            "use a LoRA-family adapter instead.)"
+        )
+    if value is not None:
+        kwargs[into] = value
+
+
 def accept_past_key_values(forward: Callable) -> Callable:
     """`forward(past_key_values=...)` → `forward(cache=...)`: older transformers' generate() passes the old name;
     where transformers itself uses `cache`, the old name is deprecated (FutureWarning)."""
 
     @functools.wraps(forward)
     def renamed(*args, **kwargs):
-        if "past_key_values" in kwargs:
-            old = kwargs.pop("past_key_values")
-            if old is not None and kwargs.get("cache") is not None:
-                raise ValueError(
-                    "Got a KV cache as both `cache` and `past_key_values`; pass the RxTCache once, as `cache`. "
-                    "(PEFT prefix tuning / P-tuning / CPT add their own virtual-token cache, which would drop the STM: "
-                    "use a LoRA-family adapter instead.)"
-                )
-            if old is not None:
-                if CACHE_KWARG == "cache":
-                    message = "`past_key_values` is deprecated (transformers >= 5.24): pass `cache`."
-                    warnings.warn(message, FutureWarning, stacklevel=2)
-                kwargs["cache"] = old
+        if CACHE_KWARG == "cache" and kwargs.get("past_key_values") is not None and kwargs.get("cache") is None:
+            message = "`past_key_values` is deprecated (transformers >= 5.24): pass `cache`."
+            warnings.warn(message, FutureWarning, stacklevel=2)
+        merge_cache_names(kwargs, into="cache")
         return forward(*args, **kwargs)
 
     return renamed
@@ -970,7 +978,7 @@ class RxTPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttention"]
-    _skip_keys_device_placement = [CACHE_KWARG]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # either name reaches forward (see CACHE_KWARG)
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -1342,10 +1350,7 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
 
     # -- generation hooks -----------------------------------------------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if CACHE_KWARG != "cache" and "cache" in model_kwargs:  # transformers < 5.24 knows the cache by its old name
-            if model_kwargs.get(CACHE_KWARG) is not None:
-                raise ValueError("Pass the RxTCache once, as `cache` (not also as `past_key_values`).")
-            model_kwargs[CACHE_KWARG] = model_kwargs.pop("cache")
+        merge_cache_names(model_kwargs, into=CACHE_KWARG)  # `cache=` works on transformers < 5.24 too
         cache = model_kwargs.get(CACHE_KWARG)
         if cache is None and generation_config.use_cache is not False:
             model_kwargs[CACHE_KWARG] = RxTCache()

@@ -12,8 +12,9 @@ turns 1 ... t-1:
   interaction) is timed separately (`rxt_memory_update`); its cost does not block the reply (see background below).
 - **llama_reread**: `LlamaForCausalLM.generate(history + query)` with no cache between turns (a stateless chatbot
   re-reads the whole conversation every turn).
-- **llama_kvcache**: the same Llama, `generate(history + query, cache=cache)` (`past_key_values` before transformers 5.24) with the `DynamicCache`
-  holding the history; only the new tokens are prefilled. The cache is cropped back after each timed repeat.
+- **llama_kvcache**: the same Llama, `generate(history + query, cache=cache)` (`past_key_values` before
+  transformers 5.24) with the `DynamicCache` holding the history; only the new tokens are prefilled. The cache is
+  cropped back after each timed repeat.
 
 Measured per turn and system (median and quartiles over `--repeats`, the systems timed in alternation after
 warm-up): prompt-phase latency = time to first token (prefill of what the system must read, stamped by a streamer

@@ -72,6 +72,8 @@ def accept_past_key_values(forward: Callable) -> Callable:
         merge_cache_names(kwargs, into="cache")
         return forward(*args, **kwargs)
 
+    # generate() inspects forward's signature on every step for remote-code models; compute it once here
+    renamed.__signature__ = inspect.signature(forward)
     return renamed
 
 
@@ -1287,8 +1289,9 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """Encode the full interaction `[BOS][Q]query[A]answer[EOS]` and write it into memory → new STM `[L, B, S, D]`.
 
-        `stm` is the previous STM (default: the initial STM) or an `RxTCache`, whose STM is replaced by the new one
-        and whose turn state is reset (`start_new_turn`).
+        `stm` is the previous STM (default: the initial STM) or an `RxTCache`, whose STM is replaced by the new one,
+        whose turn state is reset (`start_new_turn`) and whose memory K/V for the next turn are projected
+        (`prepare_memory_kv`).
         """
         cache = stm if hasattr(stm, "set_stm") else None
         previous = cache.stm if cache is not None else stm
@@ -1304,7 +1307,21 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.set_stm(new_stm)
             cache.start_new_turn()
+            self.prepare_memory_kv(cache)
         return new_stm
+
+    @torch.no_grad()
+    def prepare_memory_kv(self, cache: RxTCache) -> None:
+        """Project the memory cross-attention K/V `[B, Hkv, S, hd]` of every memory layer from `cache.stm` into
+        `cache` now, so that the next turn's prompt phase does not (`update_memory(..., cache)` calls it: in a
+        background update it runs while the user types). No-op in training mode, where the K/V are not cached."""
+        if self.training:
+            return
+        if cache.stm is None:
+            cache.set_stm(self.initial_stm(1))
+        for layer in self.model.decoder.layers:
+            if layer.memory_layer_idx is not None:
+                cache.get_memory_kv(layer.memory_layer_idx, layer.project_memory)
 
     @torch.no_grad()
     def init_stm(

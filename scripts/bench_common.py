@@ -379,8 +379,19 @@ def rxt_query(generator: torch.Generator, batch: int, length: int, vocab: int, c
     return ids
 
 
+def rxt_cache_after_update(rxt, stm: torch.Tensor):
+    """The `RxTCache` a chat holds after a memory update wrote `stm`: the next turn's memory K/V already projected
+    (`update_memory(..., cache)` → `prepare_memory_kv`), so a timed `generate` does not include that projection."""
+    from modeling_rxt import RxTCache
+
+    cache = RxTCache(stm=stm)
+    rxt.prepare_memory_kv(cache)
+    return cache
+
+
 __all__ = [
     "REPO_ROOT", "TimingStreamer", "base_parser", "cpu_model", "describe_model", "dynamic_cache_bytes", "errorbar",
     "finite", "llama_like", "machine_info", "measure_interleaved", "median", "pin_threads", "random_tokens",
-    "rxt_config", "rxt_dims", "rxt_query", "spread", "tensor_bytes", "timeit", "timeit_interleaved", "write_outputs",
+    "rxt_cache_after_update", "rxt_config", "rxt_dims", "rxt_query", "spread", "tensor_bytes", "timeit",
+    "timeit_interleaved", "write_outputs",
 ]  # fmt: skip

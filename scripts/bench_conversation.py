@@ -7,9 +7,12 @@ A conversation is a fixed sequence of random interactions `[BOS][Q] query [A] an
 query with `generate()` (greedy, exactly `--answer-len` new tokens: EOS disabled) starting from its state after
 turns 1 ... t-1:
 
-- **rxt**: `RxTForCausalLM.generate(query, cache=RxTCache(stm))`: reads the query only; memory K/V are
-  projected from the STM once per turn (inside the prefill). The memory update (`update_memory` of the 128-token
-  interaction) is timed separately (`rxt_memory_update`); its cost does not block the reply (see background below).
+- **rxt**: `RxTForCausalLM.generate(query, cache=cache)`: reads the query only. As in a chat, the cache comes
+  from the previous turn's memory update, which also projected the memory K/V from the new STM
+  (`prepare_memory_kv`), so the prompt phase does not; `prompt_memory_kv_in_prompt` times the same turn with a fresh
+  `RxTCache(stm)`, whose prefill projects them. The memory update (`update_memory` of the 128-token interaction into
+  an `RxTCache`, the K/V projection included) is timed separately (`rxt_memory_update`); its cost does not block
+  the reply (see background below).
 - **llama_reread**: `LlamaForCausalLM.generate(history + query)` with no cache between turns (a stateless chatbot
   re-reads the whole conversation every turn).
 - **llama_kvcache**: the same Llama, `generate(history + query, cache=cache)` (`past_key_values` before
@@ -145,15 +148,19 @@ def main(argv=None) -> dict:
                 info: dict = {}
 
                 def run_rxt(query=query, info=info, stm=stm):
-                    cache = RxTCache(stm=stm)
+                    cache = bc.rxt_cache_after_update(rxt, stm)
                     times, _ = _generate_timed(rxt, query, a_len, cache=cache)
                     info["rxt_turn_bytes"] = bc.dynamic_cache_bytes(cache) + bc.tensor_bytes(
                         x for kv in cache.memory_kv.values() for x in kv)
                     return times
 
+                def run_rxt_cold(query=query, stm=stm):  # the prefill projects the memory K/V
+                    return _generate_timed(rxt, query, a_len, cache=RxTCache(stm=stm))[0]
+
                 def run_update(interaction=interaction, stm=stm):
+                    cache = RxTCache(stm=stm)
                     t0 = time.perf_counter()
-                    rxt.update_memory(interaction, None, stm)
+                    rxt.update_memory(interaction, None, cache)  # new STM + the next turn's memory K/V
                     return {"update_ms": (time.perf_counter() - t0) * 1e3}
 
                 def run_reread(prompt=prompt):
@@ -166,8 +173,8 @@ def main(argv=None) -> dict:
                     kv_cache.crop(hist_len - kv_cache.get_seq_length())  # back to the history (negative count)
                     return times
 
-                m_rxt, m_upd, m_re, m_kv = bc.measure_interleaved(
-                    [run_rxt, run_update, run_reread, run_kv], repeats, args.warmup
+                m_rxt, m_cold, m_upd, m_re, m_kv = bc.measure_interleaved(
+                    [run_rxt, run_rxt_cold, run_update, run_reread, run_kv], repeats, args.warmup
                 )
                 stm_bytes = bc.tensor_bytes([stm])
                 row = {
@@ -176,6 +183,7 @@ def main(argv=None) -> dict:
                     "rxt": {
                         "prompt": bc.spread(m_rxt["prompt_ms"]),
                         "turn": bc.spread(m_rxt["turn_ms"]),
+                        "prompt_memory_kv_in_prompt": bc.spread(m_cold["prompt_ms"]),
                         "decode_ms_per_token": bc.median(m_rxt["decode_ms_per_token"]),
                         "prompt_tokens_read": q_len,
                         "tokens_processed": q_len + a_len,
@@ -227,7 +235,9 @@ def main(argv=None) -> dict:
 
         # -- RxT at every measured turn, timed in alternation (same background load for turn 1 and turn 64) --
         rxt_fns = [
-            lambda t=t: _generate_timed(rxt, queries[t - 1], a_len, cache=RxTCache(stm=stm_at_turn[t]))[0]
+            lambda t=t: _generate_timed(
+                rxt, queries[t - 1], a_len, cache=bc.rxt_cache_after_update(rxt, stm_at_turn[t])
+            )[0]
             for t in measure
         ]
         rxt_by_turn = {
@@ -304,6 +314,8 @@ def main(argv=None) -> dict:
         "rxt_prompt_latency_ratio_turn64_vs_turn1_sweep": med(t64, "rxt", "prompt") / med(first, "rxt", "prompt"),
         "prompt_latency_ratio_rxt_vs_llama_kvcache_turn32": med(t32, "rxt", "prompt")
         / med(t32, "llama_kvcache", "prompt"),
+        "rxt_prompt_speedup_memory_kv_prepared_by_update_turn32": med(t32, "rxt", "prompt_memory_kv_in_prompt")
+        / med(t32, "rxt", "prompt"),
         "decode_ms_per_token_turn32": {s: t32[s]["decode_ms_per_token"] for s in SYSTEMS},
         "rxt_memory_update_ms_median": bc.median(r["rxt_memory_update"]["median_ms"] for r in results),
         "background_update_hidden_fraction": bg_think["hidden_fraction_median"],
@@ -354,7 +366,8 @@ def main(argv=None) -> dict:
         "global_warmup_turns": args.global_warmup,
         "rxt_turn_ratio_measure": "rxt_prompt/turn_latency_ratio_turn64_vs_turn1 come from a final pass timing RxT at "
         "every measured turn (its STM after turns 1..t-1) in alternation; the per-turn sweep ratio is given as *_sweep",
-        "prompt_latency": "time to first token inside generate() (streamer stamp), incl. RxT's memory K/V projection",
+        "prompt_latency": "time to first token inside generate() (streamer stamp); RxT's memory K/V were projected by "
+        "the previous turn's update (prompt_memory_kv_in_prompt: projected in the prefill)",
         "turn_latency": "wall time of generate() for the whole answer",
         "state_bytes": "RxT: STM tensor; Llama KV: DynamicCache keys+values after the turn; re-read: none",
         "elapsed_s": elapsed,
@@ -370,6 +383,8 @@ def main(argv=None) -> dict:
             bc.errorbar(axes[0, 1], xs, [r[system]["turn"] for r in results], LABELS[system])
         bc.errorbar(axes[0, 0], xs, [rxt_by_turn[t]["prompt"] for t in xs], "RxT, turns timed in alternation",
                     linestyle=":", marker="x")  # fmt: skip
+        bc.errorbar(axes[0, 0], xs, [r["rxt"]["prompt_memory_kv_in_prompt"] for r in results],
+                    "RxT, memory K/V projected in the prompt", linestyle="--", marker="+")  # fmt: skip
         bc.errorbar(axes[0, 1], xs, [r["rxt_memory_update"] for r in results], "RxT memory update (async)",
                     linestyle="--")  # fmt: skip
         for ax, title in ((axes[0, 0], "prompt phase (time to first token)"),

@@ -177,8 +177,16 @@ def test_memory_kv_projected_once_per_turn(monkeypatch):
     for layer in model.model.decoder.layers:
         original = layer.project_memory
         monkeypatch.setattr(layer, "project_memory", lambda s, original=original: calls.append(1) or original(s))
-    model.generate(random_ids(1, 5), cache=RxTCache(), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    cache = RxTCache()
+    out = model.generate(random_ids(1, 5), cache=cache, max_new_tokens=6, do_sample=False, eos_token_id=None)
     assert len(calls) == 2  # one projection per memory layer for the whole turn, not per token
+    model.update_memory(out, None, cache)
+    assert len(calls) == 4  # the memory update projects the next turn's K/V from the new STM ...
+    model.generate(random_ids(1, 5, seed=3), cache=cache, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert len(calls) == 4  # ... so the next turn's prompt phase does not
+    model.train()
+    model.update_memory(out, None, cache)
+    assert len(calls) == 4 and cache.memory_kv == {}  # training mode reads memory K/V uncached: nothing to prepare
 
 
 def test_left_padded_batch_generation_equals_single_rows():
@@ -203,8 +211,12 @@ def test_two_turns_through_generate_and_update_memory():
     first_stm = cache.stm.clone()
     torch.testing.assert_close(first_stm, model.initial_stm(1))
     new_stm = model.update_memory(out1, None, cache)
-    assert cache.get_seq_length() == 0 and cache.memory_kv == {}
-    assert cache.stm is new_stm and not torch.allclose(new_stm, first_stm)
+    assert cache.get_seq_length() == 0 and cache.stm is new_stm and not torch.allclose(new_stm, first_stm)
+    assert sorted(cache.memory_kv) == [0, 1]  # the next turn's memory K/V, projected from the new STM
+    for layer in model.model.decoder.layers:
+        i = layer.memory_layer_idx
+        for got, want in zip(cache.memory_kv[i], layer.project_memory(new_stm[i])):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
     turn2 = random_ids(1, 8, seed=12)
     out2 = model.generate(turn2, cache=cache, max_new_tokens=5, do_sample=False, eos_token_id=None,

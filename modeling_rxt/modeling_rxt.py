@@ -122,6 +122,12 @@ class RxTRotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
     """Rotate adjacent pairs `(2j, 2j+1)` of `x [B, H, T, hd]`; write them back `interleaved` or `split_concat`."""
+    if layout == "interleaved" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        # The same rotation as one complex multiply (pair j = a + ib times cos + i·sin): 2-4× fewer kernels, which
+        # is what a decode step pays for on CPU. fp32 only (complex32 support is partial); compiled graphs keep the
+        # real form.
+        pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))  # [B, H, T, hd/2]
+        return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
     a, b = x[..., 0::2], x[..., 1::2]
     rotated_a = a * cos - b * sin
     rotated_b = a * sin + b * cos

@@ -123,6 +123,21 @@ def test_rope_layouts_rotate_pairs_as_documented():
     torch.testing.assert_close(split, torch.tensor([angle.cos(), 0.0, angle.sin(), 0.0]))
 
 
+def test_rope_complex_fast_path_equals_the_real_formula():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 16, generator=generator).transpose(1, 2).requires_grad_()  # [B, H, T, hd] as _split gives
+    angles = torch.randn(2, 1, 5, 8, generator=generator)
+    cos, sin = angles.cos(), angles.sin()
+    fast = apply_rotary(x, cos, sin, "interleaved")  # fp32: one complex multiply
+    x64 = x.detach().double().requires_grad_()
+    real = apply_rotary(x64, cos.double(), sin.double(), "interleaved")  # other dtypes: slices + stack
+    torch.testing.assert_close(fast, real.float(), rtol=0, atol=1e-6)
+    weights = torch.randn(fast.shape, generator=generator)
+    (fast * weights).sum().backward()
+    (real * weights.double()).sum().backward()
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=0, atol=1e-6)
+
+
 def test_padding_changes_nothing_on_real_positions():
     model = build(RxTConfig.tiny())
     stm = model.initial_stm(1)

@@ -99,7 +99,8 @@ def make_norm(dim: int, use_rms_norm: bool) -> nn.Module:
 
 
 class RxTRotaryEmbedding(nn.Module):
-    """RoPE angles for one component (architecture.md §5.6). No buffers: `inv_freq` is recomputed (R values)."""
+    """RoPE angles for one component (architecture.md §5.6). No buffers: `inv_freq` (R values) is computed once per
+    device."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
@@ -122,10 +123,16 @@ class RxTRotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
     """Rotate adjacent pairs `(2j, 2j+1)` of `x [B, H, T, hd]`; write them back `interleaved` or `split_concat`."""
-    if layout == "interleaved" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+    # view_as_complex needs fp32 here (complex32 support is partial), contiguous pairs, even offset and strides
+    pairs_as_complex = (
+        x.dtype == torch.float32
+        and x.stride(-1) == 1
+        and x.storage_offset() % 2 == 0
+        and all(stride % 2 == 0 for stride in x.stride()[:-1])
+    )
+    if layout == "interleaved" and pairs_as_complex and not torch.compiler.is_compiling():
         # The same rotation as one complex multiply (pair j = a + ib times cos + i·sin): 2-4× fewer kernels, which
-        # is what a decode step pays for on CPU. fp32 only (complex32 support is partial); compiled graphs keep the
-        # real form.
+        # is what a decode step pays for on CPU. Compiled graphs keep the real form.
         pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))  # [B, H, T, hd/2]
         return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
     a, b = x[..., 0::2], x[..., 1::2]

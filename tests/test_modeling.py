@@ -136,6 +136,9 @@ def test_rope_complex_fast_path_equals_the_real_formula():
     (fast * weights).sum().backward()
     (real * weights.double()).sum().backward()
     torch.testing.assert_close(x.grad, x64.grad.float(), rtol=0, atol=1e-6)
+    odd = torch.randn(2, 3, 5, 17, generator=generator)[..., 1:]  # odd strides and offset: the real form is used
+    torch.testing.assert_close(apply_rotary(odd, cos, sin, "interleaved"),
+                               apply_rotary(odd.double(), cos.double(), sin.double(), "interleaved").float())  # fmt: skip
 
 
 def test_padding_changes_nothing_on_real_positions():

@@ -5,7 +5,7 @@ One Trainer step is one batch of episodes (`trainers.data.EpisodeCollator`: `inp
 interaction is encoded and written into memory; the decoder is teacher-forced on turn `k` reading the STM, with
 answer-only targets. `bptt_turns` sets where the STM is detached: `1` every turn (the reference's truncation),
 `k` every `k` turns, `0` never (backprop through the whole episode, the paper). The loss is the mean of the per-turn
-answer losses.
+answer losses. Each turn runs on its own longest row (`input_ids[k, :, :width_k]`), not the batch's padded length.
 
 Schedules (callbacks, DDP-safe: nothing flips `requires_grad`; frozen components run under `no_grad`):
 - gradual unfreezing of memory attention / encoder by epoch (`memory_attention_unfreeze_epoch`,
@@ -124,6 +124,8 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, masks, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         turn_mask = inputs["turn_mask"].bool()
+        # one padded length fits every turn; each turn runs on its own longest row (right padding: exact)
+        lengths = masks.sum(-1).amax(-1).clamp(min=1).tolist()  # [N]
         stm = self.rxt_model().initial_stm(ids.shape[1])
         losses, accuracies, norms = [], [], []
         for turn in range(ids.shape[0]):
@@ -133,15 +135,17 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
             if self.args.bptt_turns and turn % self.args.bptt_turns == 0:
                 stm = stm.detach()  # truncate before the write, so the update feeding this turn keeps its gradient
             if turn > 0:
-                mask = masks[turn - 1].clone()
+                width = lengths[turn - 1]
+                mask = masks[turn - 1, :, :width].clone()
                 mask[~valid, 0] = 1  # finished episodes keep one visible key; their STM rows are kept below
-                new_stm = self.write_memory(model, ids[turn - 1], mask, stm)
+                new_stm = self.write_memory(model, ids[turn - 1, :, :width], mask, stm)
                 norms.append(stm_update_norm(new_stm[:, valid], stm[:, valid]))
                 stm = torch.where(valid[None, :, None, None], new_stm, stm)
-            turn_labels = labels[turn].masked_fill(~valid[:, None], -100)
-            mask = masks[turn].clone()
+            width = lengths[turn]
+            turn_labels = labels[turn, :, :width].masked_fill(~valid[:, None], -100)
+            mask = masks[turn, :, :width].clone()
             mask[~valid, 0] = 1
-            out = model(input_ids=ids[turn], attention_mask=mask, labels=turn_labels, stm=stm)
+            out = model(input_ids=ids[turn, :, :width], attention_mask=mask, labels=turn_labels, stm=stm)
             losses.append(out.loss + self.moe_aux(out))
             accuracies.append(token_accuracy(out.logits, turn_labels))
         loss = torch.stack(losses).mean()

@@ -336,6 +336,26 @@ def test_validate_rows(tok, caplog):
         validate_rows(episodes, "episode", max_length=32)
 
 
+def test_validate_rows_length_column_is_what_the_collators_pad_to(tok):
+    """`length_column` holds each row's longest tokenized sequence: an episode's longest interaction, an
+    interaction's `[BOS][Q]q[A]a[EOS]`, a text's `[BOS]text[EOS]` — the widths the collators pad to."""
+    episodes = generate_dialogues(12, seed=2, min_turns=2, max_turns=5)
+    checked = validate_rows(episodes, "episode", tok, length_column="length")
+    collate = EpisodeCollator(tok)
+    assert checked["length"] == [int(collate([row])["attention_mask"].sum(-1).max()) for row in episodes]
+    assert len(set(checked["length"])) > 1
+    interactions = [{"query": "hi", "answer": "yo"}, {"query": "hello there", "answer": "my cat is called Brindle"}]
+    lengths = validate_rows(interactions, "interaction", tok, max_length=64, length_column="n")["n"]
+    assert lengths == [int(JointLMCollator(tok, sft=True)([row])["attention_mask"].sum()) for row in interactions]
+    texts = [{"text": "hi"}, {"text": "my cat is called Brindle"}]
+    assert validate_rows(texts, "text", tok, length_column="length")["length"] == [
+        int(JointLMCollator(tok)([row])["attention_mask"].sum()) for row in texts]  # fmt: skip
+    given = validate_rows([{**row, "length": 7} for row in texts], "text", tok, length_column="length")
+    assert given["length"] == [7, 7]  # lengths that come with the rows are kept
+    with pytest.raises(ValueError, match="a tokenizer is needed for length_column"):
+        validate_rows(texts, "text", length_column="length")
+
+
 def test_load_rows(tmp_path):
     import datasets
 

@@ -103,8 +103,14 @@ def run_stage(trainer_cls, config_cls, kind, make_collator, argv=None, validate=
         raise ValueError(f"run_stage: pass either a row kind or a validate function (got kind={kind!r}, "
                          f"validate={validate!r}).")  # fmt: skip
     model_args, data_args, args = parse_arguments((ModelArguments, DataArguments, config_cls), argv)
+    grouped = args.train_sampling_strategy in ("group_by_length", "batch_rebalance")
     if validate is None:
         validate = functools.partial(validate_rows, kind=kind(args) if callable(kind) else kind)
+        if grouped:  # Trainer reads the lengths from this column: raw rows have no `input_ids` to measure
+            validate = functools.partial(validate, length_column=args.length_column_name)
+    elif grouped:
+        raise ValueError(f"train_sampling_strategy={args.train_sampling_strategy!r} needs row lengths, which this "
+                         "stage does not compute; expected 'random' or 'sequential'.")  # fmt: skip
     tokenizer = load_tokenizer(model_args)
     set_seed(args.seed)  # a new model's initial weights depend on the seed, not on what ran before in the process
     trainer = trainer_cls(

@@ -105,9 +105,16 @@ def _special_ids(tokenizer) -> dict[str, int | None]:
 
 
 def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each string, without special tokens (one batched call)."""
+    """Token ids of each string, without special tokens (one batched call).
+
+    A fast tokenizer whose backend neither truncates nor pads is called directly: the same ids as
+    `tokenizer(texts)`, without building a `BatchEncoding` (half the time).
+    """
     if not texts:
         return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [encoding.ids for encoding in backend.encode_batch(list(texts), add_special_tokens=False)]
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
@@ -261,6 +268,7 @@ def validate_rows(
     max_length: int | None = None,
     on_error: str = "error",
     text_field: str = "text",
+    length_column: str | None = None,
 ):
     """Check rows before training and return the valid ones.
 
@@ -279,22 +287,29 @@ def validate_rows(
         on_error: `"error"` raises `ValueError("row {i}: field {field!r}: {reason} ...")` for the first invalid row;
             `"skip"` drops invalid rows and logs a warning with their number. An all-invalid dataset raises anyway.
         text_field: the text column for `kind="text"`.
+        length_column: add this column: each row's longest sequence in tokens (an episode's longest interaction),
+            what the collators pad to; the lengths `Trainer` groups batches by
+            (`train_sampling_strategy="group_by_length"`, `length_column_name`). Needs the tokenizer. A column of
+            that name already in the rows is kept.
 
     Returns:
-        `datasets.Dataset`: the valid rows (the input object itself when nothing was dropped).
+        `datasets.Dataset`: the valid rows (the input object itself when nothing was dropped and no column was added).
     """
     if kind not in _KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {_KINDS}.")
     dataset = validation_input(dataset, "validate_rows", on_error, max_length, tokenizer)
+    if length_column is not None and tokenizer is None:
+        raise ValueError(f"validate_rows: a tokenizer is needed for length_column={length_column!r}.")
     problems: dict[int, tuple[str, str]] = {}
     pending: list[tuple[int, str, str, str | None]] = []  # rows to length-check: (row, field, text, answer)
     for index, row in enumerate(dataset):
         problem = _row_problems(row, kind, text_field)
         if problem:
             problems[index] = problem
-        elif max_length is not None:
+        elif max_length is not None or length_column is not None:
             pending.extend((index, *segment) for segment in _row_segments(row, kind, text_field))
 
+    longest = [0] * len(dataset)
     if pending:
         check_rxt_tokenizer(tokenizer)  # the +2 / +4 below assume the RxT special tokens
         chunk = 1024
@@ -306,9 +321,12 @@ def validate_rows(
             for (index, field, _, second), first_ids in zip(part, firsts):
                 # [BOS] text [EOS] = +2; [BOS] [Q] query [A] answer [EOS] = +4
                 length = len(first_ids) + 2 if second is None else len(first_ids) + len(next(second_iter)) + 4
-                if length > max_length and index not in problems:
+                longest[index] = max(longest[index], length)
+                if max_length is not None and length > max_length and index not in problems:
                     problems[index] = (field, f"{length} tokens exceed max_length={max_length}")
 
+    if length_column is not None and length_column not in dataset.column_names:  # lengths given with the rows win
+        dataset = dataset.add_column(length_column, longest)
     return drop_or_raise(dataset, problems, kind, "validate_rows", on_error)
 
 

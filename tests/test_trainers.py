@@ -148,6 +148,45 @@ def test_smat_carries_stm_and_gradients_follow_freezing(tokenizer, tmp_path, bpt
     assert only_memory["memory_attention"] and not only_memory["encoder"]
 
 
+def test_smat_runs_each_turn_on_its_own_length(tokenizer, tmp_path):
+    """Each turn is cut to its own longest row (exact: right padding): same loss and gradients as with the batch's
+    trailing pad columns, and the model sees the per-turn widths."""
+    model = tiny_model(tokenizer).eval()  # no dropout: the two passes must see the same computation
+    trainer = SupervisedMemoryAwareTrainer(model=model, args=SMATConfig(**common_args(tmp_path), bptt_turns=0),
+                                           data_collator=EpisodeCollator(tokenizer))  # fmt: skip
+    batch = episode_batch(tokenizer, turns=4)
+    widths = batch["attention_mask"].sum(-1).amax(-1).tolist()
+    assert min(widths) < batch["input_ids"].shape[-1]  # some turn is shorter than the padded length
+    extra = 5
+    padded = {
+        "input_ids": torch.nn.functional.pad(batch["input_ids"], (0, extra), value=tokenizer.pad_token_id),
+        "attention_mask": torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0),
+        "labels": torch.nn.functional.pad(batch["labels"], (0, extra), value=-100),
+        "turn_mask": batch["turn_mask"],
+    }
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs.get("mode"), kwargs["attention_mask"].shape[-1])),
+        with_kwargs=True)  # fmt: skip
+
+    def loss_and_grads(inputs):
+        model.zero_grad()
+        loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads(batch)
+    hook.remove()
+    padded_loss, padded_grads = loss_and_grads(padded)
+    torch.testing.assert_close(padded_loss, loss, rtol=0, atol=1e-6)
+    assert grads.keys() == padded_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(padded_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    decoder_widths = [width for mode, width in seen if mode is None]
+    write_widths = [width for mode, width in seen if mode == "memory_update"]
+    assert decoder_widths == widths and write_widths == widths[:-1]
+
+
 def test_smat_episode_schedule_and_unfreeze_epochs(tokenizer, tmp_path):
     args = SMATConfig(**common_args(tmp_path, max_steps=1), episode_length_start=2, episode_ramp_start=0.25,
                       episode_ramp_end=0.75, episode_max_turns=6)  # fmt: skip
@@ -327,6 +366,35 @@ def test_stage_script_seeds_new_model_weights(tokenizer, tmp_path):
 
     first, second = weights("a"), weights("b")
     assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_stage_script_groups_episodes_by_length(tokenizer, tmp_path):
+    """`--train_sampling_strategy group_by_length`: the script adds each episode's longest interaction as the
+    `length` column and Trainer's length-grouped sampler puts the batch holding the longest episode first; a stage
+    without row lengths (DMPO) refuses it by name."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import train_dmpo
+    import train_smat
+    from trainers.synthetic import write_jsonl
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    rows = generate_dialogues(24, seed=9, min_turns=2, max_turns=5)
+    write_jsonl(rows, tmp_path / "rows.jsonl")
+    config = RxTConfig.tiny(vocab_size=len(tokenizer)).to_dict()
+    fields = {k: config[k] for k in ("decoder_config", "encoder_config", "memory_attention_config")}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    flags = ["--model_config", str(tmp_path / "config.json"), "--tokenizer_name_or_path", str(tmp_path / "tok"),
+             "--train_file", str(tmp_path / "rows.jsonl"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+             "--report_to", "none", "--save_strategy", "no", "--use_cpu", "True", "--per_device_train_batch_size", "4",
+             "--disable_tqdm", "True", "--train_sampling_strategy", "group_by_length"]  # fmt: skip
+    trainer = train_smat.main(flags)
+    collate = EpisodeCollator(tokenizer)
+    lengths = [int(collate([row])["attention_mask"].sum(-1).max()) for row in rows]
+    assert trainer.train_dataset["length"] == lengths
+    first = next(iter(trainer.get_train_dataloader()))
+    assert first["attention_mask"].sum(-1).max() == max(lengths)
+    with pytest.raises(ValueError, match="group_by_length.*needs row lengths"):
+        train_dmpo.main(flags)
 
 
 @pytest.mark.parametrize("preset_file", sorted((REPO_ROOT / "scripts" / "presets").glob("*.json")), ids=lambda p: p.stem)

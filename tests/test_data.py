@@ -20,6 +20,7 @@ from trainers.data import (  # noqa: E402
     EpisodeCollator,
     InteractionCollator,
     JointLMCollator,
+    _tokenize,
     encode_interaction,
     encode_text,
     load_rows,
@@ -334,6 +335,19 @@ def test_validate_rows(tok, caplog):
         validate_rows([episodes[0], episodes[0], episodes[2]], "episode", tok, max_length=32)
     with pytest.raises(ValueError, match="a tokenizer is needed"):
         validate_rows(episodes, "episode", max_length=32)
+
+
+def test_tokenize_equals_the_tokenizer_call_with_or_without_the_backend_path(tok):
+    """`_tokenize` calls a fast tokenizer's backend directly; a backend set to truncate (or pad) goes through
+    `tokenizer(...)`, which ignores those settings unless asked — the same ids either way."""
+    import copy
+
+    texts = ["my cat is called Brindle", "hi", "hello there, my favourite colour is teal"]
+    expected = tok(texts, add_special_tokens=False)["input_ids"]
+    assert _tokenize(tok, texts) == expected
+    truncating = copy.deepcopy(tok)
+    truncating.backend_tokenizer.enable_truncation(2)
+    assert _tokenize(truncating, texts) == expected
 
 
 def test_validate_rows_length_column_is_what_the_collators_pad_to(tok):

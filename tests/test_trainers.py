@@ -155,7 +155,7 @@ def test_smat_runs_each_turn_on_its_own_length(tokenizer, tmp_path):
     trainer = SupervisedMemoryAwareTrainer(model=model, args=SMATConfig(**common_args(tmp_path), bptt_turns=0),
                                            data_collator=EpisodeCollator(tokenizer))  # fmt: skip
     batch = episode_batch(tokenizer, turns=4)
-    widths = batch["attention_mask"].sum(-1).amax(-1).tolist()
+    widths = batch["attention_mask"].sum(-1).amax(-1).tolist()  # right padding: a row's length is its last position
     assert min(widths) < batch["input_ids"].shape[-1]  # some turn is shorter than the padded length
     extra = 5
     padded = {
@@ -185,6 +185,14 @@ def test_smat_runs_each_turn_on_its_own_length(tokenizer, tmp_path):
     decoder_widths = [width for mode, width in seen if mode is None]
     write_widths = [width for mode, width in seen if mode == "memory_update"]
     assert decoder_widths == widths and write_widths == widths[:-1]
+    # left padding (a custom collator): nothing trails, so nothing is cut
+    seen.clear()
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["attention_mask"].shape[-1]), with_kwargs=True)  # fmt: skip
+    flipped = {key: value.flip(-1) if key != "turn_mask" else value for key, value in batch.items()}
+    trainer.compute_loss(model, flipped)
+    hook.remove()
+    assert set(seen) == {batch["input_ids"].shape[-1]}
 
 
 def test_smat_episode_schedule_and_unfreeze_epochs(tokenizer, tmp_path):

@@ -5,7 +5,8 @@ One Trainer step is one batch of episodes (`trainers.data.EpisodeCollator`: `inp
 interaction is encoded and written into memory; the decoder is teacher-forced on turn `k` reading the STM, with
 answer-only targets. `bptt_turns` sets where the STM is detached: `1` every turn (the reference's truncation),
 `k` every `k` turns, `0` never (backprop through the whole episode, the paper). The loss is the mean of the per-turn
-answer losses. Each turn runs on its own longest row (`input_ids[k, :, :width_k]`), not the batch's padded length.
+answer losses. Each turn runs up to its own last real position (`input_ids[k, :, :width_k]`), not the batch's padded
+length.
 
 Schedules (callbacks, DDP-safe: nothing flips `requires_grad`; frozen components run under `no_grad`):
 - gradual unfreezing of memory attention / encoder by epoch (`memory_attention_unfreeze_epoch`,
@@ -124,8 +125,9 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, masks, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         turn_mask = inputs["turn_mask"].bool()
-        # one padded length fits every turn; each turn runs on its own longest row (right padding: exact)
-        lengths = masks.sum(-1).amax(-1).clamp(min=1).tolist()  # [N]
+        # each turn runs up to its last real position over the batch (only trailing pads are cut: exact)
+        positions = torch.arange(1, masks.shape[-1] + 1, device=masks.device)
+        lengths = (masks * positions).amax(dim=(1, 2)).clamp(min=1).tolist()  # [N]
         stm = self.rxt_model().initial_stm(ids.shape[1])
         losses, accuracies, norms = [], [], []
         for turn in range(ids.shape[0]):

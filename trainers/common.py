@@ -145,6 +145,14 @@ def token_accuracy(logits: torch.Tensor, labels: torch.Tensor, shift: bool = Tru
     return (logits.argmax(-1)[mask] == labels[mask]).float().mean()
 
 
+def turn_widths(masks: torch.Tensor) -> list[int]:
+    """`masks [N, B, T]` → per turn, the last real position + 1 over the batch (at least 1). Cutting turn `k` to
+    `[:, :width_k]` drops only trailing pads, so a right-padded turn computes the same values on fewer tokens and a
+    left-padded one is not cut."""
+    positions = torch.arange(1, masks.shape[-1] + 1, device=masks.device)
+    return (masks * positions).amax(dim=(1, 2)).clamp(min=1).tolist()
+
+
 def stm_update_norm(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """`‖STM_t − STM_{t−1}‖ / ‖STM_{t−1}‖` (training.md §0.1)."""
     old = old.expand_as(new)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ._trl_compat import disable_dropout_in_model, selective_log_softmax
-from .common import stm_update_norm
+from .common import stm_update_norm, turn_widths
 from .data import (
     IGNORE_INDEX,
     EpisodeCollator,
@@ -311,6 +311,7 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
         args = self.args
         turn_mask, neutral_mask = inputs["turn_mask"].bool(), inputs["neutral_mask"].bool()
         stm = self.rxt_model().initial_stm(turn_mask.shape[1])
+        write_widths = turn_widths(inputs["accepted_attention_mask"])  # each write runs on its own width
         losses, anchors, norms, xs, rewards = [], [], [], [], {"accepted": [], "rejected": []}
         trace = {"logps": [], "ref_logps": [], "x": []}
         for turn in range(turn_mask.shape[0]):
@@ -320,9 +321,10 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
             if args.bptt_turns and turn % args.bptt_turns == 0:
                 stm = stm.detach()  # truncate before the write, so the update feeding this turn keeps its gradient
             if turn > 0:  # step 4 of the previous turn: write its accepted interaction, now that it has been scored
-                mask = inputs["accepted_attention_mask"][turn - 1].clone()
+                width = write_widths[turn - 1]
+                mask = inputs["accepted_attention_mask"][turn - 1, :, :width].clone()
                 mask[~valid, 0] = 1  # finished episodes keep one visible key; their STM rows are kept below
-                new_stm = self.write_memory(model, inputs["accepted_input_ids"][turn - 1], mask, stm)
+                new_stm = self.write_memory(model, inputs["accepted_input_ids"][turn - 1, :, :width], mask, stm)
                 norms.append(stm_update_norm(new_stm[:, valid], stm[:, valid]))
                 stm = torch.where(valid[None, :, None, None], new_stm, stm)
             has_neutral = neutral_mask[turn] & valid
@@ -331,6 +333,8 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
             mask = torch.cat([inputs[f"{kind}_attention_mask"][turn] for kind in kinds])
             mask[mask.sum(-1) == 0, 0] = 1  # absent turns / neutral answers: one visible token, no targets
             labels = torch.cat([inputs[f"{kind}_labels"][turn] for kind in kinds])
+            width = turn_widths(mask[None])[0]  # the answer kinds of this turn, cut to their own width
+            ids, mask, labels = ids[:, :width], mask[:, :width], labels[:, :width]
             logps, out = self._answer_logps(model, ids, mask, labels, stm)  # policy and reference read STM_{t-1}
             with torch.no_grad():
                 ref_logps, _ = self._answer_logps(self.ref_model, ids, mask, labels, stm.detach())

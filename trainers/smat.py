@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
-from .common import RxTTrainer, RxTTrainingArguments, stm_update_norm, token_accuracy
+from .common import RxTTrainer, RxTTrainingArguments, stm_update_norm, token_accuracy, turn_widths
 
 
 @dataclass
@@ -125,9 +125,7 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, masks, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         turn_mask = inputs["turn_mask"].bool()
-        # each turn runs up to its last real position over the batch (only trailing pads are cut: exact)
-        positions = torch.arange(1, masks.shape[-1] + 1, device=masks.device)
-        lengths = (masks * positions).amax(dim=(1, 2)).clamp(min=1).tolist()  # [N]
+        lengths = turn_widths(masks)  # [N]: each turn runs on its own width (only trailing pads are cut)
         stm = self.rxt_model().initial_stm(ids.shape[1])
         losses, accuracies, norms = [], [], []
         for turn in range(ids.shape[0]):

@@ -125,7 +125,7 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, masks, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         turn_mask = inputs["turn_mask"].bool()
-        lengths = turn_widths(masks)  # [N]: each turn runs on its own width (only trailing pads are cut)
+        widths = turn_widths(masks)  # [N]: each turn runs on its own width (only trailing pads are cut)
         stm = self.rxt_model().initial_stm(ids.shape[1])
         losses, accuracies, norms = [], [], []
         for turn in range(ids.shape[0]):
@@ -135,13 +135,13 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
             if self.args.bptt_turns and turn % self.args.bptt_turns == 0:
                 stm = stm.detach()  # truncate before the write, so the update feeding this turn keeps its gradient
             if turn > 0:
-                width = lengths[turn - 1]
+                width = widths[turn - 1]
                 mask = masks[turn - 1, :, :width].clone()
                 mask[~valid, 0] = 1  # finished episodes keep one visible key; their STM rows are kept below
                 new_stm = self.write_memory(model, ids[turn - 1, :, :width], mask, stm)
                 norms.append(stm_update_norm(new_stm[:, valid], stm[:, valid]))
                 stm = torch.where(valid[None, :, None, None], new_stm, stm)
-            width = lengths[turn]
+            width = widths[turn]
             turn_labels = labels[turn, :, :width].masked_fill(~valid[:, None], -100)
             mask = masks[turn, :, :width].clone()
             mask[~valid, 0] = 1

@@ -404,8 +404,8 @@ def test_entropy_term_equals_masked_mean(loss_case, normalisation):
     trainer, _, rollout, replayed = loss_case
     loss, metrics = run_loss(trainer, rollout, entropy_coef=0.3, entropy_normalisation=normalisation)
     per_step = []
-    width = rollout["qa_ids"].shape[2] - 1
     for step, states in enumerate(replayed):
+        width = int(rollout["qa_mask"][:, step].sum(-1).max()) - 1  # T_pad: the step's own padded length
         values = []
         for b in rollout["turn_mask"][:, step].nonzero().flatten().tolist():
             probs = states["logits"][b].softmax(-1)
@@ -459,7 +459,7 @@ def test_interstep_kl_equals_formula(loss_case):
     expected = torch.stack(terms)
     assert mismatched and (expected > 0).all()  # some answers are longer than the previous step's
     torch.testing.assert_close(loss, 0.5 * expected.sum() / 3, atol=1e-6, rtol=1e-5)  # no term at step 0
-    assert metrics["interstep_kl"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert metrics["interstep_kl"] == pytest.approx(expected.mean().item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("metric", ["mse", "rmse", "cosine"])
@@ -485,6 +485,42 @@ def test_memory_regulariser_equals_formula(loss_case, metric):
     torch.testing.assert_close(loss, torch.stack(terms).mean(), atol=1e-6, rtol=1e-5)
     if metric != "cosine":
         assert metrics["stm_diff"] == pytest.approx(torch.stack(diffs).mean().item(), rel=1e-5)
+
+
+def test_each_step_runs_on_its_own_width(loss_case):
+    """Every step's memory write and answer forward run up to that step's last real position: widening the stacked
+    tensors with trailing pads changes neither the loss nor the gradients, and the forwards see the step widths."""
+    trainer, _, rollout, _ = loss_case
+    model = trainer.model
+    settings = dict(advantages=torch.randn(4, 3, generator=torch.Generator().manual_seed(8)), beta=0.1,
+                    entropy_coef=0.2, interstep_kl_coef=0.3, stm_diff_coef=0.3, bptt_steps=0)  # fmt: skip
+    widths = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)  # fmt: skip
+    try:
+        model.zero_grad()
+        loss, _ = run_loss(trainer, rollout, **settings)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        per_step = [tuple(int(rollout[f"{kind}_mask"][:, step].sum(-1).max()) for kind in ("saved", "qa"))
+                    for step in range(3)]
+        assert widths == [w for pair in per_step for w in pair]  # write, then answer, per step
+        assert min(qa for _, qa in per_step) < rollout["qa_ids"].shape[-1]  # this case has a step to cut
+
+        widened = dict(rollout)
+        for key in ("saved_ids", "saved_mask", "qa_ids", "qa_mask", "action_mask", "critic_ids", "critic_mask",
+                    "old_logps"):  # fmt: skip
+            value = trainer.ids["pad_token_id"] if key.endswith("_ids") else 0
+            widened[key] = F.pad(rollout[key], (0, 5), value=value)
+        model.zero_grad()
+        widened_loss, _ = run_loss(trainer, widened, **settings)
+        widened_loss.backward()
+    finally:
+        hook.remove()
+    torch.testing.assert_close(widened_loss, loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5, msg=name)
+    model.zero_grad()
 
 
 def test_critic_loss_equals_clamped_mse(tokenizer, episodes, tmp_path):

@@ -62,7 +62,7 @@ from ._trl_compat import (
     split_tensor_dict,
     unwrap_model_for_generation,
 )
-from .common import RxTTrainer, component_of, is_no_decay
+from .common import RxTTrainer, component_of, is_no_decay, turn_widths
 from .data import _special_ids, _tokenize, episode_turns
 from .mrl_reward import MRLReward, MRLRewardArguments
 
@@ -1148,6 +1148,10 @@ class MRLTrainer(RxTTrainer):
         stm = inputs["start_stm"].transpose(0, 1)  # [L, B, S, D]
         turn_mask = inputs["turn_mask"].bool()
         stm = self._warmup(model, stm, inputs["first_ids"], inputs["first_mask"])
+        # each step runs on its own width (trailing pads of the step-major stacking cut, as in SMAT)
+        saved_widths = turn_widths(inputs["saved_mask"].transpose(0, 1))
+        qa_widths = turn_widths(inputs["qa_mask"].transpose(0, 1))
+        critic_widths = turn_widths(inputs["critic_mask"].transpose(0, 1))
         losses, terms = [], defaultdict(list)
         previous_answer_logits, previous_answer_mask = None, None
         for step in range(turn_mask.shape[1]):
@@ -1161,17 +1165,20 @@ class MRLTrainer(RxTTrainer):
                 previous = stm.detach() if args.bptt_steps and step % args.bptt_steps == 0 else stm
             else:
                 previous = inputs["stm_before"][:, step].transpose(0, 1)
-            new_stm = model(input_ids=inputs["saved_ids"][:, step], attention_mask=inputs["saved_mask"][:, step],
-                            stm=previous, mode="memory_update").stm  # fmt: skip
+            width = saved_widths[step]
+            new_stm = model(input_ids=inputs["saved_ids"][:, step, :width],
+                            attention_mask=inputs["saved_mask"][:, step, :width], stm=previous,
+                            mode="memory_update").stm  # fmt: skip
             read_stm = new_stm if args.stm_source == "replay" else inputs["stm_after"][:, step].transpose(0, 1)
-            qa_ids, qa_mask = inputs["qa_ids"][:, step], inputs["qa_mask"][:, step]
+            width = qa_widths[step]
+            qa_ids, qa_mask = inputs["qa_ids"][:, step, :width], inputs["qa_mask"][:, step, :width]
             out = model(input_ids=qa_ids, attention_mask=qa_mask, stm=read_stm)
             logits = out.logits[:, :-1].float()  # [B, T-1, V]
-            mask = inputs["action_mask"][:, step, 1:].bool() & valid[:, None]
+            mask = inputs["action_mask"][:, step, 1:width].bool() & valid[:, None]
             tokens = mask.sum(-1).clamp(min=1)
             logps = selective_log_softmax(logits, qa_ids[:, 1:])
             advantages = inputs["advantages"][:, step, None]
-            ratio = torch.exp(logps - inputs["old_logps"][:, step])
+            ratio = torch.exp(logps - inputs["old_logps"][:, step, : width - 1])
             clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon)
             per_token = -torch.min(ratio * advantages, clipped * advantages)
             policy_loss = row_mean((per_token * mask).sum(-1) / tokens)
@@ -1216,8 +1223,9 @@ class MRLTrainer(RxTTrainer):
                 loss = loss - args.cosine_sim_coef * row_mean(cosine.mean(0))
             loss = loss + self.moe_aux(out)
             if self.rxt_critic() is not None:
-                values = model(mode="critic", input_ids=inputs["critic_ids"][:, step],
-                               attention_mask=inputs["critic_mask"][:, step])  # fmt: skip
+                width = critic_widths[step]
+                values = model(mode="critic", input_ids=inputs["critic_ids"][:, step, :width],
+                               attention_mask=inputs["critic_mask"][:, step, :width])  # fmt: skip
                 clip = args.critic_value_clip
                 target = inputs["rewards"][:, step].clamp(-clip, clip)
                 critic_loss = row_mean((values.clamp(-clip, clip) - target).pow(2))

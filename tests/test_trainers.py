@@ -299,6 +299,66 @@ def test_smat_two_process_ddp_keeps_replicas_in_sync(tmp_path):
     assert report["encoder_unchanged"]  # a frozen component stays bit-identical under DDP
 
 
+FSDP2_BODY = r"""
+import copy
+from torch.distributed.fsdp import fully_shard
+from trainers.data import EpisodeCollator
+from trainers.dmpo import DMPOCollator, DMPOConfig, DMPOTrainer
+from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer
+dist.init_process_group("gloo")
+model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tok), learned_stm_init=True, **ids))
+sharded = copy.deepcopy(model)
+for module in sharded.modules():  # what scripts/accelerate/fsdp.yaml wraps
+    if type(module).__name__ in sharded._no_split_modules:
+        fully_shard(module)
+fully_shard(sharded)
+dialogues = generate_dialogues(4, seed=9, min_turns=3, max_turns=3)
+turns = [[(d["query"], d["answer"])] + [(t["query"], t["answer"]) for t in d["interactions"]] for d in dialogues]
+preferences = [{"interactions": [{"query": q, "accepted": {"answer": a}, "rejected": {"answer": "No idea."}}
+                                 for q, a in pairs]} for pairs in turns]
+cases = {
+    "smat": (SupervisedMemoryAwareTrainer(model=model, data_collator=EpisodeCollator(tok, max_length=64),
+                                          args=SMATConfig(output_dir=sys.argv[2], report_to="none", use_cpu=True)),
+             EpisodeCollator(tok, max_length=64)(dialogues)),
+    "dmpo": (DMPOTrainer(model=model, processing_class=tok,
+                         args=DMPOConfig(output_dir=sys.argv[2], report_to="none", use_cpu=True, bptt_turns=0)),
+             DMPOCollator(tok, max_length=64)(preferences)),
+}
+report = {}
+for name, (trainer, batch) in cases.items():
+    grads = []
+    for net in (model, sharded):
+        net.train()
+        net.zero_grad()
+        loss = trainer.compute_loss(net, batch)
+        loss.backward()
+        grads.append({n: None if p.grad is None else getattr(p.grad, "full_tensor", lambda g=p.grad: g)()
+                      for n, p in net.named_parameters()})
+        report[f"{name}_loss_{len(grads)}"] = loss.item()
+    plain, shard = grads
+    report[f"{name}_no_grad"] = [n for n in plain if (plain[n] is None) != (shard[n] is None)]
+    report[f"{name}_max_diff"] = max((plain[n] - shard[n]).abs().max().item() for n in plain
+                                     if plain[n] is not None and shard[n] is not None)
+    stm_init_grad = plain["model.stm_init.stm"]
+    report[f"{name}_stm_init_grad"] = 0.0 if stm_init_grad is None else stm_init_grad.abs().max().item()
+if dist.get_rank() == 0:
+    print(json.dumps(report), flush=True)
+"""
+
+
+def test_fsdp2_sharded_model_gets_the_unsharded_loss_and_gradients(tmp_path):
+    """SMAT and DMPO on a model sharded as `scripts/accelerate/fsdp.yaml` does (FSDP2, 2 CPU processes, the same
+    batch on both): the same loss and every gradient, the learned initial STM's included (read inside forward,
+    where FSDP gathers it)."""
+    result, _ = run_torchrun(FSDP2_BODY, tmp_path, master_port=29519)
+    report = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+    for name in ("smat", "dmpo"):
+        assert report[f"{name}_loss_2"] == pytest.approx(report[f"{name}_loss_1"], rel=1e-6)
+        assert report[f"{name}_no_grad"] == []
+        assert report[f"{name}_stm_init_grad"] > 0
+        assert report[f"{name}_max_diff"] < 1e-6
+
+
 def test_quickstart_micro_pipeline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     command = [sys.executable, str(REPO_ROOT / "scripts" / "quickstart.py"), "--preset", "micro", "--output-dir",

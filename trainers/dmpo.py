@@ -298,10 +298,11 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
         ref_model.requires_grad_(False)
         self.ref_model = self.accelerator.prepare_model(ref_model.eval(), evaluation_mode=True)
 
-    def _answer_logps(self, model, ids, mask, labels, stm) -> tuple[torch.Tensor, object]:
-        """`P` answer kinds stacked on the batch (`ids [P·B, T]`), all reading `stm [L, B, S, D]` → `[P, B]`."""
-        parts = ids.shape[0] // stm.shape[1]
-        out = model(input_ids=ids, attention_mask=mask, stm=stm.repeat(1, parts, 1, 1))
+    def _answer_logps(self, model, ids, mask, labels, stm, batch: int) -> tuple[torch.Tensor, object]:
+        """`P` answer kinds stacked on the batch (`ids [P·B, T]`), all reading `stm [L, B, S, D]` (None: the initial
+        STM, read inside forward) → `[P, B]`."""
+        parts = ids.shape[0] // batch
+        out = model(input_ids=ids, attention_mask=mask, stm=None if stm is None else stm.repeat(1, parts, 1, 1))
         return answer_logps(out.logits, labels).view(parts, -1), out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -310,7 +311,7 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
         "x": [N', B]}` for the `N'` turns that some episode has (rows without that turn / answer hold 0)."""
         args = self.args
         turn_mask, neutral_mask = inputs["turn_mask"].bool(), inputs["neutral_mask"].bool()
-        stm = self.rxt_model().initial_stm(turn_mask.shape[1])
+        stm = None  # turn 0 reads the initial STM inside forward (where FSDP gathers a learned one) and returns it
         write_widths = turn_widths(inputs["accepted_attention_mask"])  # each write runs on its own width
         losses, anchors, norms, xs, rewards = [], [], [], [], {"accepted": [], "rejected": []}
         trace = {"logps": [], "ref_logps": [], "x": []}
@@ -318,7 +319,7 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
             valid = turn_mask[turn]
             if not valid.any():
                 break
-            if args.bptt_turns and turn % args.bptt_turns == 0:
+            if turn > 0 and args.bptt_turns and turn % args.bptt_turns == 0:
                 stm = stm.detach()  # truncate before the write, so the update feeding this turn keeps its gradient
             if turn > 0:  # step 4 of the previous turn: write its accepted interaction, now that it has been scored
                 width = write_widths[turn - 1]
@@ -335,9 +336,12 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
             labels = torch.cat([inputs[f"{kind}_labels"][turn] for kind in kinds])
             width = turn_widths(mask[None])[0]  # the answer kinds of this turn, cut to their own width
             ids, mask, labels = ids[:, :width], mask[:, :width], labels[:, :width]
-            logps, out = self._answer_logps(model, ids, mask, labels, stm)  # policy and reference read STM_{t-1}
+            batch = turn_mask.shape[1]
+            logps, out = self._answer_logps(model, ids, mask, labels, stm, batch)  # policy and reference: STM_{t-1}
+            if stm is None:
+                stm = out.stm[:, :batch]  # [L, B, S, D]: the initial STM the policy read
             with torch.no_grad():
-                ref_logps, _ = self._answer_logps(self.ref_model, ids, mask, labels, stm.detach())
+                ref_logps, _ = self._answer_logps(self.ref_model, ids, mask, labels, stm.detach(), batch)
             x = args.beta * ((logps[0] - logps[1]) - (ref_logps[0] - ref_logps[1]))  # [B]
             # TRL 1.16 computes its DPO losses inline in DPOTrainer._compute_loss (no reusable function): the sigmoid
             # loss with label smoothing is written out here.

@@ -126,13 +126,13 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
         ids, masks, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         turn_mask = inputs["turn_mask"].bool()
         widths = turn_widths(masks)  # [N]: each turn runs on its own width (only trailing pads are cut)
-        stm = self.rxt_model().initial_stm(ids.shape[1])
+        stm = None  # turn 0 reads the initial STM inside forward (where FSDP gathers a learned one) and returns it
         losses, accuracies, norms = [], [], []
         for turn in range(ids.shape[0]):
             valid = turn_mask[turn]
             if not valid.any():
                 break
-            if self.args.bptt_turns and turn % self.args.bptt_turns == 0:
+            if turn > 0 and self.args.bptt_turns and turn % self.args.bptt_turns == 0:
                 stm = stm.detach()  # truncate before the write, so the update feeding this turn keeps its gradient
             if turn > 0:
                 width = widths[turn - 1]
@@ -146,6 +146,7 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
             mask = masks[turn, :, :width].clone()
             mask[~valid, 0] = 1
             out = model(input_ids=ids[turn, :, :width], attention_mask=mask, labels=turn_labels, stm=stm)
+            stm = out.stm  # [L, B, S, D]: the STM this turn read
             losses.append(out.loss + self.moe_aux(out))
             accuracies.append(token_accuracy(out.logits, turn_labels))
         loss = torch.stack(losses).mean()

@@ -304,6 +304,7 @@ import copy
 from torch.distributed.fsdp import fully_shard
 from trainers.data import EpisodeCollator
 from trainers.dmpo import DMPOCollator, DMPOConfig, DMPOTrainer
+from trainers.memory_attention import MemoryAttentionConfig, MemoryAttentionTrainer, freeze_for_memory_attention_stage
 from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer
 dist.init_process_group("gloo")
 model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tok), learned_stm_init=True, **ids))
@@ -324,10 +325,21 @@ cases = {
                          args=DMPOConfig(output_dir=sys.argv[2], report_to="none", use_cpu=True, bptt_turns=0)),
              DMPOCollator(tok, max_length=64)(preferences)),
 }
+frozen = copy.deepcopy(model)  # stage 3 trains memory attention only, from the detached initial STM
+frozen_sharded = copy.deepcopy(frozen)
+freeze_for_memory_attention_stage(frozen_sharded)
+for module in frozen_sharded.modules():
+    if type(module).__name__ in frozen_sharded._no_split_modules:
+        fully_shard(module)
+fully_shard(frozen_sharded)
+stage3 = MemoryAttentionTrainer(model=frozen, data_collator=EpisodeCollator(tok, max_length=64),
+                                args=MemoryAttentionConfig(output_dir=sys.argv[2], report_to="none", use_cpu=True,
+                                                           ed_label_mode="pool", max_length=64))
 report = {}
+cases["memory_attention"] = (stage3, EpisodeCollator(tok, max_length=64)(dialogues))
 for name, (trainer, batch) in cases.items():
     grads = []
-    for net in (model, sharded):
+    for net in (frozen, frozen_sharded) if name == "memory_attention" else (model, sharded):
         net.train()
         net.zero_grad()
         loss = trainer.compute_loss(net, batch)
@@ -341,22 +353,24 @@ for name, (trainer, batch) in cases.items():
                                      if plain[n] is not None and shard[n] is not None)
     stm_init_grad = plain["model.stm_init.stm"]
     report[f"{name}_stm_init_grad"] = 0.0 if stm_init_grad is None else stm_init_grad.abs().max().item()
+    report[f"{name}_trained"] = sorted({n.split(".")[1] for n, g in plain.items() if g is not None})
 if dist.get_rank() == 0:
     print(json.dumps(report), flush=True)
 """
 
 
 def test_fsdp2_sharded_model_gets_the_unsharded_loss_and_gradients(tmp_path):
-    """SMAT and DMPO on a model sharded as `scripts/accelerate/fsdp.yaml` does (FSDP2, 2 CPU processes, the same
-    batch on both): the same loss and every gradient, the learned initial STM's included (read inside forward,
-    where FSDP gathers it)."""
+    """SMAT, DMPO and stage 3 on a model sharded as `scripts/accelerate/fsdp.yaml` does (FSDP2, 2 CPU processes, the
+    same batch on both): the same loss and every gradient, the learned initial STM's included (read inside forward,
+    where FSDP gathers it; stage 3 starts from it detached and trains memory attention only)."""
     result, _ = run_torchrun(FSDP2_BODY, tmp_path, master_port=29519)
     report = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
-    for name in ("smat", "dmpo"):
+    for name in ("smat", "dmpo", "memory_attention"):
         assert report[f"{name}_loss_2"] == pytest.approx(report[f"{name}_loss_1"], rel=1e-6)
         assert report[f"{name}_no_grad"] == []
-        assert report[f"{name}_stm_init_grad"] > 0
         assert report[f"{name}_max_diff"] < 1e-6
+        assert (report[f"{name}_stm_init_grad"] > 0) == (name != "memory_attention")
+    assert report["memory_attention_trained"] == ["memory_attention"]
 
 
 def test_quickstart_micro_pipeline(tmp_path):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ._trl_compat import disable_dropout_in_model, selective_log_softmax
-from .common import stm_update_norm, turn_widths
+from .common import turn_widths
 from .data import (
     IGNORE_INDEX,
     EpisodeCollator,
@@ -313,21 +313,19 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
         turn_mask, neutral_mask = inputs["turn_mask"].bool(), inputs["neutral_mask"].bool()
         stm = None  # turn 0 reads the initial STM inside forward (where FSDP gathers a learned one) and returns it
         write_widths = turn_widths(inputs["accepted_attention_mask"])  # each write runs on its own width
+        batch = turn_mask.shape[1]
         losses, anchors, norms, xs, rewards = [], [], [], [], {"accepted": [], "rejected": []}
         trace = {"logps": [], "ref_logps": [], "x": []}
         for turn in range(turn_mask.shape[0]):
             valid = turn_mask[turn]
             if not valid.any():
                 break
-            if turn > 0 and args.bptt_turns and turn % args.bptt_turns == 0:
-                stm = stm.detach()  # truncate before the write, so the update feeding this turn keeps its gradient
             if turn > 0:  # step 4 of the previous turn: write its accepted interaction, now that it has been scored
                 width = write_widths[turn - 1]
-                mask = inputs["accepted_attention_mask"][turn - 1, :, :width].clone()
-                mask[~valid, 0] = 1  # finished episodes keep one visible key; their STM rows are kept below
-                new_stm = self.write_memory(model, inputs["accepted_input_ids"][turn - 1, :, :width], mask, stm)
-                norms.append(stm_update_norm(new_stm[:, valid], stm[:, valid]))
-                stm = torch.where(valid[None, :, None, None], new_stm, stm)
+                accepted_ids = inputs["accepted_input_ids"][turn - 1, :, :width]
+                accepted_mask = inputs["accepted_attention_mask"][turn - 1, :, :width]
+                stm, norm = self.write_turn(model, turn, accepted_ids, accepted_mask, valid, stm)
+                norms.append(norm)
             has_neutral = neutral_mask[turn] & valid
             kinds = ANSWER_KINDS if has_neutral.any() else ANSWER_KINDS[:2]
             ids = torch.cat([inputs[f"{kind}_input_ids"][turn] for kind in kinds])  # [P·B, T]
@@ -336,7 +334,6 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
             labels = torch.cat([inputs[f"{kind}_labels"][turn] for kind in kinds])
             width = turn_widths(mask[None])[0]  # the answer kinds of this turn, cut to their own width
             ids, mask, labels = ids[:, :width], mask[:, :width], labels[:, :width]
-            batch = turn_mask.shape[1]
             logps, out = self._answer_logps(model, ids, mask, labels, stm, batch)  # policy and reference: STM_{t-1}
             if stm is None:
                 stm = out.stm[:, :batch]  # [L, B, S, D]: the initial STM the policy read

@@ -122,6 +122,17 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
         with contextlib.nullcontext() if self.memory_attention_trains else torch.no_grad():
             return model(attention_mask=mask, stm=stm, encoder_hidden_states=encoded, mode="memory_update").stm
 
+    def write_turn(self, model, turn: int, ids, mask, valid, stm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Before turn `turn > 0`: write the previous interaction (`ids`, `mask [B, T]`) into `stm`, detaching first
+        every `bptt_turns` turns. Rows of finished episodes (`~valid`) keep their STM. → (STM, update norm)."""
+        if self.args.bptt_turns and turn % self.args.bptt_turns == 0:
+            stm = stm.detach()  # truncate before the write, so the update feeding this turn keeps its gradient
+        mask = mask.clone()
+        mask[~valid, 0] = 1  # finished episodes keep one visible key; their STM rows are kept below
+        new_stm = self.write_memory(model, ids, mask, stm)
+        norm = stm_update_norm(new_stm[:, valid], stm[:, valid])
+        return torch.where(valid[None, :, None, None], new_stm, stm), norm
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, masks, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         turn_mask = inputs["turn_mask"].bool()
@@ -132,15 +143,11 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
             valid = turn_mask[turn]
             if not valid.any():
                 break
-            if turn > 0 and self.args.bptt_turns and turn % self.args.bptt_turns == 0:
-                stm = stm.detach()  # truncate before the write, so the update feeding this turn keeps its gradient
             if turn > 0:
                 width = widths[turn - 1]
-                mask = masks[turn - 1, :, :width].clone()
-                mask[~valid, 0] = 1  # finished episodes keep one visible key; their STM rows are kept below
-                new_stm = self.write_memory(model, ids[turn - 1, :, :width], mask, stm)
-                norms.append(stm_update_norm(new_stm[:, valid], stm[:, valid]))
-                stm = torch.where(valid[None, :, None, None], new_stm, stm)
+                previous_ids, previous_mask = ids[turn - 1, :, :width], masks[turn - 1, :, :width]
+                stm, norm = self.write_turn(model, turn, previous_ids, previous_mask, valid, stm)
+                norms.append(norm)
             width = widths[turn]
             turn_labels = labels[turn, :, :width].masked_fill(~valid[:, None], -100)
             mask = masks[turn, :, :width].clone()

@@ -6,7 +6,9 @@
 
 Reward: greedy rollouts with the MRL reward (`MRLTrainer.evaluate`) at the last curriculum stage's step count.
 Recall: `trainers.memory_eval.evaluate_system` (memory updated with the model's own answers). Output JSON:
-`{"reward_before", "reward_after", "recall_before": {...}, "recall_after": {...}, ...}`.
+`{"reward_before", "reward_after", "recall_before": {...}, "recall_after": {...}, ...}`. `--reward_ceiling` adds
+`reward_references`, `reward_other_template` and their mean `reward_ceiling` (synthetic episodes): what a policy that
+recalls every value can expect, since the references draw one of two templates at random.
 """
 
 import json
@@ -22,6 +24,7 @@ from trainers.cli import parse_arguments  # noqa: E402
 from trainers.data import load_rows  # noqa: E402
 from trainers.memory_eval import evaluate_system  # noqa: E402
 from trainers.mrl import MRLCollator, MRLConfig, MRLTrainer  # noqa: E402
+from trainers.synthetic import other_template  # noqa: E402
 
 
 @dataclass
@@ -33,14 +36,45 @@ class MRLEvalArguments:
     output: str = field(default="runs/mrl/eval.json", metadata={"help": "JSON output."})
     recall_batch_size: int = field(default=50, metadata={"help": "Dialogues evaluated together."})
     max_new_tokens: int = field(default=40, metadata={"help": "Answer length limit of the recall evaluation."})
+    reward_ceiling: bool = field(
+        default=False,
+        metadata={"help": "Also score the references and their other template (synthetic data): the reward's ceiling."},
+    )
 
 
-def measure(model_dir: str, args: MRLConfig, options: MRLEvalArguments, reward_rows, recall_rows) -> dict:
+def reward_trainer(model_dir: str, args: MRLConfig, reward_rows):
+    """`(trainer, model, tokenizer)`: an `MRLTrainer` on `model_dir` that evaluates `reward_rows` at the last
+    curriculum stage's step count."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
     trainer = MRLTrainer(model=model, args=args, processing_class=tokenizer, eval_dataset=reward_rows,
                          data_collator=MRLCollator(tokenizer, args.max_length))  # fmt: skip
     trainer.set_epoch(sum(stage.epochs for stage in args.curriculum_stages) - 1)
+    return trainer, model, tokenizer
+
+
+def reward_ceiling(model_dir: str, args: MRLConfig, reward_rows) -> dict:
+    """The reward of the reference answers themselves and of the same answers in the synthetic generator's other
+    template (`trainers.synthetic.other_template`). A policy that recalls every value matches the reference's
+    template by chance, so their mean is the reward it can expect: the ceiling of any before/after gain."""
+    trainer = reward_trainer(model_dir, args, reward_rows)[0]
+    collator = trainer.data_collator
+    swapped = [{**row, "answer": other_template(row["answer"]),
+                "interactions": [{**turn, "answer": other_template(turn["answer"])} for turn in row["interactions"]]}
+               for row in reward_rows]  # fmt: skip
+
+    def key(episode):
+        return tuple(tuple(query) + (-1,) + tuple(answer) for query, answer in episode)
+
+    others = {key(original): [answer for _, answer in other[1:]]
+              for original, other in zip(collator(reward_rows)["episodes"], collator(swapped)["episodes"])}  # fmt: skip
+    references = trainer.evaluate(answers=lambda episode: [answer for _, answer in episode[1:]])["eval_reward"]
+    other = trainer.evaluate(answers=lambda episode: others[key(episode)])["eval_reward"]
+    return {"reward_references": references, "reward_other_template": other, "reward_ceiling": (references + other) / 2}
+
+
+def measure(model_dir: str, args: MRLConfig, options: MRLEvalArguments, reward_rows, recall_rows) -> dict:
+    trainer, model, tokenizer = reward_trainer(model_dir, args, reward_rows)
     rewards = trainer.evaluate()
     result = {"reward": rewards["eval_reward"],
               "reward_per_step": {k.rsplit("_", 1)[1]: v for k, v in rewards.items() if "_step_" in k}}  # fmt: skip
@@ -65,6 +99,8 @@ def main(argv=None) -> dict:
               "reward_per_step_before": before["reward_per_step"], "reward_per_step_after": after["reward_per_step"],
               "recall_before": before.get("recall", {}), "recall_after": after.get("recall", {}),
               "n_reward_episodes": len(reward_rows), "n_recall_dialogues": len(recall_rows or [])}  # fmt: skip
+    if options.reward_ceiling:
+        result.update(reward_ceiling(options.before, args, reward_rows))
     output = Path(options.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))

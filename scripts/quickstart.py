@@ -137,7 +137,7 @@ def run_mrl(preset: dict, model_dir: Path, data_dir: Path, output: Path, seed: i
     return eval_mrl.main(["--before", str(model_dir), "--after", str(output / "model"), "--reward_data",
                           str(data_dir / f"{mrl.get('data', 'dialogues')}_validation.jsonl"), "--recall_data",
                           str(data_dir / "memory_eval_test.jsonl"), "--output", str(output / "eval.json"),
-                          "--output_dir", str(output / "eval"), "--report_to", "none",
+                          "--output_dir", str(output / "eval"), "--report_to", "none", "--reward_ceiling", "true",
                           "--use_cpu", str(not _has_gpu())] + _flags(reward_flags))  # fmt: skip
 
 
@@ -261,7 +261,9 @@ def main(argv=None) -> dict:
         lines.append(f"      rxt:  {answer}")
     if mrl_result is not None:
         lines += ["-" * 78, f"MRL: mean reward {mrl_result['reward_before']:.4f} -> {mrl_result['reward_after']:.4f} "
-                  f"({100 * mrl_result['reward_relative_change']:+.1f} %), recall before/after by distance:"]  # fmt: skip
+                  f"({100 * mrl_result['reward_relative_change']:+.1f} %; ceiling {mrl_result['reward_ceiling']:.4f}: "
+                  "every value recalled, the reference's template matched half the time), recall before/after by "
+                  "distance:"]  # fmt: skip
         for d in sorted(mrl_result["recall_after"], key=int):
             lines.append(f"  d={d}: {mrl_result['recall_before'].get(d, float('nan')):.2f} -> "
                          f"{mrl_result['recall_after'][d]:.2f}")  # fmt: skip

@@ -30,10 +30,12 @@ from trainers.data import (  # noqa: E402
 from trainers.synthetic import (  # noqa: E402
     ATTRIBUTES,
     SPLITS,
+    _fill,
     chance_level,
     generate_dialogues,
     generate_pretrain,
     generate_sft,
+    other_template,
     value_pools,
     write_synthetic_data,
 )
@@ -126,6 +128,27 @@ def test_long_range_dialogues():
         assert all(probe["expected"] not in q + a for q, a in turns[1:-1])
     with pytest.raises(ValueError, match="min_turns"):
         generate_dialogues(1, min_turns=1)
+
+
+def test_other_template_swaps_the_template_and_keeps_the_value():
+    """Every acknowledgement / answer comes back in the attribute's other template with the same value (twice: the
+    original); chit-chat, including answers that start like a template ("You are welcome ..."), is left alone."""
+    for attribute in ATTRIBUTES:
+        value = value_pools("test")[attribute.name][0]
+        for templates in (attribute.acks, attribute.answers):
+            assert len(templates) == 2  # the ceiling (scripts/eval_mrl.py) averages over exactly these two
+            first, second = (_fill(template, value) for template in templates)
+            assert (other_template(first), other_template(second)) == (second, first)
+    rows = generate_dialogues(40, seed=3, split="validation")
+    answers = [answer for row in rows for _, answer in all_turns(row)]
+    swapped = [other_template(answer) for answer in answers]
+    assert any(new != old for new, old in zip(swapped, answers))
+    assert [other_template(new) for new in swapped] == answers
+    for probe_row in rows:
+        for probe in probe_row["probes"]:
+            assert probe["expected"] in other_template(all_turns(probe_row)[probe["turn"]][1])
+    assert other_template("You are welcome, happy to help.") == "You are welcome, happy to help."
+    assert other_template("3 plus 4 is 7.") == "3 plus 4 is 7."
 
 
 def test_cli_matches_api(tmp_path, tok):

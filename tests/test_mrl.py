@@ -292,6 +292,38 @@ def test_reward_modes_and_saved_data_follow_the_strategy(tokenizer, episodes, tm
         torch.testing.assert_close(rollout["rewards"], torch.stack([c["out"] for c in answer_calls], dim=1))
 
 
+def test_fixed_answers_are_scored_instead_of_generated(tokenizer, episodes, tmp_path):
+    """`rollout(answers=...)` / `evaluate(answers=...)` score the given answers (here the references: the reward's
+    ceiling, scripts/eval_mrl.py) exactly where generated ones would be: actions = answer + [EOS], reward of
+    (answer, reference); `generate` is never called."""
+    trainer = make_trainer(tokenizer, tmp_path, curriculum="3", per_device_eval_batch_size=len(ROWS))
+    recorder = RecordingReward(trainer.reward_fn)
+    trainer.reward_fn = recorder
+    trainer.model.policy.generate = None  # fails if called
+    eos = special(tokenizer)["eos_token_id"]
+
+    def references(episode):
+        return [answer for _, answer in episode[1:]]
+
+    rollout = trainer.rollout(episodes, greedy=True, answers=references)
+    for step, call in enumerate(recorder.calls):
+        assert torch.equal(call["generated"], call["reference"])
+        for b in rollout["turn_mask"][:, step].nonzero().flatten().tolist():
+            action = rollout["qa_ids"][b, step, action_positions(rollout, b, step)].tolist()
+            assert action == episodes[b][step + 1][1] + [eos]
+    torch.testing.assert_close(rollout["rewards"], torch.stack([c["out"] for c in recorder.calls], dim=1))
+    valid = rollout["turn_mask"].bool()
+    assert (rollout["rewards"][valid] > 0.5).all()  # 0.5 x BLEU of an answer against itself (1) + 0.5 x cosine
+
+    def shortened(episode):  # a worse answer scores less
+        return [answer[:1] for _, answer in episode[1:]]
+
+    rows = Dataset.from_list(ROWS)
+    exact = trainer.evaluate(eval_dataset=rows, answers=references)["eval_reward"]
+    assert exact == pytest.approx(rollout["rewards"][valid].mean().item(), abs=1e-6)
+    assert trainer.evaluate(eval_dataset=rows, answers=shortened)["eval_reward"] < exact
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 4. Loss terms against their formulas
 

@@ -390,6 +390,8 @@ def test_quickstart_micro_pipeline(tmp_path):
     mrl = json.loads((tmp_path / "mrl" / "eval.json").read_text())  # stage 5 wiring: reward and recall before/after
     assert {"reward_before", "reward_after", "recall_before", "recall_after"} <= set(mrl)
     assert set(mrl["recall_after"]) == set(evaluation["recall"])
+    assert mrl["reward_ceiling"] == pytest.approx((mrl["reward_references"] + mrl["reward_other_template"]) / 2)
+    assert mrl["reward_references"] > mrl["reward_other_template"]  # BLEU of the references against themselves is 1
     assert (tmp_path / "mrl" / "model" / "config.json").is_file() and (tmp_path / "mrl" / "model" / "critic").is_dir()
     assert "finished in" in result.stdout
 

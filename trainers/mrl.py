@@ -960,9 +960,12 @@ class MRLTrainer(RxTTrainer):
         return model(input_ids=ids, attention_mask=mask, stm=stm, mode="memory_update").stm
 
     @torch.no_grad()
-    def rollout(self, episodes: list[list[tuple[list[int], list[int]]]], repeats: int = 1, greedy: bool = False) -> dict:
-        """Collect one episode batch (training.md §6.1): sampled answers (`greedy=True`: greedy, for evaluation).
-        Returns episode-major tensors (see the module docstring)."""
+    def rollout(
+        self, episodes: list[list[tuple[list[int], list[int]]]], repeats: int = 1, greedy: bool = False, answers=None
+    ) -> dict:
+        """Collect one episode batch (training.md §6.1): sampled answers (`greedy=True`: greedy, for evaluation;
+        `answers(episode) -> [answer ids per follow-up]`: these fixed answers are scored instead of generated ones,
+        e.g. the references, for the reward's ceiling). Returns episode-major tensors (see the module docstring)."""
         args, ids = self.args, self.ids
         pad = ids["pad_token_id"]
         episodes = [episode for episode in episodes for _ in range(repeats)]
@@ -979,6 +982,7 @@ class MRLTrainer(RxTTrainer):
             first_ids, first_mask = first_ids.to(device), first_mask.to(device)
             stm = self._warmup(policy, stm, first_ids, first_mask)
             records = defaultdict(list)
+            fixed_answers = None if answers is None else [answers(episode) for episode in episodes]
             running_mean = None
             first_body = _pad([e[0][0] + e[0][1] for e in episodes], pad)[0].to(device)
             # [PAD]/[BOS]/[Q]/[A] are never sampled (training.md §9 B8)
@@ -996,18 +1000,21 @@ class MRLTrainer(RxTTrainer):
                 prompt_rows = [self._interaction(q, [], eos=False) for q, _ in turns]
                 prompt_ids, prompt_mask = _pad(prompt_rows, pad, left=True)
                 prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-                output = policy.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask, cache=RxTCache(stm=stm),
-                    max_new_tokens=args.max_completion_length, eos_token_id=ids["eos_token_id"], pad_token_id=pad,
-                    suppress_tokens=suppressed, output_scores=args.log_probs_source == "collect",
-                    return_dict_in_generate=True, **sampling,
-                )  # fmt: skip
-                generated = output.sequences[:, prompt_ids.shape[1] :]
-                ended = (generated == ids["eos_token_id"]).cumsum(1)
-                keep = (ended == 0) | ((ended == 1) & (generated == ids["eos_token_id"]))  # up to and with [EOS]
-                generated = generated.masked_fill(~keep, pad)
-                lengths = keep.sum(1).tolist()
-                actions = [row[:n] for row, n in zip(generated.tolist(), lengths)]
+                if answers is None:
+                    output = policy.generate(
+                        input_ids=prompt_ids, attention_mask=prompt_mask, cache=RxTCache(stm=stm),
+                        max_new_tokens=args.max_completion_length, eos_token_id=ids["eos_token_id"],
+                        pad_token_id=pad, suppress_tokens=suppressed,
+                        output_scores=args.log_probs_source == "collect", return_dict_in_generate=True, **sampling,
+                    )  # fmt: skip
+                    generated = output.sequences[:, prompt_ids.shape[1] :]
+                    ended = (generated == ids["eos_token_id"]).cumsum(1)
+                    keep = (ended == 0) | ((ended == 1) & (generated == ids["eos_token_id"]))  # up to and with [EOS]
+                    generated = generated.masked_fill(~keep, pad)
+                    actions = [row[:n] for row, n in zip(generated.tolist(), keep.sum(1).tolist())]
+                else:
+                    actions = [list(fixed[step]) + [ids["eos_token_id"]] if len(e) > step + 1 else []
+                               for e, fixed in zip(episodes, fixed_answers)]  # fmt: skip
                 qa_ids, qa_mask = _pad([p + a for p, a in zip(prompt_rows, actions)], pad)
                 qa_ids, qa_mask = qa_ids.to(device), qa_mask.to(device)
                 prompt_len = torch.tensor([len(p) for p in prompt_rows], device=device)
@@ -1015,7 +1022,7 @@ class MRLTrainer(RxTTrainer):
                 action_mask = (positions >= prompt_len[:, None]) & qa_mask.bool() & valid[:, None]
                 logits = policy(input_ids=qa_ids, attention_mask=qa_mask, stm=stm).logits[:, :-1].float()
                 old_logps = selective_log_softmax(logits, qa_ids[:, 1:])  # [B, T-1]
-                if args.log_probs_source == "collect":  # the sampler's processed distribution (reference parity)
+                if args.log_probs_source == "collect" and answers is None:  # the sampler's distribution (parity)
                     scores = torch.stack(output.scores, dim=1).float().log_softmax(-1)  # [B, G, V]
                     sampled = scores.gather(-1, output.sequences[:, prompt_ids.shape[1] :, None]).squeeze(-1)
                     index = (prompt_len[:, None] - 1 + torch.arange(sampled.shape[1], device=device)).clamp(
@@ -1262,17 +1269,20 @@ class MRLTrainer(RxTTrainer):
         return aligned, offsets[None] < mask.sum(-1, keepdim=True)
 
     # -- evaluation: rollouts without updates ------------------------------------------------------------------------
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", answers=None
+    ) -> dict[str, float]:
         """Mean reward (overall and per step) of greedy rollouts on `eval_dataset` with the current curriculum step
         count (deterministic, so before/after comparisons do not depend on sampling). Every evaluation episode starts
-        from the initial STM; the training rollouts' carried STM and reset RNG are left as they were."""
+        from the initial STM; the training rollouts' carried STM and reset RNG are left as they were. `answers`: score
+        fixed answers instead of the greedy ones (`rollout`)."""
         dataloader = self.get_eval_dataloader(eval_dataset)
         sums, counts = defaultdict(float), defaultdict(int)
         carried, rng_state = self._carry_stm, self._rng.get_state()
         self._carry_stm = None
         try:
             for batch in dataloader:
-                rollout = self.rollout(batch["episodes"], greedy=True)
+                rollout = self.rollout(batch["episodes"], greedy=True, answers=answers)
                 mask = rollout["turn_mask"].bool()
                 rewards = self.accelerator.gather_for_metrics(rollout["rewards"].masked_fill(~mask, float("nan")))
                 for step in range(rewards.shape[1]):

@@ -59,6 +59,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from functools import cache
 from itertools import product
@@ -73,6 +74,7 @@ __all__ = [
     "generate_dialogues",
     "generate_pretrain",
     "generate_sft",
+    "other_template",
     "value_pools",
     "write_jsonl",
     "write_synthetic_data",
@@ -352,6 +354,26 @@ def _fill(template: str, value: str) -> str:
     article = "an" if value[:1].lower() in "aeiou" else "a"
     text = template.format(v=value, a=article)
     return text[:1].upper() + text[1:]
+
+
+def other_template(answer: str) -> str:
+    """The content of an assistant `answer` in the generator's other template (every acknowledgement and answer has
+    two templates: "Your cat is called Brindle." <-> "Your cat's name is Brindle."); chit-chat answers, which follow
+    from their query, come back unchanged. A policy that recalls every value still draws the template the reference
+    drew only by chance, so the mean reward of the references and of their other templates is what it can expect."""
+    for attribute in ATTRIBUTES:
+        for templates in (attribute.acks, attribute.answers):
+            for index, template in enumerate(templates):
+                pattern = re.escape(template).replace(re.escape("{v}"), "(?P<v>.+)").replace(re.escape("{a}"), "an?")
+                match = re.fullmatch(pattern, answer[:1].lower() + answer[1:]) or re.fullmatch(pattern, answer)
+                if match and match["v"] in _all_values(attribute.name) and _fill(template, match["v"]) == answer:
+                    return _fill(templates[1 - index], match["v"])
+    return answer
+
+
+@cache
+def _all_values(attribute: str) -> frozenset[str]:
+    return frozenset(value for split in SPLITS for value in value_pools(split)[attribute])
 
 
 def _statement(rng: random.Random, attribute: Attribute, value: str) -> tuple[str, str]:

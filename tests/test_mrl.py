@@ -929,6 +929,75 @@ def test_mrl_two_process_ddp_keeps_replicas_in_sync(tmp_path):
     assert reports[0]["replayed"] == reports[1]["replayed"] == [0.0, 2.0, 0.0, 2.0]
 
 
+FSDP2_BODY = r"""
+import copy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from trainers.mrl import MRLCollator, MRLConfig, MRLTrainer
+dist.init_process_group("gloo")
+model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tok), learned_stm_init=True, stm_init="normal", **ids))
+episodes = MRLCollator(tok, max_length=64)(generate_dialogues(4, seed=9, min_turns=3, max_turns=3))["episodes"]
+def make(net):
+    args = MRLConfig(output_dir=sys.argv[2], per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                     save_strategy="no", curriculum="2", max_completion_length=6, max_length=64, beta=0.05)
+    return MRLTrainer(model=net, args=args, processing_class=tok)
+plain, sharded = make(copy.deepcopy(model)), make(copy.deepcopy(model))
+wrapper = sharded.model  # as scripts/accelerate/fsdp.yaml wraps the trainer's model: its layers, then the root
+wrapper.critic.load_state_dict(plain.model.critic.state_dict())  # the same critic head (its init drew other numbers)
+for module in wrapper.modules():
+    if type(module).__name__ in wrapper.policy._no_split_modules:
+        fully_shard(module)
+fully_shard(wrapper)
+report = {}
+for name, trainer in (("plain", plain), ("sharded", sharded)):
+    net = trainer.model
+    rollout = trainer.rollout(episodes, greedy=True)  # the policy called directly, the initial STM read outside forward
+    net.train()
+    net.zero_grad()
+    loss = trainer.compute_loss(net, {k: v for k, v in rollout.items() if torch.is_tensor(v) and v.dim() > 0})
+    loss.backward()
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    report[name] = {"rewards": rollout["rewards"].tolist(), "values": rollout["values"].tolist(), "loss": loss.item(),
+                    "grads": {n: full(p.grad).tolist() for n, p in net.named_parameters() if p.grad is not None}}
+    torch.optim.SGD(net.parameters(), lr=50.0).step()  # a large step: the embedding the reward reads moves
+    report[name]["rewards_after_step"] = trainer.rollout(episodes, greedy=True, answers=lambda e: [a for _, a in e[1:]])["rewards"].tolist()
+    report[name]["embedding"] = full(net.policy.get_input_embeddings().weight).detach().flatten()[:64].tolist()
+    # saving as Trainer.save_model does under FSDP2: every process, with accelerate's gathered full state dict
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+    trainer._save(os.path.join(sys.argv[2], name), state_dict=get_model_state_dict(net, options=options)
+                  if name == "sharded" else None)
+if dist.get_rank() == 0:
+    with open(os.path.join(sys.argv[2], "report.json"), "w") as handle:
+        json.dump(report, handle)
+"""
+
+
+def test_mrl_fsdp2_sharded_model_gets_the_unsharded_rollout_loss_and_gradients(tmp_path):
+    """A rollout + IMPO loss on the trainer's model sharded as `scripts/accelerate/fsdp.yaml` does (FSDP2, 2 CPU
+    processes, the same episodes on both) equals the unsharded one: rewards, critic values, loss, every gradient;
+    after an optimizer step the reward's cosine reads the trained embedding, not the copy taken before sharding; and
+    the folders saved from accelerate's gathered state dict hold the unsharded model's policy and critic."""
+    from safetensors.torch import load_file
+
+    _, out = run_torchrun(FSDP2_BODY, tmp_path, master_port=29533)
+    report = json.loads((out / "report.json").read_text())
+    plain, sharded = report["plain"], report["sharded"]
+    assert sharded["rewards"] == plain["rewards"] and sharded["values"] == plain["values"]
+    assert sharded["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert set(sharded["grads"]) == set(plain["grads"]) and len(plain["grads"]) > 50
+    for name, grad in plain["grads"].items():
+        torch.testing.assert_close(torch.tensor(sharded["grads"][name]), torch.tensor(grad), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(sharded["embedding"]), torch.tensor(plain["embedding"]))
+    assert plain["rewards_after_step"] != plain["rewards"]
+    torch.testing.assert_close(torch.tensor(sharded["rewards_after_step"]), torch.tensor(plain["rewards_after_step"]))
+    for file in ("model.safetensors", "critic/model.safetensors"):  # the saved folders: the same tensors, full size
+        saved, expected = load_file(out / "sharded" / file), load_file(out / "plain" / file)
+        assert set(saved) == set(expected)
+        for key, value in expected.items():
+            torch.testing.assert_close(saved[key], value, rtol=1e-4, atol=1e-6)  # after the lr-50 step
+    assert load_file(out / "sharded" / "critic" / "model.safetensors")["scale"].shape == ()  # the reference layout
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 11. Replay buffer
 

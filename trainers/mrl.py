@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from transformers import TrainerCallback, TrainingArguments
 from trl import GRPOConfig
 
@@ -398,6 +399,23 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
 # Critic and the policy wrapper
 
 
+def _scalars_to_0d(module, state_dict, prefix, local_metadata) -> None:
+    """`RxTCritic.state_dict()`: `scale` / `shift` as 0-dim tensors (gathered first when FSDP2 sharded them)."""
+    for name in ("scale", "shift"):
+        value = state_dict.get(prefix + name)
+        if value is not None:
+            value = value.full_tensor() if hasattr(value, "full_tensor") else value
+            state_dict[prefix + name] = value.reshape(())
+
+
+def _scalars_from_0d(module, state_dict, prefix, *args) -> None:
+    """`RxTCritic.load_state_dict()`: 0-dim `scale` / `shift` (the saved layout) into the `[1]` parameters."""
+    for name in ("scale", "shift"):
+        value = state_dict.get(prefix + name)
+        if value is not None and value.dim() == 0:
+            state_dict[prefix + name] = value.reshape(1)
+
+
 class RxTCritic(nn.Module):
     """`V(s) = act(Linear(LayerNorm(GLU_SiLU(masked_mean(encoder(s)[-1]))))) · scale + shift` (training.md §6.5).
 
@@ -414,8 +432,11 @@ class RxTCritic(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.value = nn.Linear(dim, 1)
         self.activation = activation
-        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
-        self.shift = nn.Parameter(torch.tensor(0.0))
+        # [1], not 0-dim: FSDP2 shards no 0-dim parameter. Saved and loaded 0-dim, the reference critic's layout.
+        self.scale = nn.Parameter(torch.full((1,), float(init_scale)))
+        self.shift = nn.Parameter(torch.zeros(1))
+        self.register_state_dict_post_hook(_scalars_to_0d)
+        self.register_load_state_dict_pre_hook(_scalars_from_0d)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, mode="encode").last_hidden_state
@@ -477,6 +498,12 @@ class MRLModel(nn.Module):
 
     def gradient_checkpointing_disable(self):
         self.policy.activation_checkpointing_disable()
+
+    def run(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)`. Under FSDP2 the trainer registers it as a forward method
+        (`register_fsdp_forward_method`), so the root's own parameters (embedding, norms, LM head, initial STM) stay
+        gathered while `fn` calls the policy directly: `generate`, and reads outside any forward in rollouts."""
+        return fn(*args, **kwargs)
 
     def forward(self, *args, mode: str = "decode", **kwargs):
         if mode == "critic":
@@ -896,38 +923,49 @@ class MRLTrainer(RxTTrainer):
         replayed_rows = torch.arange(combined["rewards"].shape[0], device=device) >= fresh
         return {**combined, "replayed": replayed_rows}
 
+    @staticmethod
+    def _gathered(unwrapped: "MRLModel"):
+        """`unwrapped.run`, registered once as an FSDP2 forward method when the model is sharded (`MRLModel.run`)."""
+        if isinstance(unwrapped, FSDPModule) and "run" not in vars(unwrapped):
+            register_fsdp_forward_method(unwrapped, "run")
+        return unwrapped.run
+
     @torch.no_grad()
     def _refresh_replayed(self, batch: dict) -> dict:
         """Critic values of replayed episodes with the current critic; with `log_probs_source="update"` their old
         log-probs from the current policy (one no-grad forward at temperature 1 on the STM replayed from the stored
         start, or the stored snapshot), as a fresh rollout computes them. With `"collect"` the stored log-probs of the
         sampler that produced the actions are kept, so the ratio is w.r.t. that behaviour policy."""
-        args = self.args
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
-            if args.log_probs_source == "update":
-                policy = unwrapped.policy
-                was_training = policy.training
-                policy.eval()
-                stm = batch["start_stm"].transpose(0, 1)
+            return self._gathered(unwrapped)(self._refresh, unwrapped, batch)
+
+    def _refresh(self, unwrapped, batch: dict) -> dict:
+        """`_refresh_replayed` on the unwrapped `MRLModel`."""
+        args = self.args
+        if args.log_probs_source == "update":
+            policy = unwrapped.policy
+            was_training = policy.training
+            policy.eval()
+            stm = batch["start_stm"].transpose(0, 1)
+            if args.stm_source == "replay":
+                stm = self._warmup(policy, stm, batch["first_ids"], batch["first_mask"])
+            logps = []
+            for step in range(batch["turn_mask"].shape[1]):
                 if args.stm_source == "replay":
-                    stm = self._warmup(policy, stm, batch["first_ids"], batch["first_mask"])
-                logps = []
-                for step in range(batch["turn_mask"].shape[1]):
-                    if args.stm_source == "replay":
-                        stm = policy(input_ids=batch["saved_ids"][:, step], attention_mask=batch["saved_mask"][:, step],
-                                     stm=stm, mode="memory_update").stm  # fmt: skip
-                    else:
-                        stm = batch["stm_after"][:, step].transpose(0, 1)
-                    qa_ids = batch["qa_ids"][:, step]
-                    logits = policy(input_ids=qa_ids, attention_mask=batch["qa_mask"][:, step], stm=stm).logits
-                    logps.append(selective_log_softmax(logits[:, :-1].float(), qa_ids[:, 1:]))
-                policy.train(was_training)
-                batch["old_logps"] = torch.stack(logps, dim=1)
-            if unwrapped.critic is not None:
-                rows, steps = batch["turn_mask"].shape
-                values = unwrapped(mode="critic", input_ids=batch["critic_ids"].flatten(0, 1),
-                                   attention_mask=batch["critic_mask"].flatten(0, 1))  # fmt: skip
-                batch["values"] = values.view(rows, steps).float()
+                    stm = policy(input_ids=batch["saved_ids"][:, step], attention_mask=batch["saved_mask"][:, step],
+                                 stm=stm, mode="memory_update").stm  # fmt: skip
+                else:
+                    stm = batch["stm_after"][:, step].transpose(0, 1)
+                qa_ids = batch["qa_ids"][:, step]
+                logits = policy(input_ids=qa_ids, attention_mask=batch["qa_mask"][:, step], stm=stm).logits
+                logps.append(selective_log_softmax(logits[:, :-1].float(), qa_ids[:, 1:]))
+            policy.train(was_training)
+            batch["old_logps"] = torch.stack(logps, dim=1)
+        if unwrapped.critic is not None:
+            rows, steps = batch["turn_mask"].shape
+            values = unwrapped(mode="critic", input_ids=batch["critic_ids"].flatten(0, 1),
+                               attention_mask=batch["critic_mask"].flatten(0, 1))  # fmt: skip
+            batch["values"] = values.view(rows, steps).float()
         return batch
 
     # -- rollout ----------------------------------------------------------------------------------------------------
@@ -966,135 +1004,141 @@ class MRLTrainer(RxTTrainer):
         """Collect one episode batch (training.md §6.1): sampled answers (`greedy=True`: greedy, for evaluation;
         `answers(episode) -> [answer ids per follow-up]`: these fixed answers are scored instead of generated ones,
         e.g. the references, for the reward's ceiling). Returns episode-major tensors (see the module docstring)."""
+        episodes = [episode for episode in episodes for _ in range(repeats)]
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            return self._gathered(unwrapped)(self._collect, unwrapped, episodes, repeats, greedy, answers)
+
+    def _collect(self, unwrapped, episodes, repeats: int, greedy: bool, answers) -> dict:
+        """The rollout on the unwrapped `MRLModel` (`episodes` already repeated)."""
         args, ids = self.args, self.ids
         pad = ids["pad_token_id"]
-        episodes = [episode for episode in episodes for _ in range(repeats)]
         batch, steps = len(episodes), self.steps
         device = self.accelerator.device
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
-            policy = unwrapped.policy
-            was_training = policy.training
-            policy.eval()
-            stm = self._initial_stm(policy, batch)
-            start_stm = stm.clone()
-            saved_rows = [self._interaction(*e[0]) for e in episodes]  # the first interaction, written before step 0
-            first_ids, first_mask = _pad(saved_rows, pad)
-            first_ids, first_mask = first_ids.to(device), first_mask.to(device)
-            stm = self._warmup(policy, stm, first_ids, first_mask)
-            records = defaultdict(list)
-            fixed_answers = None if answers is None else [answers(episode) for episode in episodes]
-            running_mean = None
-            first_body = _pad([e[0][0] + e[0][1] for e in episodes], pad)[0].to(device)
-            # [PAD]/[BOS]/[Q]/[A] are never sampled (training.md §9 B8)
-            suppressed = [ids[k] for k in ("pad_token_id", "bos_token_id", "query_token_id", "answer_token_id")]
-            sampling = {"do_sample": False} if greedy else {
-                "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}  # fmt: skip
-            for step in range(steps):
-                valid = torch.tensor([len(e) > step + 1 for e in episodes], device=device)
-                saved_ids, saved_mask = _pad(saved_rows, pad)
-                saved_ids, saved_mask = saved_ids.to(device), saved_mask.to(device)
-                stm_before = stm
-                stm = policy(input_ids=saved_ids, attention_mask=saved_mask, stm=stm, mode="memory_update").stm
-                turns = [e[step + 1] if len(e) > step + 1 else ([], []) for e in episodes]
-                prompt_rows = [self._interaction(q, [], eos=False) for q, _ in turns]
-                prompt_ids, prompt_mask = _pad(prompt_rows, pad, left=True)
-                prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-                if answers is None:
-                    output = policy.generate(
-                        input_ids=prompt_ids, attention_mask=prompt_mask, cache=RxTCache(stm=stm),
-                        max_new_tokens=args.max_completion_length, eos_token_id=ids["eos_token_id"],
-                        pad_token_id=pad, suppress_tokens=suppressed,
-                        output_scores=args.log_probs_source == "collect", return_dict_in_generate=True, **sampling,
-                    )  # fmt: skip
-                    generated = output.sequences[:, prompt_ids.shape[1] :]
-                    ended = (generated == ids["eos_token_id"]).cumsum(1)
-                    keep = (ended == 0) | ((ended == 1) & (generated == ids["eos_token_id"]))  # up to and with [EOS]
-                    generated = generated.masked_fill(~keep, pad)
-                    actions = [row[:n] for row, n in zip(generated.tolist(), keep.sum(1).tolist())]
-                else:
-                    actions = [list(fixed[step]) + [ids["eos_token_id"]] if len(e) > step + 1 else []
-                               for e, fixed in zip(episodes, fixed_answers)]  # fmt: skip
-                qa_ids, qa_mask = _pad([p + a for p, a in zip(prompt_rows, actions)], pad)
-                qa_ids, qa_mask = qa_ids.to(device), qa_mask.to(device)
-                prompt_len = torch.tensor([len(p) for p in prompt_rows], device=device)
-                positions = torch.arange(qa_ids.shape[1], device=device)
-                action_mask = (positions >= prompt_len[:, None]) & qa_mask.bool() & valid[:, None]
-                logits = policy(input_ids=qa_ids, attention_mask=qa_mask, stm=stm).logits[:, :-1].float()
-                old_logps = selective_log_softmax(logits, qa_ids[:, 1:])  # [B, T-1]
-                if args.log_probs_source == "collect" and answers is None:  # the sampler's distribution (parity)
-                    scores = torch.stack(output.scores, dim=1).float().log_softmax(-1)  # [B, G, V]
-                    sampled = scores.gather(-1, output.sequences[:, prompt_ids.shape[1] :, None]).squeeze(-1)
-                    index = (prompt_len[:, None] - 1 + torch.arange(sampled.shape[1], device=device)).clamp(
-                        max=old_logps.shape[1] - 1
-                    )
-                    within = torch.arange(sampled.shape[1], device=device)[None] < keep.sum(1, keepdim=True)
-                    old_logps = old_logps.scatter(1, index, torch.where(within, sampled, old_logps.gather(1, index)))
-                # reward
-                answer_body = [a[:-1] if a and a[-1] == ids["eos_token_id"] else a for a in actions]
-                gen_ids = _pad(answer_body, pad)[0].to(device)
-                ref_ids = _pad([a for _, a in turns], pad)[0].to(device)
-                last = step == steps - 1
-                if self.strategy == "long_range":
-                    mode = "long_range" if last else ("negative" if step == 0 else "standard")
-                else:
-                    mode = "standard"
-                if mode == "long_range":
-                    saved_body = first_body
-                elif step == 0:
-                    saved_body = first_body
-                else:
-                    saved_body = _pad([e[step][0] + e[step][1] if len(e) > step else [] for e in episodes], pad)[0]
-                    saved_body = saved_body.to(device)
-                reward = self.reward_fn(gen_ids, ref_ids, saved_body, mode=mode, running_mean=running_mean,
-                                        first_step=step == 0)  # fmt: skip
-                if last and self.args.delayed_final_reward and self.strategy != "long_range":
-                    reward = reward + self.reward_fn(gen_ids, ref_ids, first_body, mode="long_range",
-                                                     running_mean=running_mean)  # fmt: skip
-                running_mean = self.reward_fn.update_running_mean(running_mean, saved_body)
-                # critic input: saved interaction + next query (last critic_max_len tokens)
-                critic_rows = [(s + self._interaction(q, [], eos=False)[1:])[-args.critic_max_len :]
-                               for s, (q, _) in zip(saved_rows, turns)]  # fmt: skip
-                critic_ids, critic_mask = _pad(critic_rows, pad)
-                records["saved_ids"].append(saved_ids)
-                records["saved_mask"].append(saved_mask)
-                records["qa_ids"].append(qa_ids)
-                records["qa_mask"].append(qa_mask)
-                records["action_mask"].append(action_mask.long())
-                records["old_logps"].append(old_logps)
-                records["prompt_len"].append(prompt_len)
-                records["rewards"].append(reward.float())
-                records["turn_mask"].append(valid)
-                records["critic_ids"].append(critic_ids.to(device))
-                records["critic_mask"].append(critic_mask.to(device))
-                if args.stm_source == "snapshot":
-                    records["stm_before"].append(stm_before.transpose(0, 1))
-                    records["stm_after"].append(stm.transpose(0, 1))
-                if not last:  # write this turn (generated answer, or the reference with teacher forcing)
-                    written = [self._interaction(q, a) for q, a in turns] if self.teacher_forcing else [
-                        p + a for p, a in zip(prompt_rows, actions)]  # fmt: skip
-                    saved_rows = [w if len(w) > 3 else self._interaction([], []) for w in written]
-            policy.train(was_training)
-            self._carry_stm = stm.detach()
-            out = {
-                "start_stm": start_stm.transpose(0, 1).contiguous(),  # [B, L, S, D]
-                "first_ids": first_ids,
-                "first_mask": first_mask,
-            }
-            for key in ("saved_ids", "saved_mask", "qa_ids", "qa_mask", "action_mask", "critic_ids", "critic_mask"):
-                out[key] = _stack_steps(records[key], pad if key.endswith("_ids") else 0)
-            out["old_logps"] = _stack_steps(records["old_logps"], 0.0)
-            for key in ("prompt_len", "rewards", "turn_mask"):
-                out[key] = torch.stack(records[key], dim=1)  # [B, N]
+        policy = unwrapped.policy
+        was_training = policy.training
+        policy.eval()
+        if isinstance(unwrapped, FSDPModule):  # sharding replaced the embedding the reward holds: use the gathered one
+            self.reward_fn.weight = policy.get_input_embeddings().weight.detach().clone()
+        stm = self._initial_stm(policy, batch)
+        start_stm = stm.clone()
+        saved_rows = [self._interaction(*e[0]) for e in episodes]  # the first interaction, written before step 0
+        first_ids, first_mask = _pad(saved_rows, pad)
+        first_ids, first_mask = first_ids.to(device), first_mask.to(device)
+        stm = self._warmup(policy, stm, first_ids, first_mask)
+        records = defaultdict(list)
+        fixed_answers = None if answers is None else [answers(episode) for episode in episodes]
+        running_mean = None
+        first_body = _pad([e[0][0] + e[0][1] for e in episodes], pad)[0].to(device)
+        # [PAD]/[BOS]/[Q]/[A] are never sampled (training.md §9 B8)
+        suppressed = [ids[k] for k in ("pad_token_id", "bos_token_id", "query_token_id", "answer_token_id")]
+        sampling = {"do_sample": False} if greedy else {
+            "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}  # fmt: skip
+        for step in range(steps):
+            valid = torch.tensor([len(e) > step + 1 for e in episodes], device=device)
+            saved_ids, saved_mask = _pad(saved_rows, pad)
+            saved_ids, saved_mask = saved_ids.to(device), saved_mask.to(device)
+            stm_before = stm
+            stm = policy(input_ids=saved_ids, attention_mask=saved_mask, stm=stm, mode="memory_update").stm
+            turns = [e[step + 1] if len(e) > step + 1 else ([], []) for e in episodes]
+            prompt_rows = [self._interaction(q, [], eos=False) for q, _ in turns]
+            prompt_ids, prompt_mask = _pad(prompt_rows, pad, left=True)
+            prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+            if answers is None:
+                output = policy.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, cache=RxTCache(stm=stm),
+                    max_new_tokens=args.max_completion_length, eos_token_id=ids["eos_token_id"],
+                    pad_token_id=pad, suppress_tokens=suppressed,
+                    output_scores=args.log_probs_source == "collect", return_dict_in_generate=True, **sampling,
+                )  # fmt: skip
+                generated = output.sequences[:, prompt_ids.shape[1] :]
+                ended = (generated == ids["eos_token_id"]).cumsum(1)
+                keep = (ended == 0) | ((ended == 1) & (generated == ids["eos_token_id"]))  # up to and with [EOS]
+                generated = generated.masked_fill(~keep, pad)
+                actions = [row[:n] for row, n in zip(generated.tolist(), keep.sum(1).tolist())]
+            else:
+                actions = [list(fixed[step]) + [ids["eos_token_id"]] if len(e) > step + 1 else []
+                           for e, fixed in zip(episodes, fixed_answers)]  # fmt: skip
+            qa_ids, qa_mask = _pad([p + a for p, a in zip(prompt_rows, actions)], pad)
+            qa_ids, qa_mask = qa_ids.to(device), qa_mask.to(device)
+            prompt_len = torch.tensor([len(p) for p in prompt_rows], device=device)
+            positions = torch.arange(qa_ids.shape[1], device=device)
+            action_mask = (positions >= prompt_len[:, None]) & qa_mask.bool() & valid[:, None]
+            logits = policy(input_ids=qa_ids, attention_mask=qa_mask, stm=stm).logits[:, :-1].float()
+            old_logps = selective_log_softmax(logits, qa_ids[:, 1:])  # [B, T-1]
+            if args.log_probs_source == "collect" and answers is None:  # the sampler's distribution (parity)
+                scores = torch.stack(output.scores, dim=1).float().log_softmax(-1)  # [B, G, V]
+                sampled = scores.gather(-1, output.sequences[:, prompt_ids.shape[1] :, None]).squeeze(-1)
+                index = (prompt_len[:, None] - 1 + torch.arange(sampled.shape[1], device=device)).clamp(
+                    max=old_logps.shape[1] - 1
+                )
+                within = torch.arange(sampled.shape[1], device=device)[None] < keep.sum(1, keepdim=True)
+                old_logps = old_logps.scatter(1, index, torch.where(within, sampled, old_logps.gather(1, index)))
+            # reward
+            answer_body = [a[:-1] if a and a[-1] == ids["eos_token_id"] else a for a in actions]
+            gen_ids = _pad(answer_body, pad)[0].to(device)
+            ref_ids = _pad([a for _, a in turns], pad)[0].to(device)
+            last = step == steps - 1
+            if self.strategy == "long_range":
+                mode = "long_range" if last else ("negative" if step == 0 else "standard")
+            else:
+                mode = "standard"
+            if mode == "long_range":
+                saved_body = first_body
+            elif step == 0:
+                saved_body = first_body
+            else:
+                saved_body = _pad([e[step][0] + e[step][1] if len(e) > step else [] for e in episodes], pad)[0]
+                saved_body = saved_body.to(device)
+            reward = self.reward_fn(gen_ids, ref_ids, saved_body, mode=mode, running_mean=running_mean,
+                                    first_step=step == 0)  # fmt: skip
+            if last and self.args.delayed_final_reward and self.strategy != "long_range":
+                reward = reward + self.reward_fn(gen_ids, ref_ids, first_body, mode="long_range",
+                                                 running_mean=running_mean)  # fmt: skip
+            running_mean = self.reward_fn.update_running_mean(running_mean, saved_body)
+            # critic input: saved interaction + next query (last critic_max_len tokens)
+            critic_rows = [(s + self._interaction(q, [], eos=False)[1:])[-args.critic_max_len :]
+                           for s, (q, _) in zip(saved_rows, turns)]  # fmt: skip
+            critic_ids, critic_mask = _pad(critic_rows, pad)
+            records["saved_ids"].append(saved_ids)
+            records["saved_mask"].append(saved_mask)
+            records["qa_ids"].append(qa_ids)
+            records["qa_mask"].append(qa_mask)
+            records["action_mask"].append(action_mask.long())
+            records["old_logps"].append(old_logps)
+            records["prompt_len"].append(prompt_len)
+            records["rewards"].append(reward.float())
+            records["turn_mask"].append(valid)
+            records["critic_ids"].append(critic_ids.to(device))
+            records["critic_mask"].append(critic_mask.to(device))
             if args.stm_source == "snapshot":
-                out["stm_before"] = torch.stack(records["stm_before"], dim=1)
-                out["stm_after"] = torch.stack(records["stm_after"], dim=1)
-            values = None
-            if unwrapped.critic is not None:
-                flat_ids, flat_mask = out["critic_ids"].flatten(0, 1), out["critic_mask"].flatten(0, 1)
-                values = unwrapped(mode="critic", input_ids=flat_ids, attention_mask=flat_mask).view(batch, steps)
-                out["values"] = values.float()
-            out["advantages"] = self.compute_advantages(out["rewards"], values, out["turn_mask"], repeats)
+                records["stm_before"].append(stm_before.transpose(0, 1))
+                records["stm_after"].append(stm.transpose(0, 1))
+            if not last:  # write this turn (generated answer, or the reference with teacher forcing)
+                written = [self._interaction(q, a) for q, a in turns] if self.teacher_forcing else [
+                    p + a for p, a in zip(prompt_rows, actions)]  # fmt: skip
+                saved_rows = [w if len(w) > 3 else self._interaction([], []) for w in written]
+        policy.train(was_training)
+        self._carry_stm = stm.detach()
+        out = {
+            "start_stm": start_stm.transpose(0, 1).contiguous(),  # [B, L, S, D]
+            "first_ids": first_ids,
+            "first_mask": first_mask,
+        }
+        for key in ("saved_ids", "saved_mask", "qa_ids", "qa_mask", "action_mask", "critic_ids", "critic_mask"):
+            out[key] = _stack_steps(records[key], pad if key.endswith("_ids") else 0)
+        out["old_logps"] = _stack_steps(records["old_logps"], 0.0)
+        for key in ("prompt_len", "rewards", "turn_mask"):
+            out[key] = torch.stack(records[key], dim=1)  # [B, N]
+        if args.stm_source == "snapshot":
+            out["stm_before"] = torch.stack(records["stm_before"], dim=1)
+            out["stm_after"] = torch.stack(records["stm_after"], dim=1)
+        values = None
+        if unwrapped.critic is not None:
+            flat_ids, flat_mask = out["critic_ids"].flatten(0, 1), out["critic_mask"].flatten(0, 1)
+            values = unwrapped(mode="critic", input_ids=flat_ids, attention_mask=flat_mask).view(batch, steps)
+            out["values"] = values.float()
+        out["advantages"] = self.compute_advantages(out["rewards"], values, out["turn_mask"], repeats)
         return out
 
     def compute_advantages(self, rewards, values, turn_mask, repeats: int) -> torch.Tensor:
@@ -1301,15 +1345,24 @@ class MRLTrainer(RxTTrainer):
 
     # -- saving: the policy as a trust_remote_code folder, the critic beside it -----------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None):
+        """The policy folder and `critic/`. `state_dict`: the `MRLModel`'s gathered full state dict, which the Trainer
+        passes to every process under FSDP (the module's own parameters are shards there)."""
+        if not self.args.should_save:
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         wrapper = self.accelerator.unwrap_model(self.model)
-        wrapper.policy.save_pretrained(output_dir)
+        states = {"policy": None, "critic": None}
+        if state_dict is not None:
+            states = {part: {k[len(part) + 1 :]: v for k, v in state_dict.items() if k.startswith(part + ".")}
+                      for part in states}  # fmt: skip
+        wrapper.policy.save_pretrained(output_dir, state_dict=states["policy"])
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         if wrapper.critic is not None:
             critic = wrapper.critic
-            write_critic_folder(critic.state_dict(), critic.activation, self.args.critic_init_scale, output_dir)
+            critic_state = critic.state_dict() if states["critic"] is None else states["critic"]
+            write_critic_folder(critic_state, critic.activation, self.args.critic_init_scale, output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_weights(self, folder: str, model=None) -> None:

@@ -42,22 +42,10 @@ class MRLEvalArguments:
     )
 
 
-def reward_trainer(model_dir: str, args: MRLConfig, reward_rows):
-    """`(trainer, model, tokenizer)`: an `MRLTrainer` on `model_dir` that evaluates `reward_rows` at the last
-    curriculum stage's step count."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
-    trainer = MRLTrainer(model=model, args=args, processing_class=tokenizer, eval_dataset=reward_rows,
-                         data_collator=MRLCollator(tokenizer, args.max_length))  # fmt: skip
-    trainer.set_epoch(sum(stage.epochs for stage in args.curriculum_stages) - 1)
-    return trainer, model, tokenizer
-
-
-def reward_ceiling(model_dir: str, args: MRLConfig, reward_rows) -> dict:
+def reward_ceiling(trainer: MRLTrainer, reward_rows) -> dict:
     """The reward of the reference answers themselves and of the same answers in the synthetic generator's other
     template (`trainers.synthetic.other_template`). A policy that recalls every value matches the reference's
     template by chance, so their mean is the reward it can expect: the ceiling of any before/after gain."""
-    trainer = reward_trainer(model_dir, args, reward_rows)[0]
     collator = trainer.data_collator
     swapped = [{**row, "answer": other_template(row["answer"]),
                 "interactions": [{**turn, "answer": other_template(turn["answer"])} for turn in row["interactions"]]}
@@ -73,11 +61,18 @@ def reward_ceiling(model_dir: str, args: MRLConfig, reward_rows) -> dict:
     return {"reward_references": references, "reward_other_template": other, "reward_ceiling": (references + other) / 2}
 
 
-def measure(model_dir: str, args: MRLConfig, options: MRLEvalArguments, reward_rows, recall_rows) -> dict:
-    trainer, model, tokenizer = reward_trainer(model_dir, args, reward_rows)
+def measure(model_dir: str, args: MRLConfig, options: MRLEvalArguments, reward_rows, recall_rows,
+            ceiling: bool = False) -> dict:  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    trainer = MRLTrainer(model=model, args=args, processing_class=tokenizer, eval_dataset=reward_rows,
+                         data_collator=MRLCollator(tokenizer, args.max_length))  # fmt: skip
+    trainer.set_epoch(sum(stage.epochs for stage in args.curriculum_stages) - 1)
     rewards = trainer.evaluate()
     result = {"reward": rewards["eval_reward"],
               "reward_per_step": {k.rsplit("_", 1)[1]: v for k, v in rewards.items() if "_step_" in k}}  # fmt: skip
+    if ceiling:
+        result["ceiling"] = reward_ceiling(trainer, reward_rows)
     if recall_rows is not None:
         measured = evaluate_system(model.eval(), tokenizer, recall_rows, "memory",
                                    batch_size=options.recall_batch_size, max_new_tokens=options.max_new_tokens)  # fmt: skip
@@ -92,15 +87,14 @@ def main(argv=None) -> dict:
     recall_rows = None
     if options.recall_data:
         recall_rows = [json.loads(line) for line in Path(options.recall_data).read_text().splitlines() if line]
-    before = measure(options.before, args, options, reward_rows, recall_rows)
+    before = measure(options.before, args, options, reward_rows, recall_rows, ceiling=options.reward_ceiling)
     after = measure(options.after, args, options, reward_rows, recall_rows)
     result = {"reward_before": before["reward"], "reward_after": after["reward"],
               "reward_relative_change": (after["reward"] - before["reward"]) / max(abs(before["reward"]), 1e-12),
               "reward_per_step_before": before["reward_per_step"], "reward_per_step_after": after["reward_per_step"],
               "recall_before": before.get("recall", {}), "recall_after": after.get("recall", {}),
               "n_reward_episodes": len(reward_rows), "n_recall_dialogues": len(recall_rows or [])}  # fmt: skip
-    if options.reward_ceiling:
-        result.update(reward_ceiling(options.before, args, reward_rows))
+    result.update(before.get("ceiling", {}))  # with the embedding of the model before MRL
     output = Path(options.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))

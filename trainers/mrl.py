@@ -1017,8 +1017,6 @@ class MRLTrainer(RxTTrainer):
         policy = unwrapped.policy
         was_training = policy.training
         policy.eval()
-        if isinstance(unwrapped, FSDPModule):  # sharding replaced the embedding the reward holds: use the gathered one
-            self.reward_fn.weight = policy.get_input_embeddings().weight.detach().clone()
         stm = self._initial_stm(policy, batch)
         start_stm = stm.clone()
         saved_rows = [self._interaction(*e[0]) for e in episodes]  # the first interaction, written before step 0

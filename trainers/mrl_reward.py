@@ -186,8 +186,9 @@ class MRLReward:
 
     Args:
         args: the reward factors (validated here).
-        embedding: the shared token embedding, ``[V, D]`` tensor or ``nn.Embedding``; kept detached (storage shared
-            with the live weights, so the reward follows the embedding as it trains).
+        embedding: the shared token embedding, ``[V, D]`` tensor (kept detached, storage shared with the live
+            weights) or ``nn.Embedding`` (its weight read at each call, so the reward follows the embedding as it
+            trains, also when FSDP2 swaps the parameter for a shard and, inside a forward, for the gathered tensor).
         pad_token_id: padding id of all id tensors (right-padded; pads anywhere are ignored).
     """
 
@@ -202,8 +203,14 @@ class MRLReward:
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
             raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
         self.args = args
-        self.weight = weight.detach()
+        self._embedding = embedding if isinstance(embedding, nn.Embedding) else None
+        self._weight = weight.detach()
         self.pad_token_id = pad_token_id
+
+    @property
+    def weight(self) -> Tensor:
+        """The embedding matrix ``[V, D]``, detached."""
+        return self._weight if self._embedding is None else self._embedding.weight.detach()
 
     # -- embeddings -----------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -124,12 +124,12 @@ class RxTRotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
     """Rotate adjacent pairs `(2j, 2j+1)` of `x [B, H, T, hd]`; write them back `interleaved` or `split_concat`."""
     if (  # view_as_complex needs fp32 here (complex32 support is partial), contiguous pairs, even offset and strides
-        layout == "interleaved"
+        not torch.compiler.is_compiling()  # first: storage_offset() would break a compiled graph
+        and layout == "interleaved"
         and x.dtype == torch.float32
         and x.stride(-1) == 1
         and x.storage_offset() % 2 == 0
         and all(stride % 2 == 0 for stride in x.stride()[:-1])
-        and not torch.compiler.is_compiling()
     ):
         # The same rotation as one complex multiply (pair j = a + ib times cos + i·sin): 2-4× fewer kernels, which
         # is what a decode step pays for on CPU. Compiled graphs keep the real form.

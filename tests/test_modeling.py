@@ -141,6 +141,17 @@ def test_rope_complex_fast_path_equals_the_real_formula():
                                apply_rotary(odd.double(), cos.double(), sin.double(), "interleaved").float())  # fmt: skip
 
 
+def test_rope_traces_into_one_compiled_graph():
+    """Under torch.compile the fp32 interleaved rotation takes the real form without a graph break (the fast path's
+    stride / storage-offset checks must not run while compiling)."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 16, generator=generator).transpose(1, 2)  # [B, H, T, hd]
+    angles = torch.randn(2, 1, 5, 8, generator=generator)
+    compiled = torch.compile(apply_rotary, backend="eager", fullgraph=True)  # a graph break raises here
+    torch.testing.assert_close(compiled(x, angles.cos(), angles.sin(), "interleaved"),
+                               apply_rotary(x, angles.cos(), angles.sin(), "interleaved"), rtol=0, atol=1e-6)  # fmt: skip
+
 def test_padding_changes_nothing_on_real_positions():
     model = build(RxTConfig.tiny())
     stm = model.initial_stm(1)

@@ -152,6 +152,7 @@ def test_rope_traces_into_one_compiled_graph():
     torch.testing.assert_close(compiled(x, angles.cos(), angles.sin(), "interleaved"),
                                apply_rotary(x, angles.cos(), angles.sin(), "interleaved"), rtol=0, atol=1e-6)  # fmt: skip
 
+
 def test_padding_changes_nothing_on_real_positions():
     model = build(RxTConfig.tiny())
     stm = model.initial_stm(1)

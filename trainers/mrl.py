@@ -962,11 +962,16 @@ class MRLTrainer(RxTTrainer):
             policy.train(was_training)
             batch["old_logps"] = torch.stack(logps, dim=1)
         if unwrapped.critic is not None:
-            rows, steps = batch["turn_mask"].shape
-            values = unwrapped(mode="critic", input_ids=batch["critic_ids"].flatten(0, 1),
-                               attention_mask=batch["critic_mask"].flatten(0, 1))  # fmt: skip
-            batch["values"] = values.view(rows, steps).float()
+            batch["values"] = self._critic_values(unwrapped, batch).float()
         return batch
+
+    @staticmethod
+    def _critic_values(unwrapped, batch: dict) -> torch.Tensor:
+        """Critic values `[B, N]` of the episode batch's critic inputs (`critic_ids` / `critic_mask` `[B, N, T]`)."""
+        rows, steps = batch["turn_mask"].shape
+        values = unwrapped(mode="critic", input_ids=batch["critic_ids"].flatten(0, 1),
+                           attention_mask=batch["critic_mask"].flatten(0, 1))  # fmt: skip
+        return values.view(rows, steps)
 
     # -- rollout ----------------------------------------------------------------------------------------------------
     def _interaction(self, query: list[int], answer: list[int], eos: bool = True) -> list[int]:
@@ -1081,9 +1086,7 @@ class MRLTrainer(RxTTrainer):
                 mode = "long_range" if last else ("negative" if step == 0 else "standard")
             else:
                 mode = "standard"
-            if mode == "long_range":
-                saved_body = first_body
-            elif step == 0:
+            if mode == "long_range" or step == 0:
                 saved_body = first_body
             else:
                 saved_body = _pad([e[step][0] + e[step][1] if len(e) > step else [] for e in episodes], pad)[0]
@@ -1133,8 +1136,7 @@ class MRLTrainer(RxTTrainer):
             out["stm_after"] = torch.stack(records["stm_after"], dim=1)
         values = None
         if unwrapped.critic is not None:
-            flat_ids, flat_mask = out["critic_ids"].flatten(0, 1), out["critic_mask"].flatten(0, 1)
-            values = unwrapped(mode="critic", input_ids=flat_ids, attention_mask=flat_mask).view(batch, steps)
+            values = self._critic_values(unwrapped, out)
             out["values"] = values.float()
         out["advantages"] = self.compute_advantages(out["rewards"], values, out["turn_mask"], repeats)
         return out

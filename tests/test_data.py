@@ -374,13 +374,13 @@ def test_tokenize_equals_the_tokenizer_call_with_or_without_the_backend_path(tok
 
 
 def test_validate_rows_length_column_is_what_the_collators_pad_to(tok):
-    """`length_column` holds each row's longest tokenized sequence: an episode's longest interaction, an
-    interaction's `[BOS][Q]q[A]a[EOS]`, a text's `[BOS]text[EOS]` — the widths the collators pad to."""
+    """`length_column` holds each row's size once its collator pads it alone: an episode's `[N, T]` block (turns x
+    longest interaction), an interaction's `[BOS][Q]q[A]a[EOS]`, a text's `[BOS]text[EOS]`."""
     episodes = generate_dialogues(12, seed=2, min_turns=2, max_turns=5)
     checked = validate_rows(episodes, "episode", tok, length_column="length")
     collate = EpisodeCollator(tok)
-    assert checked["length"] == [int(collate([row])["attention_mask"].sum(-1).max()) for row in episodes]
-    assert len(set(checked["length"])) > 1
+    assert checked["length"] == [collate([row])["attention_mask"].numel() for row in episodes]
+    assert len({len(row["interactions"]) for row in episodes}) > 1 and len(set(checked["length"])) > 1
     interactions = [{"query": "hi", "answer": "yo"}, {"query": "hello there", "answer": "my cat is called Brindle"}]
     lengths = validate_rows(interactions, "interaction", tok, max_length=64, length_column="n")["n"]
     assert lengths == [int(JointLMCollator(tok, sft=True)([row])["attention_mask"].sum()) for row in interactions]

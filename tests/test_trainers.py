@@ -453,9 +453,9 @@ def test_stage_script_seeds_new_model_weights(tokenizer, tmp_path):
 
 
 def test_stage_script_groups_episodes_by_length(tokenizer, tmp_path):
-    """`--train_sampling_strategy group_by_length`: the script adds each episode's longest interaction as the
-    `length` column and Trainer's length-grouped sampler puts the batch holding the longest episode first; a stage
-    without row lengths (DMPO) refuses it by name."""
+    """`--train_sampling_strategy group_by_length`: the script adds each episode's padded size (turns x longest
+    interaction) as the `length` column and Trainer's length-grouped sampler puts the batch holding the largest
+    episode first; a stage without row lengths (DMPO) refuses it by name."""
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import train_dmpo
     import train_smat
@@ -473,10 +473,11 @@ def test_stage_script_groups_episodes_by_length(tokenizer, tmp_path):
              "--disable_tqdm", "True", "--train_sampling_strategy", "group_by_length"]  # fmt: skip
     trainer = train_smat.main(flags)
     collate = EpisodeCollator(tokenizer)
-    lengths = [int(collate([row])["attention_mask"].sum(-1).max()) for row in rows]
+    lengths = [collate([row])["attention_mask"].numel() for row in rows]
     assert trainer.train_dataset["length"] == lengths
     first = next(iter(trainer.get_train_dataloader()))
-    assert first["attention_mask"].sum(-1).max() == max(lengths)
+    first_row = first["attention_mask"][:, 0]  # [N, T]: the sampler puts the largest episode first
+    assert int(first["num_turns"][0]) * int(first_row.sum(-1).max()) == max(lengths)
     with pytest.raises(ValueError, match="group_by_length.*needs row lengths"):
         train_dmpo.main(flags)
 

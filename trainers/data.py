@@ -287,10 +287,11 @@ def validate_rows(
         on_error: `"error"` raises `ValueError("row {i}: field {field!r}: {reason} ...")` for the first invalid row;
             `"skip"` drops invalid rows and logs a warning with their number. An all-invalid dataset raises anyway.
         text_field: the text column for `kind="text"`.
-        length_column: add this column: each row's longest sequence in tokens (an episode's longest interaction),
-            what the collators pad to; the lengths `Trainer` groups batches by
-            (`train_sampling_strategy="group_by_length"`, `length_column_name`). Needs the tokenizer. A column of
-            that name already in the rows is kept.
+        length_column: add this column: the size of each row once padded by its collator, in tokens: a text's or
+            an interaction's length; an episode's turns x its longest interaction (its `[N, T]` block, which is what
+            a SMAT step's cost scales with). `Trainer` groups batches by it (`train_sampling_strategy=
+            "group_by_length"`, `length_column_name`), so episodes with as many turns share a batch. Needs the
+            tokenizer. A column of that name already in the rows is kept.
 
     Returns:
         `datasets.Dataset`: the valid rows (the input object itself when nothing was dropped and no column was added).
@@ -301,13 +302,16 @@ def validate_rows(
     if length_column is not None and tokenizer is None:
         raise ValueError(f"validate_rows: a tokenizer is needed for length_column={length_column!r}.")
     problems: dict[int, tuple[str, str]] = {}
+    sequences = [1] * len(dataset)  # sequences per row: an episode's turns
     pending: list[tuple[int, str, str, str | None]] = []  # rows to length-check: (row, field, text, answer)
     for index, row in enumerate(dataset):
         problem = _row_problems(row, kind, text_field)
         if problem:
             problems[index] = problem
         elif max_length is not None or length_column is not None:
-            pending.extend((index, *segment) for segment in _row_segments(row, kind, text_field))
+            segments = _row_segments(row, kind, text_field)
+            sequences[index] = len(segments)
+            pending.extend((index, *segment) for segment in segments)
 
     longest = [0] * len(dataset)
     if pending:
@@ -326,7 +330,7 @@ def validate_rows(
                     problems[index] = (field, f"{length} tokens exceed max_length={max_length}")
 
     if length_column is not None and length_column not in dataset.column_names:  # lengths given with the rows win
-        dataset = dataset.add_column(length_column, longest)
+        dataset = dataset.add_column(length_column, [n * t for n, t in zip(sequences, longest)])
     return drop_or_raise(dataset, problems, kind, "validate_rows", on_error)
 
 

@@ -290,7 +290,7 @@ def validate_rows(
         length_column: add this column: the size of each row once padded by its collator, in tokens: a text's or
             an interaction's length; an episode's turns x its longest interaction (its `[N, T]` block, which is what
             a SMAT step's cost scales with). `Trainer` groups batches by it (`train_sampling_strategy=
-            "group_by_length"`, `length_column_name`), so episodes with as many turns share a batch. Needs the
+            "group_by_length"`, `length_column_name`), so episodes of similar turns and widths share a batch. Needs the
             tokenizer. A column of that name already in the rows is kept.
 
     Returns:

@@ -486,7 +486,8 @@ def test_stage_script_groups_episodes_by_length(tokenizer, tmp_path):
 def test_every_preset_builds(preset_file, tmp_path):
     """Each shipped preset: the model config builds, every stage's and the baseline's arguments are valid fields of
     their config class, every stage's `"data"` names an episode set the preset writes, and the extra episode sets are
-    valid generator arguments (a typo would otherwise surface only after minutes of training)."""
+    valid generator arguments, and the stateless baseline trains on as many rows as all stages together (a typo would
+    otherwise surface only after minutes of training)."""
     from transformers import HfArgumentParser, TrainingArguments
 
     from trainers.mrl import MRLConfig
@@ -507,5 +508,8 @@ def test_every_preset_builds(preset_file, tmp_path):
             assert stage["data"].removeprefix("dialogues_") in extra, stage["data"]
     HfArgumentParser(TrainingArguments).parse_dict({**preset["baseline"]["args"], "output_dir": str(tmp_path),
                                                 "use_cpu": True, "bf16": False})  # fmt: skip
+    rows = [args["max_steps"] * args.get("per_device_train_batch_size", 8)
+            for args in [preset["baseline"]["args"]] + [stage["args"] for stage in preset["stages"]]]  # fmt: skip
+    assert rows[0] == sum(rows[1:]), f"baseline rows {rows[0]} != the stages' {rows[1:]}"
     if "mrl" in preset:
         HfArgumentParser(MRLConfig).parse_dict({**preset["mrl"]["args"], "output_dir": str(tmp_path), "use_cpu": True})

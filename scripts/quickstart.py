@@ -64,6 +64,19 @@ def run_stage(stage: dict, model_flags: list[str], data_dir: Path, tokenizer_dir
     return {"steps": trainer.state.global_step, "last_log": history[-1] if history else {}}
 
 
+def baseline_steps(preset: dict) -> int:
+    """The stateless baseline's budget: as many rows (steps x batch) as all stages together, at its own batch size."""
+    args = preset["baseline"].get("args", {})
+    if "max_steps" in args:
+        raise ValueError(f"baseline.args.max_steps={args['max_steps']}: remove it; the baseline's steps are derived "
+                         "from the stages (the same rows as all stages together).")  # fmt: skip
+    batch = args.get("per_device_train_batch_size", 8)
+    rows = sum(s["args"]["max_steps"] * s["args"].get("per_device_train_batch_size", 8) for s in preset["stages"])
+    if rows % batch:
+        raise ValueError(f"baseline batch {batch} does not divide the stages' {rows} rows; expected a divisor.")
+    return rows // batch
+
+
 def train_baseline(preset: dict, model_config: dict, data_dir: Path, tokenizer, output: Path, seed: int) -> dict:
     """Stateless decoder of the same size, trained on the same dialogues turn by turn (current query only)."""
     from datasets import Dataset
@@ -83,7 +96,7 @@ def train_baseline(preset: dict, model_config: dict, data_dir: Path, tokenizer, 
     def decoder_batch(batch_rows):
         return {k: v for k, v in collator(batch_rows).items() if k in ("input_ids", "attention_mask", "labels")}
 
-    settings = {"use_cpu": not _has_gpu(), **preset["baseline"]["args"]}
+    settings = {"use_cpu": not _has_gpu(), **preset["baseline"]["args"], "max_steps": baseline_steps(preset)}
     args = TrainingArguments(output_dir=str(output), report_to="none", save_strategy="no", seed=seed,
                              disable_tqdm=True, remove_unused_columns=False, **settings)  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=turns, data_collator=decoder_batch)

@@ -486,11 +486,14 @@ def test_stage_script_groups_episodes_by_length(tokenizer, tmp_path):
 def test_every_preset_builds(preset_file, tmp_path):
     """Each shipped preset: the model config builds, every stage's and the baseline's arguments are valid fields of
     their config class, every stage's `"data"` names an episode set the preset writes, and the extra episode sets are
-    valid generator arguments, and the stateless baseline trains on as many rows as all stages together (a typo would
-    otherwise surface only after minutes of training)."""
+    valid generator arguments, and the stateless baseline's steps derive from the stages (a typo would otherwise surface
+    only after minutes of training)."""
     from transformers import HfArgumentParser, TrainingArguments
 
     from trainers.mrl import MRLConfig
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from quickstart import baseline_steps
 
     preset = json.loads(preset_file.read_text())
     RxTConfig(**{**preset["model"], "decoder_config": {**preset["model"]["decoder_config"], "vocab_size": 256},
@@ -507,9 +510,20 @@ def test_every_preset_builds(preset_file, tmp_path):
         if "data" in stage:
             assert stage["data"].removeprefix("dialogues_") in extra, stage["data"]
     HfArgumentParser(TrainingArguments).parse_dict({**preset["baseline"]["args"], "output_dir": str(tmp_path),
-                                                "use_cpu": True, "bf16": False})  # fmt: skip
-    rows = [args["max_steps"] * args.get("per_device_train_batch_size", 8)
-            for args in [preset["baseline"]["args"]] + [stage["args"] for stage in preset["stages"]]]  # fmt: skip
-    assert rows[0] == sum(rows[1:]), f"baseline rows {rows[0]} != the stages' {rows[1:]}"
+                                                "use_cpu": True, "bf16": False, "max_steps": baseline_steps(preset)})  # fmt: skip
     if "mrl" in preset:
         HfArgumentParser(MRLConfig).parse_dict({**preset["mrl"]["args"], "output_dir": str(tmp_path), "use_cpu": True})
+
+
+def test_baseline_steps_match_the_stages_rows():
+    """The stateless baseline trains on as many rows as all stages together; a stored step count or a batch that
+    does not divide the rows is refused by name."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from quickstart import baseline_steps
+
+    stages = [{"args": {"max_steps": 1500, "per_device_train_batch_size": 16}}, {"args": {"max_steps": 3}}]
+    assert baseline_steps({"stages": stages, "baseline": {"args": {"per_device_train_batch_size": 8}}}) == 3003
+    with pytest.raises(ValueError, match="max_steps=5: remove it"):
+        baseline_steps({"stages": stages, "baseline": {"args": {"max_steps": 5}}})
+    with pytest.raises(ValueError, match="batch 5 does not divide the stages' 24024 rows"):
+        baseline_steps({"stages": stages, "baseline": {"args": {"per_device_train_batch_size": 5}}})

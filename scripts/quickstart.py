@@ -70,8 +70,13 @@ def baseline_steps(preset: dict) -> int:
     if "max_steps" in args:
         raise ValueError(f"baseline.args.max_steps={args['max_steps']}: remove it; the baseline's steps are derived "
                          "from the stages (the same rows as all stages together).")  # fmt: skip
-    batch = args.get("per_device_train_batch_size", 8)
-    rows = sum(s["args"]["max_steps"] * s["args"].get("per_device_train_batch_size", 8) for s in preset["stages"])
+    from transformers import TrainingArguments
+
+    # the batch size a stage gets when its args leave it unset
+    default_batch = TrainingArguments.__dataclass_fields__["per_device_train_batch_size"].default
+    batch = args.get("per_device_train_batch_size", default_batch)
+    rows = sum(s["args"]["max_steps"] * s["args"].get("per_device_train_batch_size", default_batch)
+               for s in preset["stages"])  # fmt: skip
     if rows % batch:
         raise ValueError(f"baseline batch {batch} does not divide the stages' {rows} rows; expected a divisor.")
     return rows // batch

@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hub, repo root importable, fixture paths."""
+"""Shared test set-up: offline hub, repo root and scripts/ importable, fixture paths."""
 
 import os
 import subprocess
@@ -18,6 +18,9 @@ torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+if str(REPO_ROOT / "scripts") not in sys.path:
+    sys.path.append(str(REPO_ROOT / "scripts"))  # the CLIs (quickstart, train_smat, ...) import as modules; last, so
+    # they never shadow a package
 
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "reference"
 

@@ -3,7 +3,6 @@ reference, gradients following the freezing options, a learnable preference set,
 
 import copy
 import json
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO_ROOT
 from modeling_rxt import RxTConfig
 from modeling_rxt.tokenization_rxt import check_rxt_tokenizer
 from test_trainers import common_args, tiny_model, tokenizer  # noqa: F401  (tokenizer is a pytest fixture)
@@ -299,7 +297,6 @@ def test_validation_errors(tokenizer, tmp_path):  # noqa: F811
 
 
 def test_script_end_to_end_writes_a_loadable_folder(tokenizer, tmp_path):  # noqa: F811
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import train_dmpo
 
     tokenizer.save_pretrained(tmp_path / "tok")

@@ -263,11 +263,7 @@ def test_cli_default_corpus(tmp_path):
 
 
 def test_cli_jsonl_and_text_inputs(tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        import train_tokenizer
-    finally:
-        sys.path.remove(str(REPO_ROOT / "scripts"))
+    import train_tokenizer
     jsonl = tmp_path / "data.jsonl"
     records = [
         {"text": "alpha"},

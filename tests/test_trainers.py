@@ -428,7 +428,6 @@ def test_gradient_accumulation_matches_the_larger_batch(tokenizer, tmp_path, sta
 
 def test_stage_script_seeds_new_model_weights(tokenizer, tmp_path):
     """A new model built by a stage script depends on --seed only, not on RNG use earlier in the process."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import train_smat
 
     tokenizer.save_pretrained(tmp_path / "tok")
@@ -456,7 +455,6 @@ def test_stage_script_groups_episodes_by_length(tokenizer, tmp_path):
     """`--train_sampling_strategy group_by_length`: the script adds each episode's padded size (turns x longest
     interaction) as the `length` column and Trainer's length-grouped sampler puts the batch holding the largest
     episode first; a stage without row lengths (DMPO) refuses it by name."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import train_dmpo
     import train_smat
     from trainers.synthetic import write_jsonl
@@ -492,7 +490,6 @@ def test_every_preset_builds(preset_file, tmp_path):
 
     from trainers.mrl import MRLConfig
 
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
     from quickstart import baseline_steps
 
     preset = json.loads(preset_file.read_text())
@@ -518,7 +515,6 @@ def test_every_preset_builds(preset_file, tmp_path):
 def test_baseline_steps_match_the_stages_rows():
     """The stateless baseline trains on as many rows as all stages together; a stored step count or a batch that
     does not divide the rows is refused by name."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
     from quickstart import baseline_steps
 
     stages = [{"args": {"max_steps": 1500, "per_device_train_batch_size": 16}}, {"args": {"max_steps": 3}}]

@@ -72,8 +72,7 @@ def baseline_steps(preset: dict) -> int:
                          "from the stages (the same rows as all stages together).")  # fmt: skip
     from transformers import TrainingArguments
 
-    # the batch size a stage gets when its args leave it unset
-    default_batch = TrainingArguments.__dataclass_fields__["per_device_train_batch_size"].default
+    default_batch = TrainingArguments.per_device_train_batch_size  # the dataclass default: what an unset flag gets
     batch = args.get("per_device_train_batch_size", default_batch)
     rows = sum(s["args"]["max_steps"] * s["args"].get("per_device_train_batch_size", default_batch)
                for s in preset["stages"])  # fmt: skip

@@ -74,6 +74,10 @@ def baseline_steps(preset: dict) -> int:
 
     default_batch = TrainingArguments.per_device_train_batch_size  # the dataclass default: what an unset flag gets
     batch = args.get("per_device_train_batch_size", default_batch)
+    for i, stage in enumerate(preset["stages"]):
+        if "max_steps" not in stage.get("args", {}):
+            raise ValueError(f"stage {i} ({stage.get('stage')!r}) has no args.max_steps: the baseline's budget is the "
+                             "stages' rows (steps x batch); expected a step count for every stage with a baseline.")  # fmt: skip
     rows = sum(s["args"]["max_steps"] * s["args"].get("per_device_train_batch_size", default_batch)
                for s in preset["stages"])  # fmt: skip
     if rows % batch:
@@ -172,6 +176,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"preset {options.preset!r} not found (expected {preset_path}); presets: "
                          f"{sorted(p.stem for p in PRESETS.glob('*.json'))}")  # fmt: skip
     preset = json.loads(preset_path.read_text())
+    if preset.get("baseline") and not options.skip_baseline:
+        baseline_steps(preset)  # a baseline budget that cannot be derived fails here, not after the stages trained
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     import torch

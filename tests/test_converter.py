@@ -16,8 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 from modeling_rxt.configuration_rxt import RxTConfig  # noqa: E402
 from modeling_rxt.conversion_rxlm import (  # noqa: E402

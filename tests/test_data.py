@@ -11,8 +11,6 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 from modeling_rxt.tokenization_rxt import train_rxt_tokenizer  # noqa: E402
 from trainers.data import (  # noqa: E402

@@ -523,3 +523,17 @@ def test_baseline_steps_match_the_stages_rows():
         baseline_steps({"stages": stages, "baseline": {"args": {"max_steps": 5}}})
     with pytest.raises(ValueError, match="batch 5 does not divide the stages' 24024 rows"):
         baseline_steps({"stages": stages, "baseline": {"args": {"per_device_train_batch_size": 5}}})
+    with pytest.raises(ValueError, match=r"stage 1 \('smat'\) has no args.max_steps"):
+        baseline_steps({"stages": [stages[0], {"stage": "smat", "args": {}}], "baseline": {"args": {}}})
+
+
+def test_quickstart_refuses_an_underivable_baseline_before_training(tmp_path):
+    """A preset whose baseline budget cannot be derived fails at start, before any data, tokenizer or stage."""
+    import quickstart
+
+    preset = json.loads((REPO_ROOT / "scripts" / "presets" / "micro.json").read_text())
+    del preset["stages"][-1]["args"]["max_steps"]
+    (tmp_path / "bad.json").write_text(json.dumps(preset))
+    with pytest.raises(ValueError, match="has no args.max_steps"):
+        quickstart.main(["--preset", str(tmp_path / "bad.json"), "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

@@ -74,12 +74,13 @@ def baseline_steps(preset: dict) -> int:
 
     default_batch = TrainingArguments.per_device_train_batch_size  # the dataclass default: what an unset flag gets
     batch = args.get("per_device_train_batch_size", default_batch)
+    rows = 0
     for i, stage in enumerate(preset["stages"]):
-        if "max_steps" not in stage.get("args", {}):
+        stage_args = stage.get("args", {})
+        if "max_steps" not in stage_args:
             raise ValueError(f"stage {i} ({stage.get('stage')!r}) has no args.max_steps: the baseline's budget is the "
                              "stages' rows (steps x batch); expected a step count for every stage with a baseline.")  # fmt: skip
-    rows = sum(s["args"]["max_steps"] * s["args"].get("per_device_train_batch_size", default_batch)
-               for s in preset["stages"])  # fmt: skip
+        rows += stage_args["max_steps"] * stage_args.get("per_device_train_batch_size", default_batch)
     if rows % batch:
         raise ValueError(f"baseline batch {batch} does not divide the stages' {rows} rows; expected a divisor.")
     return rows // batch

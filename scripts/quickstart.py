@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The main job: train a small RxT end to end on CPU and show, with numbers, that it remembers across turns.
 
-    python scripts/quickstart.py [--preset quickstart|long|gpu|micro|FILE.json] [--output-dir runs/quickstart]
+    python scripts/quickstart.py [--preset quickstart|long|long_targets|gpu|micro|FILE.json] [--output-dir runs/quickstart]
 
 Steps: synthetic data → tokenizer → the curriculum stages the preset names → `OUTPUT/model/` → a stateless baseline
 of the same size and budget → memory evaluation (`OUTPUT/memory_eval.json` + PNG) → a scripted chat in which a fact
@@ -64,6 +64,19 @@ def run_stage(stage: dict, model_flags: list[str], data_dir: Path, tokenizer_dir
     return {"steps": trainer.state.global_step, "last_log": history[-1] if history else {}}
 
 
+def episode_set(spec: dict, seed: int) -> list[dict]:
+    """Rows of one `"extra_dialogues"` set: `num_train` training episodes of `generate_dialogues` (its other keyword
+    arguments), generated with the spec's `seed` (default: the preset's) after skipping the first `skip` (default 0),
+    so that sets with one seed and consecutive `skip`s are consecutive, disjoint slices of the same stream."""
+    from trainers.synthetic import generate_dialogues
+
+    spec = dict(spec)
+    num, skip = spec.pop("num_train"), spec.pop("skip", 0)
+    if not isinstance(skip, int) or skip < 0:
+        raise ValueError(f"extra_dialogues skip={skip!r}: expected a non-negative number of episodes.")
+    return generate_dialogues(skip + num, seed=spec.pop("seed", seed), split="train", **spec)[skip:]
+
+
 def baseline_steps(preset: dict) -> int:
     """The stateless baseline's budget: as many rows (steps x batch) as all stages together, at its own batch size."""
     args = preset["baseline"].get("args", {})
@@ -86,8 +99,11 @@ def baseline_steps(preset: dict) -> int:
     return rows // batch
 
 
-def train_baseline(preset: dict, model_config: dict, data_dir: Path, tokenizer, output: Path, seed: int) -> dict:
-    """Stateless decoder of the same size, trained on the same dialogues turn by turn (current query only)."""
+def train_baseline(
+    preset: dict, model_config: dict, data_dir: Path, tokenizer, output: Path, seed: int, max_steps: int
+) -> dict:
+    """Stateless decoder of the same size, trained `max_steps` steps (`baseline_steps`) on the same dialogues turn by
+    turn (current query only)."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -105,7 +121,7 @@ def train_baseline(preset: dict, model_config: dict, data_dir: Path, tokenizer, 
     def decoder_batch(batch_rows):
         return {k: v for k, v in collator(batch_rows).items() if k in ("input_ids", "attention_mask", "labels")}
 
-    settings = {"use_cpu": not _has_gpu(), **preset["baseline"]["args"], "max_steps": baseline_steps(preset)}
+    settings = {"use_cpu": not _has_gpu(), **preset["baseline"]["args"], "max_steps": max_steps}
     args = TrainingArguments(output_dir=str(output), report_to="none", save_strategy="no", seed=seed,
                              disable_tqdm=True, remove_unused_columns=False, **settings)  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=turns, data_collator=decoder_batch)
@@ -177,8 +193,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"preset {options.preset!r} not found (expected {preset_path}); presets: "
                          f"{sorted(p.stem for p in PRESETS.glob('*.json'))}")  # fmt: skip
     preset = json.loads(preset_path.read_text())
-    if preset.get("baseline") and not options.skip_baseline:
-        baseline_steps(preset)  # a baseline budget that cannot be derived fails here, not after the stages trained
+    with_baseline = bool(preset.get("baseline")) and not options.skip_baseline
+    # a baseline budget that cannot be derived fails here, not after the stages trained
+    num_baseline_steps = baseline_steps(preset) if with_baseline else None
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     import torch
@@ -209,9 +226,7 @@ def main(argv=None) -> dict:
                                    max_turns=evaluation["max_turns"], max_distance=evaluation["max_distance"])  # fmt: skip
     write_jsonl(test_rows, data_dir / "memory_eval_test.jsonl")
     for name, spec in preset.get("extra_dialogues", {}).items():  # more episode sets, e.g. fact->question pairs
-        spec = dict(spec)
-        rows = generate_dialogues(spec.pop("num_train"), seed=seed, split="train", **spec)
-        write_jsonl(rows, data_dir / f"dialogues_{name}_train.jsonl")
+        write_jsonl(episode_set(spec, seed), data_dir / f"dialogues_{name}_train.jsonl")
     timed("synthetic data")
 
     texts = [json.loads(line)["text"] for line in (data_dir / "pretrain_train.jsonl").read_text().splitlines()]
@@ -233,14 +248,15 @@ def main(argv=None) -> dict:
     shutil.copytree(stage_dir, model_dir)
 
     baseline_dir = None
-    if preset.get("baseline") and not options.skip_baseline:
+    if with_baseline:
         from transformers import AutoTokenizer
 
         baseline_dir = out / "baseline_stateless"
         model_config = json.loads(config_file.read_text())
         for name in ("decoder_config", "encoder_config"):
             model_config[name]["vocab_size"] = len(tokenizer)
-        train_baseline(preset, model_config, data_dir, AutoTokenizer.from_pretrained(tokenizer_dir), baseline_dir, seed)
+        train_baseline(preset, model_config, data_dir, AutoTokenizer.from_pretrained(tokenizer_dir), baseline_dir, seed,
+                       num_baseline_steps)
         timed("stateless baseline")
 
     import eval_memory

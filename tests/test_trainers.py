@@ -490,7 +490,7 @@ def test_every_preset_builds(preset_file, tmp_path):
 
     from trainers.mrl import MRLConfig
 
-    from quickstart import baseline_steps
+    from quickstart import baseline_steps, episode_set
 
     preset = json.loads(preset_file.read_text())
     RxTConfig(**{**preset["model"], "decoder_config": {**preset["model"]["decoder_config"], "vocab_size": 256},
@@ -498,9 +498,8 @@ def test_every_preset_builds(preset_file, tmp_path):
     configs = {"joint": JointLMConfig, "sft": JointLMConfig, "memory_attention": MemoryAttentionConfig, "smat": SMATConfig}
     extra = preset.get("extra_dialogues", {})
     for name, spec in extra.items():
-        spec = dict(spec)
-        spec.pop("num_train")
-        assert generate_dialogues(2, **spec), name
+        assert isinstance(spec.get("skip", 0), int) and spec.get("skip", 0) >= 0, name
+        assert episode_set({**spec, "num_train": 2, "skip": 0}, preset.get("seed", 0)), name
     for stage in preset["stages"]:
         args = {**stage.get("args", {}), "output_dir": str(tmp_path), "use_cpu": True, "bf16": False}
         HfArgumentParser(configs[stage["stage"]]).parse_dict(args)
@@ -510,6 +509,20 @@ def test_every_preset_builds(preset_file, tmp_path):
                                                 "use_cpu": True, "bf16": False, "max_steps": baseline_steps(preset)})  # fmt: skip
     if "mrl" in preset:
         HfArgumentParser(MRLConfig).parse_dict({**preset["mrl"]["args"], "output_dir": str(tmp_path), "use_cpu": True})
+
+
+def test_episode_set_takes_a_seed_and_a_slice_of_its_stream():
+    """`extra_dialogues` sets: the preset's seed by default, or their own; `skip` makes consecutive disjoint slices."""
+    from quickstart import episode_set
+
+    spec = {"min_turns": 5, "max_turns": 10, "max_distance": 4}
+    stream = generate_dialogues(5, seed=7, split="train", **spec)
+    assert episode_set({"num_train": 2, "seed": 7, **spec}, seed=0) == stream[:2]
+    assert episode_set({"num_train": 3, "seed": 7, "skip": 2, **spec}, seed=0) == stream[2:]
+    assert episode_set({"num_train": 2, **spec}, seed=7) == stream[:2]
+    assert episode_set({"num_train": 2, **spec}, seed=0) != stream[:2]
+    with pytest.raises(ValueError, match="skip=-1"):
+        episode_set({"num_train": 2, "skip": -1}, seed=0)
 
 
 def test_baseline_steps_match_the_stages_rows():

@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-from modeling_rxt.configuration_rxt import RxTConfig  # noqa: E402
-from modeling_rxt.conversion_rxlm import (  # noqa: E402
+from conftest import REPO_ROOT
+from modeling_rxt.configuration_rxt import RxTConfig
+from modeling_rxt.conversion_rxlm import (
     ConversionError,
     convert_rxlm_checkpoint,
     convert_rxlm_critic,

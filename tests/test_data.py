@@ -5,15 +5,13 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-from modeling_rxt.tokenization_rxt import train_rxt_tokenizer  # noqa: E402
-from trainers.data import (  # noqa: E402
+from conftest import REPO_ROOT
+from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
+from trainers.data import (
     IGNORE_INDEX,
     EpisodeCollator,
     InteractionCollator,
@@ -25,7 +23,7 @@ from trainers.data import (  # noqa: E402
     truncate_episode,
     validate_rows,
 )
-from trainers.synthetic import (  # noqa: E402
+from trainers.synthetic import (
     ATTRIBUTES,
     SPLITS,
     _fill,

@@ -5,16 +5,13 @@ import math
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu  # noqa: E402
-
-from trainers.tensorbleu import (  # noqa: E402
+from conftest import REPO_ROOT
+from trainers.tensorbleu import (
     NLTK_SMOOTHING_METHOD,
     SMOOTHING_METHODS,
     tensor_corpus_bleu,

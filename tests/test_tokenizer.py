@@ -5,15 +5,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-from modeling_rxt.tokenization_rxt import (  # noqa: E402
+from conftest import REPO_ROOT
+from modeling_rxt.tokenization_rxt import (
     RXT_CHAT_TEMPLATE,
     RXT_SPECIAL_TOKENS,
     check_rxt_tokenizer,

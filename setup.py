@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_rxt", "trainers"],
+    packages=["modeling_rxt", "modeling_rxt.conversion", "trainers"],
     install_requires=[
         "torch>=2.5",
         "transformers>=5.23,<6",

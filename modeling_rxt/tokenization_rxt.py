@@ -19,6 +19,7 @@ __all__ = [
     "RXT_SPECIAL_TOKENS",
     "RXT_CHAT_TEMPLATE",
     "RXT_TEMPLATES",
+    "RXT_TOKEN_ID_FIELDS",
     "RXT_THINKING_MODES",
     "check_rxt_tokenizer",
     "render_interaction",
@@ -65,6 +66,9 @@ _OPTIONAL_TOKEN_IDS = {
     "tool_use_token_id": TOOL_USE_TOKEN,
     "internal_token_id": INTERNAL_TOKEN,
 }
+# Config field -> token, in id order: the one table of the RxT special tokens' config fields (the converter, trainers,
+# scripts and tests read it from here).
+RXT_TOKEN_ID_FIELDS = {**_REQUIRED_TOKEN_IDS, **_OPTIONAL_TOKEN_IDS}
 
 # Byte-level BPE needs all 256 byte symbols besides the special tokens.
 MIN_VOCAB_SIZE = len(RXT_SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())

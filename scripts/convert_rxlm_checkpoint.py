@@ -4,13 +4,15 @@
 Component repos:
     python scripts/convert_rxlm_checkpoint.py --decoder DEC --encoder ENC --memory-attention MEM \
         [--mlm-head MLM] [--rope-layout interleaved|split_concat] [--memory-attention-variant NAME] \
-        [--import-stm] [--drop-encoder-cross-attention] [--tokenizer DIR] [--critic DIR] --output OUT
+        [--import-stm] [--drop-encoder-cross-attention] [--tokenizer DIR] [--critic DIR] --output OUT [--overwrite]
 Whole-model repo (RxTAlpha / RxTBeta):
     python scripts/convert_rxlm_checkpoint.py --whole-model DIR [--critic DIR] --output OUT
 
 The output folder holds config.json, model.safetensors, the tokenizer files (when a tokenizer is found) and
 conversion_report.json; with --critic also critic/ (model.safetensors + config.json: the MRL checkpoint layout, for
-MRL's --critic_name_or_path). Nothing is written unless the conversion is complete and exact.
+MRL's --critic_name_or_path). Nothing is written unless the conversion is complete and exact; a non-empty output
+folder is refused unless --overwrite, which replaces its whole content. Errors are one `error:` line on stderr
+(exit status 1). The converter itself is the package `modeling_rxt.conversion`.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from modeling_rxt.conversion_rxlm import (  # noqa: E402
+from modeling_rxt.conversion import (  # noqa: E402
     REPORT_NAME,
     ROPE_LAYOUT_CHOICES,
     VARIANT_CHOICES,
+    check_output_folder,
     convert_rxlm_checkpoint,
     convert_rxlm_critic,
     write_converted_folder,
-    write_critic_folder,
 )
+from trainers.mrl_critic import write_critic_folder  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,13 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: search the inputs)")
     parser.add_argument("--critic", type=Path, help="optional MRL critic folder; written to OUT/critic/")
-    parser.add_argument("--output", type=Path, required=True, help="output folder")
+    parser.add_argument("--output", type=Path, required=True, help="output folder (new or empty)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the whole content of a non-empty output folder (otherwise it is refused)",
+    )
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    inputs = [args.decoder, args.encoder, args.memory_attention, args.mlm_head, args.whole_model, args.tokenizer,
+              args.critic]  # fmt: skip
     try:
+        check_output_folder(args.output, args.overwrite, inputs)  # before the conversion's work
         config, state_dict, report = convert_rxlm_checkpoint(
             decoder=args.decoder,
             encoder=args.encoder,
@@ -87,10 +98,18 @@ def main(argv=None) -> int:
             critic, report["critic"] = convert_rxlm_critic(args.critic, config)
             report["critic"]["output"] = "critic/model.safetensors"
         tokenizer_dir = report.get("token_ids", {}).get("tokenizer_dir")
-        write_converted_folder(config, state_dict, report, args.output, tokenizer_dir=tokenizer_dir)
+        write_converted_folder(
+            config,
+            state_dict,
+            report,
+            args.output,
+            tokenizer_dir=tokenizer_dir,
+            overwrite=args.overwrite,
+            inputs=inputs,
+        )
         if critic is not None:
             write_critic_folder(critic, report["critic"]["activation"], report["critic"]["init_scale"], args.output)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # ConversionError is a ValueError; OSError: unreadable / unwritable paths
         print(f"error: {error}", file=sys.stderr)
         return 1
     dec, mem = config.decoder_config, config.memory_attention_config

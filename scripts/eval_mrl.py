@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trainers.cli import parse_arguments  # noqa: E402
 from trainers.data import load_rows  # noqa: E402
 from trainers.memory_eval import evaluate_system  # noqa: E402
-from trainers.mrl import MRLCollator, MRLConfig, MRLTrainer  # noqa: E402
+from trainers.mrl_config import MRLConfig  # noqa: E402
+from trainers.mrl_trainer import MRLCollator, MRLTrainer  # noqa: E402
 from trainers.synthetic import other_template  # noqa: E402
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainers.cli import run_stage  # noqa: E402
-from trainers.mrl import MRLCollator, MRLConfig, MRLTrainer  # noqa: E402
+from trainers.mrl_config import MRLConfig  # noqa: E402
+from trainers.mrl_trainer import MRLCollator, MRLTrainer  # noqa: E402
 
 
 def main(argv=None):

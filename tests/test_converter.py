@@ -1,4 +1,4 @@
-"""Tests of the reference-checkpoint converter (modeling_rxt/conversion_rxlm.py, scripts/convert_rxlm_checkpoint.py).
+"""Tests of the reference-checkpoint converter (modeling_rxt/conversion/, scripts/convert_rxlm_checkpoint.py).
 
 Rules under test: docs/checkpoints.md §3–§6. Inputs are the fixture cases under ../shared/fixtures/reference and
 synthetic variants of them built in tmp folders (legacy MoE storage, whole-model files, broken checkpoints).
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO_ROOT
 from modeling_rxt.configuration_rxt import RxTConfig
-from modeling_rxt.conversion_rxlm import (
+from modeling_rxt.conversion import (
     ConversionError,
     convert_rxlm_checkpoint,
     convert_rxlm_critic,
@@ -25,6 +25,7 @@ from modeling_rxt.conversion_rxlm import (
     read_safetensors,
     write_converted_folder,
 )
+from modeling_rxt.tokenization_rxt import RXT_SPECIAL_TOKENS, RXT_TOKEN_ID_FIELDS
 
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "reference"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "case.json").is_file()) if FIXTURES.is_dir() else []
@@ -771,7 +772,7 @@ def make_whole_model(case: str, tmp_path: Path, variant_name: str, tokenizer_con
     metadata["memory_attention.model.stm.memory"] = "decoder.model.stm.memory"
     save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
     # the nested memory-attention config holds only passed fields: drop those equal to the defaults of §6.4
-    from modeling_rxt.conversion_rxlm import MEMORY_ATTENTION_DEFAULTS
+    from modeling_rxt.conversion import MEMORY_ATTENTION_DEFAULTS
 
     mem_cfg = {
         k: v
@@ -873,12 +874,11 @@ def test_import_stm(tmp_path):
 def make_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {
-        w: i for i, w in enumerate(["a", "b", "c", "[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]", "[Q]", "[A]", "[T]"])
-    }
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    specials = RXT_SPECIAL_TOKENS[:8]  # [PAD] … [T]: ids 3..10 after three words
+    vocab = {w: i for i, w in enumerate(["a", "b", "c", *specials])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=RXT_TOKEN_ID_FIELDS["unk_token_id"]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]", "[Q]", "[A]", "[T]"])
+    tok.add_special_tokens(specials)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
 
@@ -1010,7 +1010,7 @@ def test_conversion_error_is_value_error():
 
 
 def _reference_component_config(c, encoder: bool) -> dict:
-    from modeling_rxt.conversion_rxlm import COMPONENT_DEFAULTS
+    from modeling_rxt.conversion import COMPONENT_DEFAULTS
 
     cfg = {k: getattr(c, k) for k in COMPONENT_DEFAULTS if hasattr(c, k)}
     cfg["use_nope"] = not c.use_rope
@@ -1277,7 +1277,7 @@ def test_synthetic_round_trip(tmp_path, name):
 def tiny_critic(activation="tanh"):
     """A tiny policy config and an `RxTCritic` for it, every tensor perturbed (so no two are alike)."""
     from modeling_rxt import RxTForCausalLM
-    from trainers.mrl import RxTCritic
+    from trainers.mrl_critic import RxTCritic
 
     torch.manual_seed(0)
     config = RxTConfig.tiny()
@@ -1308,7 +1308,7 @@ def write_reference_critic(config, critic, root: Path) -> Path:
 
 def test_critic_round_trip(tmp_path):
     from modeling_rxt import RxTForCausalLM
-    from trainers.mrl import RxTCritic
+    from trainers.mrl_critic import RxTCritic
 
     config, critic = tiny_critic()
     sd, info = convert_rxlm_critic(write_reference_critic(config, critic, tmp_path), config)
@@ -1370,3 +1370,133 @@ def test_cli_critic(tmp_path):
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["critic"]["output"] == "critic/model.safetensors" and report["critic"]["activation"] == "tanh"
     assert json.loads((out / "critic" / "config.json").read_text()) == {"activation": "tanh", "init_scale": 10.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hostile inputs: stray keys, non-finite weights, broken files, bf16 checkpoints, existing output folders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_stray_layer_key_is_named_not_counted(tmp_path):
+    root = copy_case("moe_gqa", tmp_path)  # 2 layers
+    stray = torch.zeros(4, 4)
+    edit_tensors(root / "decoder", lambda t, m: t.update({"model.layers.7.attention.q_proj.weight": stray}))
+    with pytest.raises(ConversionError) as info:
+        convert_rxlm_checkpoint(**component_args(root, case="moe_gqa"))
+    msg = str(info.value)
+    assert "decoder:model.layers.7.attention.q_proj.weight [4, 4]" in msg and "layer counts differ" not in msg
+    assert "model.layers.0..1 are complete" in msg
+    # a stray key right after the last layer (an incomplete layer 2) is named too, in the memory attention as well
+    root = copy_case("padded_batch", tmp_path / "b")
+    edit_tensors(root / "memory_attention", lambda t, m: t.update({"model.attention_layers.2.extra": stray}))
+    with pytest.raises(ConversionError, match=r"memory_attention:model\.attention_layers\.2\.extra \[4, 4\]"):
+        convert_rxlm_checkpoint(**component_args(root, case="padded_batch"))
+
+
+def test_non_finite_weights_are_refused_and_all_listed(tmp_path):
+    root = copy_case("padded_batch", tmp_path)
+
+    def poison(key, value):
+        def edit(t, m):
+            t[key].view(-1)[:2] = value
+
+        return edit
+
+    edit_tensors(root / "decoder", poison("model.layers.0.attention.q_proj.weight", float("nan")))
+    edit_tensors(root / "memory_attention", poison("model.attention_layers.1.k_proj.weight", float("inf")))
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError) as info:
+        convert_rxlm_checkpoint(**component_args(root, case="padded_batch"), output=out)
+    msg = str(info.value)
+    assert "decoder:model.layers.0.attention.q_proj.weight [24, 48]: 2 of 1152 values are NaN or infinite" in msg
+    assert "memory_attention:model.attention_layers.1.k_proj.weight" in msg and "expected finite weights" in msg
+    assert not out.exists()
+
+
+def test_truncated_or_foreign_weights_file_is_an_error_line(tmp_path):
+    root = copy_case("padded_batch", tmp_path)
+    weights = root / "decoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(
+        ConversionError, match=r"decoder/model\.safetensors' \(5000 bytes\) is not a readable safetensors"
+    ):
+        convert_rxlm_checkpoint(**component_args(root, case="padded_batch"))
+    proc = _cli(*_component_flags(root), "--rope-layout", "interleaved", "--output", str(tmp_path / "x"))
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and str(weights) in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
+    torch.save({"w": torch.zeros(2)}, weights)  # a pickle under the safetensors name
+    with pytest.raises(ConversionError, match=r"is not a readable safetensors file"):
+        convert_rxlm_checkpoint(**component_args(root, case="padded_batch"))
+    shutil.copyfile(FIXTURES / "padded_batch" / "decoder" / "model.safetensors", weights)
+    (root / "encoder" / "config.json").write_bytes(b"\xff\xfe{")  # not UTF-8
+    with pytest.raises(ConversionError, match=r"encoder folder .*config\.json is not valid JSON"):
+        convert_rxlm_checkpoint(**component_args(root, case="padded_batch"))
+
+
+@pytest.mark.parametrize("case", ["self_memattn_tanh", "moe_gqa"])
+def test_checkpoint_stored_entirely_in_bf16_converts(tmp_path, case):
+    root = copy_case(case, tmp_path)
+    originals = {}
+    for comp in ("decoder", "encoder", "memory_attention", "mlm_head"):
+        if (root / comp).is_dir():
+            tensors, _ = read_safetensors(root / comp / "model.safetensors")
+            originals[comp] = tensors
+            edit_tensors(root / comp, lambda t, m: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    assert any(k.endswith("rope.inv_freq") for k in originals["decoder"])  # RoPE buffers are bf16 too
+    config, sd, report = convert_rxlm_checkpoint(**component_args(root, case=case))
+    fp32_config, fp32_sd, _ = convert_case(case)
+    assert config.to_dict() == fp32_config.to_dict() and set(sd) == set(fp32_sd)
+    for key, value in sd.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, fp32_sd[key].to(torch.bfloat16).float(), rtol=0, atol=0)
+    assert report["dtype_conversions"] and all(d["from"] == "bfloat16" for d in report["dtype_conversions"])
+    # a wrong rope_base is still caught in bf16, and the message names it (not the dtype)
+    edit_config(root / "decoder", lambda c: c.update(rope_base=100000))
+    with pytest.raises(ConversionError, match=r"decoder: RoPE inv_freq .* rope_base=100000 .* bfloat16"):
+        convert_rxlm_checkpoint(**component_args(root, case=case))
+
+
+def test_non_empty_output_needs_overwrite_and_leaves_no_stale_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {"tokenizer.json": "{}", "model.safetensors.index.json": "{}", "notes.txt": "mine"}
+    for name, text in stale.items():
+        (out / name).write_text(text)
+    (out / "critic").mkdir()
+    (out / "critic" / "config.json").write_text("{}")
+    config, sd, report = convert_case("padded_batch")
+    with pytest.raises(
+        ConversionError, match=r"(?s)output folder .*out' is not empty .*model\.safetensors\.index.*--overwrite"
+    ):
+        write_converted_folder(config, sd, report, out)
+    assert {p.name for p in out.iterdir()} == set(stale) | {"critic"}  # untouched
+    assert (out / "notes.txt").read_text() == "mine"
+    write_converted_folder(config, sd, report, out, overwrite=True)
+    names = {p.name for p in out.iterdir()}
+    assert not names & (set(stale) | {"critic"}), names
+    assert {"config.json", "model.safetensors", "conversion_report.json"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging folder left behind
+    from modeling_rxt.modeling_rxt import RxTForCausalLM
+
+    assert set(RxTForCausalLM.from_pretrained(str(out)).state_dict()) == set(sd)
+    # an empty folder is fine without --overwrite; a folder holding an input is refused even with it
+    (tmp_path / "empty").mkdir()
+    write_converted_folder(config, sd, report, tmp_path / "empty")
+    root = copy_case("padded_batch", tmp_path / "inputs")
+    with pytest.raises(ConversionError, match=r"--overwrite would replace .* choose another output folder"):
+        convert_rxlm_checkpoint(**component_args(root, case="padded_batch"), output=root, overwrite=True)
+    assert (root / "decoder" / "model.safetensors").is_file()
+
+
+def test_cli_overwrite(tmp_path):
+    case = FIXTURES / "padded_batch"
+    out = tmp_path / "converted"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    flags = [*_component_flags(case), "--rope-layout", "interleaved", "--output", str(out)]
+    proc = _cli(*flags)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr and {p.name for p in out.iterdir()} == {"tokenizer.json"}
+    proc = _cli(*flags, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "tokenizer.json").exists() and (out / "model.safetensors").is_file()

@@ -22,17 +22,10 @@ from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import check_rxt_tokenizer, train_rxt_tokenizer
 from trainers import _trl_compat
 from trainers.common import component_of
-from trainers.mrl import (
-    MRLCollator,
-    MRLConfig,
-    MrlReplayBuffer,
-    MRLTrainer,
-    RxTCritic,
-    ReplayBufferSettings,
-    concat_padded,
-    freeze_stage,
-    trains_in_stage,
-)
+from trainers.mrl_config import MRLConfig, ReplayBufferSettings, freeze_stage
+from trainers.mrl_critic import RxTCritic
+from trainers.mrl_replay import MrlReplayBuffer, concat_padded
+from trainers.mrl_trainer import MRLCollator, MRLTrainer, trains_in_stage
 from trainers.synthetic import generate_pretrain
 
 # Hand-built episodes: turn 0 is the interaction to remember, then 3, 2, 1 and 3 follow-ups.
@@ -133,7 +126,7 @@ def token_logps(logits: torch.Tensor, ids: torch.Tensor, positions: list[int]) -
 def test_trl_compat_names_import_and_are_callable():
     module = importlib.reload(_trl_compat)  # re-runs the TRL imports
     used = {"RepeatSampler", "disable_dropout_in_model", "entropy_from_logits", "selective_log_softmax",
-            "shuffle_sequence_dict", "split_tensor_dict", "unwrap_model_for_generation"}  # what trainers/mrl.py uses
+            "shuffle_sequence_dict", "split_tensor_dict", "unwrap_model_for_generation"}  # what trainers/mrl_trainer.py uses
     assert used == set(module.__all__)
     for name in module.__all__:
         assert callable(getattr(module, name)), name
@@ -890,7 +883,8 @@ def test_critic_name_or_path_loads_the_critic_strictly(tokenizer, tmp_path):
 
 
 DDP_BODY = r"""
-from trainers.mrl import MRLConfig, MRLTrainer
+from trainers.mrl_config import MRLConfig
+from trainers.mrl_trainer import MRLTrainer
 model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tok), learned_stm_init=True, stm_init="normal", **ids))
 before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 args = MRLConfig(output_dir=sys.argv[2], per_device_train_batch_size=2, report_to="none", use_cpu=True,
@@ -933,7 +927,8 @@ FSDP2_BODY = r"""
 import copy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
-from trainers.mrl import MRLCollator, MRLConfig, MRLTrainer
+from trainers.mrl_config import MRLConfig
+from trainers.mrl_trainer import MRLCollator, MRLTrainer
 dist.init_process_group("gloo")
 model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tok), learned_stm_init=True, stm_init="normal", **ids))
 episodes = MRLCollator(tok, max_length=64)(generate_dialogues(4, seed=9, min_turns=3, max_turns=3))["episodes"]

@@ -488,7 +488,7 @@ def test_every_preset_builds(preset_file, tmp_path):
     only after minutes of training)."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    from trainers.mrl import MRLConfig
+    from trainers.mrl_config import MRLConfig
 
     from quickstart import baseline_steps, episode_set
 

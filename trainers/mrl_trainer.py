@@ -1,4 +1,7 @@
-"""Stage 5: Memory Reinforcement Learning with IMPO (training.md §6, hf-integration.md §8.2).
+"""Stage 5: Memory Reinforcement Learning with IMPO (training.md §6, hf-integration.md §8.2): the trainer.
+
+Its configuration is `trainers.mrl_config.MRLConfig`, the critic `trainers.mrl_critic.RxTCritic`, the replay buffer
+`trainers.mrl_replay.MrlReplayBuffer`.
 
 `MRLTrainer` is a `transformers.Trainer` with GRPO's buffering structure and a stateful rollout: TRL 1.16 has no
 PPOTrainer and GRPO's internals never see an STM, so only TRL helpers are reused (`trainers/_trl_compat.py`).
@@ -36,23 +39,18 @@ repeats the uninterrupted one exactly.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
-from transformers import TrainerCallback, TrainingArguments
-from trl import GRPOConfig
+from transformers import TrainerCallback
 
 from modeling_rxt import RxTCache
-from modeling_rxt.conversion_rxlm import write_critic_folder
 
 from ._trl_compat import (
     RepeatSampler,
@@ -65,415 +63,10 @@ from ._trl_compat import (
 )
 from .common import RxTTrainer, component_of, is_no_decay, turn_widths
 from .data import _special_ids, _tokenize, episode_turns
-from .mrl_reward import MRLReward, MRLRewardArguments
-
-STRATEGIES = ("multi_step", "single_step", "long_range")
-FREEZE_STAGES = ("warmup", "fetch", "update", "all")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Configuration
-
-
-class ReplayBufferSettings(NamedTuple):
-    """Resolved replay-buffer settings of a curriculum stage (`MrlReplayBuffer(size, update_size, max_age)`)."""
-
-    size: int
-    update_size: int
-    max_age: int
-
-
-@dataclass
-class MRLStage:
-    """One curriculum stage: `steps` follow-ups per episode for `epochs` epochs (None fields: the config's value)."""
-
-    steps: int
-    epochs: int = 1
-    strategy: str | None = None
-    unfreeze_epoch: int | list | None = None
-    random_resets_ratio: float | None = None
-    random_resets_from: int | None = None
-    teacher_forcing: bool | None = None
-    replay_buffer: bool | int | dict | ReplayBufferSettings | None = None  # resolved by MRLConfig (see there)
-
-    def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"curriculum stage steps={self.steps!r}: expected a positive integer.")
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"curriculum stage epochs={self.epochs!r}: expected a positive integer.")
-        if self.strategy is not None and self.strategy not in STRATEGIES:
-            raise ValueError(f"curriculum stage strategy={self.strategy!r}: expected one of {STRATEGIES}.")
-        if self.random_resets_ratio is not None and not 0.0 <= self.random_resets_ratio <= 1.0:
-            raise ValueError(f"curriculum stage random_resets_ratio={self.random_resets_ratio}: expected in [0, 1].")
-        replay_types = (bool, int, dict, ReplayBufferSettings)
-        if self.replay_buffer is not None and not isinstance(self.replay_buffer, replay_types):
-            raise ValueError(
-                f"curriculum stage replay_buffer={self.replay_buffer!r}: expected true/false, a size, or an object "
-                "{size, update_size, max_age}."
-            )
-
-
-def parse_unfreeze_epoch(value) -> list[tuple[int, float | None]] | int | None:
-    """`0`/int → that int; `[fetch, update, all]` (elements `e` or `[e, lr]`) → list of (epoch, lr or None)."""
-    if value is None or isinstance(value, int):
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"unfreeze_epoch={value}: expected >= 0.")
-        return value
-    if isinstance(value, str):
-        value = json.loads(value)
-        return parse_unfreeze_epoch(value)
-    if isinstance(value, (list, tuple)) and len(value) == 3:
-        parsed = []
-        for item in value:
-            epoch, lr = (item, None) if isinstance(item, int) else tuple(item)
-            if not isinstance(epoch, int) or epoch < 0 or (lr is not None and lr <= 0):
-                raise ValueError(f"unfreeze_epoch element {item!r}: expected an epoch >= 0 or [epoch, lr > 0].")
-            parsed.append((epoch, lr))
-        if [e for e, _ in parsed] != sorted(e for e, _ in parsed):
-            raise ValueError(f"unfreeze_epoch={value!r}: the fetch, update and all epochs must not decrease.")
-        return parsed
-    raise ValueError(f"unfreeze_epoch={value!r}: expected an int or a list of three epochs [fetch, update, all].")
-
-
-def freeze_stage(unfreeze, epoch: int) -> str:
-    """The freeze stage (`warmup`/`fetch`/`update`/`all`) at `epoch` of a curriculum stage (training.md §6.9)."""
-    if unfreeze is None:
-        return "fetch"
-    if isinstance(unfreeze, int):
-        return "all" if epoch >= unfreeze else "fetch"
-    stage = "warmup"
-    for name, (start, _) in zip(("fetch", "update", "all"), unfreeze):
-        if epoch >= start:
-            stage = name
-    return stage
-
-
-@dataclass
-class MRLConfig(GRPOConfig, MRLRewardArguments):
-    """`GRPOConfig` fields with the reference defaults (training.md §6.10) + the MRL fields.
-
-    Reused GRPO fields: `epsilon` (clip), `beta` (reference-KL coefficient), `num_iterations` (update epochs over one
-    rollout), `entropy_coef`, `num_generations` (rollouts per episode; 1 with the critic, >= 2 for `"group"`),
-    `steps_per_generation` (minibatches per rollout), `temperature`, `top_k`, `top_p`, `max_completion_length`.
-
-    Replay buffer: `replay_buffer_size` (0 = off), `replay_buffer_update_size` (None = `max(1, size // 2)`),
-    `replay_buffer_max_age` (3); a curriculum stage's `replay_buffer` overrides them (`resolve_replay_buffer`).
-    After construction `self.replay_buffer` and each stage's `replay_buffer` hold the resolved `ReplayBufferSettings`
-    or None (off).
-    """
-
-    # GRPO fields, reference defaults
-    learning_rate: float = field(default=3e-4, metadata={"help": "Policy learning rate."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    beta: float = field(default=0.05, metadata={"help": "Reference-KL coefficient (0: no reference model)."})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip epsilon."})
-    num_iterations: int = field(default=10, metadata={"help": "Update epochs over each rollout."})
-    entropy_coef: float = field(default=0.01, metadata={"help": "Entropy bonus coefficient."})
-    num_generations: int = field(default=1, metadata={"help": "Rollouts per episode (>= 2 for 'group')."})
-    max_completion_length: int = field(default=64, metadata={"help": "Most generated tokens per answer."})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias (transformers)."})
-    activation_checkpointing: bool | None = field(default=False, metadata={"help": "Activation checkpointing."})
-    bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    ddp_find_unused_parameters: bool | None = field(default=True, metadata={"help": "Frozen parts are unused."})
-    ddp_static_graph: bool | None = field(
-        default=True, metadata={"help": "DDP: several forwards (replay, decoder, critic) feed one backward per step."}
-    )
-    # curriculum
-    curriculum: str = field(
-        default="1,2,4,8,16",
-        metadata={"help": "Steps per episode per stage: '1,2,4' (one epoch each) or a JSON list of stage objects "
-                  "{steps, epochs, strategy, unfreeze_epoch, random_resets_ratio, random_resets_from, "
-                  "teacher_forcing, replay_buffer}."},
-    )  # fmt: skip
-    strategy: str = field(default="multi_step", metadata={"help": "multi_step | single_step | long_range."})
-    delayed_final_reward: bool = field(default=False, metadata={"help": "Add a long-range reward at the last step."})
-    unfreeze_epoch: str = field(
-        default="0", metadata={"help": "0: all train; e: fetch until epoch e; [fetch, update, all] from warmup."}
-    )
-    freeze_embeddings: bool = field(default=False, metadata={"help": "Never train the shared embedding."})
-    random_resets: bool = field(default=False, metadata={"help": "Carry the STM across episodes unless reset."})
-    random_resets_from: int = field(default=0, metadata={"help": "Epoch from which random resets apply."})
-    random_resets_ratio: float = field(default=1.0, metadata={"help": "Probability of resetting the STM."})
-    teacher_forcing: bool = field(default=False, metadata={"help": "Write the reference answer into memory."})
-    use_memory_warmup: bool = field(default=False, metadata={"help": "Warm the STM up before the first write."})
-    hard_warmup: bool = field(default=False, metadata={"help": "Warm-up STM = (ED + STM) / 2 (needs T == S)."})
-    max_length: int = field(default=256, metadata={"help": "Most tokens of one interaction."})
-    # loss
-    interstep_kl_coef: float = field(default=0.01, metadata={"help": "KL(pi_t || pi_t-1) coefficient."})
-    stm_diff_coef: float = field(default=1e-4, metadata={"help": "Memory regularisation coefficient."})
-    stm_diff_metric: str = field(default="mse", metadata={"help": "mse | rmse."})
-    use_stm_cosine_sim: bool = field(default=False, metadata={"help": "Add -c_cos * cos(STM_t, STM_t-1)."})
-    cosine_sim_coef: float = field(default=0.01, metadata={"help": "STM cosine coefficient."})
-    entropy_normalisation: str = field(default="mean", metadata={"help": "mean (masked token mean) | reference."})
-    ref_kl_estimator: str = field(default="reference", metadata={"help": "reference | k3."})
-    stm_source: str = field(default="replay", metadata={"help": "replay (recompute the STM) | snapshot."})
-    bptt_steps: int = field(
-        default=1,
-        metadata={"help": "[project] replay: detach the STM every k steps (before that step's write), so a step's loss "
-                  "reaches the writes since the last detach; 1 = its own write only (reference), 0 = every write."},
-    )
-    log_probs_source: str = field(default="update", metadata={"help": "update (policy at T=1) | collect (sampler)."})
-    moe_aux_loss_scale: float = field(default=0.01, metadata={"help": "MoE router loss weight."})
-    per_component_grad_clip: bool = field(
-        default=True, metadata={"help": "Clip each component to max_grad_norm separately (reference)."}
-    )
-    # advantages and critic
-    advantage_estimator: str = field(default="critic", metadata={"help": "critic (R - V) | group."})
-    advantage_mode: str = field(default="all", metadata={"help": "all | batch | step | none."})
-    use_gae: bool = field(default=False, metadata={"help": "GAE over the steps (critic only)."})
-    gae_gamma: float = field(default=0.99, metadata={"help": "GAE discount."})
-    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    critic_lr: float = field(default=1e-4, metadata={"help": "Critic head learning rate."})
-    critic_encoder_lr: float | None = field(default=None, metadata={"help": "Critic encoder LR (None: critic_lr)."})
-    critic_weight_decay: float = field(default=0.01, metadata={"help": "Critic weight decay."})
-    critic_max_len: int = field(default=512, metadata={"help": "Most critic input tokens (the last ones kept)."})
-    critic_value_clip: float = field(default=20.0, metadata={"help": "Values and targets clamped to +-clip."})
-    critic_init_scale: float = field(default=10.0, metadata={"help": "Initial value scale."})
-    critic_activation: str = field(default="sigmoid", metadata={"help": "sigmoid | tanh | linear."})
-    critic_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Start the critic from a folder holding critic/model.safetensors (a converted reference "
-                  "critic or an earlier MRL output) or the model.safetensors file's folder itself (None: fresh)."},
-    )  # fmt: skip
-    # per-component learning rates
-    separate_memory_lr: bool = field(default=False, metadata={"help": "Use memory_lr for memory components."})
-    memory_lr: float = field(default=5e-4, metadata={"help": "LR of encoder + memory attention (separate)."})
-    memory_attention_lr: float | None = field(default=None, metadata={"help": "None: memory_lr."})
-    encoder_lr: float | None = field(default=None, metadata={"help": "None: memory_lr."})
-    embedding_lr: float | None = field(default=None, metadata={"help": "None: learning_rate."})
-    # replay buffer (training.md §6.9; `MrlReplayBuffer`)
-    replay_buffer_size: int = field(
-        default=0, metadata={"help": "Best episodes kept and replayed with each new rollout (0: no replay buffer)."}
-    )
-    replay_buffer_update_size: int | None = field(
-        default=None, metadata={"help": "Entries replaced per rollout, <= replay_buffer_size (None: max(1, size//2))."}
-    )
-    replay_buffer_max_age: int = field(
-        default=3, metadata={"help": "Entries this many rollouts old are evicted first (>= 1)."}
-    )
-
-    def __post_init__(self):
-        # GRPOConfig.__post_init__ requires >= 2 generations and sets vLLM/GRPO-only state: MRL sizes its own
-        # generation batch (training.md §6.10), so only the TrainingArguments part runs.
-        TrainingArguments.__post_init__(self)
-        self.validate_reward_arguments()
-        if self.steps_per_generation is None:
-            self.steps_per_generation = self.gradient_accumulation_steps
-        if self.steps_per_generation < 1:
-            raise ValueError(f"steps_per_generation={self.steps_per_generation}: expected >= 1.")
-        if isinstance(self.bptt_steps, bool) or not isinstance(self.bptt_steps, int) or self.bptt_steps < 0:
-            raise ValueError(f"bptt_steps={self.bptt_steps!r}: expected 0 (whole episode) or a positive window.")
-        if self.bptt_steps != 1 and self.stm_source != "replay":
-            raise ValueError(f"bptt_steps={self.bptt_steps} needs stm_source='replay' (snapshots carry no gradient).")
-        self.generation_batch_size = self.per_device_train_batch_size * self.world_size * self.steps_per_generation
-        checks = {
-            "strategy": (self.strategy, STRATEGIES),
-            "stm_diff_metric": (self.stm_diff_metric, ("mse", "rmse")),
-            "entropy_normalisation": (self.entropy_normalisation, ("mean", "reference")),
-            "ref_kl_estimator": (self.ref_kl_estimator, ("reference", "k3")),
-            "stm_source": (self.stm_source, ("replay", "snapshot")),
-            "log_probs_source": (self.log_probs_source, ("update", "collect")),
-            "advantage_estimator": (self.advantage_estimator, ("critic", "group")),
-            "advantage_mode": (self.advantage_mode, ("all", "batch", "step", "none")),
-            "critic_activation": (self.critic_activation, ("sigmoid", "tanh", "linear")),
-        }
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r}: expected one of {allowed}.")
-        if self.num_generations < 1:
-            raise ValueError(f"num_generations={self.num_generations}: expected >= 1.")
-        if self.advantage_estimator == "group" and self.num_generations < 2:
-            raise ValueError("advantage_estimator='group' needs num_generations >= 2 (answers per episode).")
-        if self.use_gae and self.advantage_estimator != "critic":
-            raise ValueError("use_gae=True needs advantage_estimator='critic'.")
-        if self.critic_name_or_path is not None and self.advantage_estimator != "critic":
-            raise ValueError(
-                f"critic_name_or_path={self.critic_name_or_path!r} needs advantage_estimator='critic' "
-                f"(got {self.advantage_estimator!r})."
-            )
-        for name in ("epsilon", "beta", "entropy_coef", "interstep_kl_coef", "stm_diff_coef", "cosine_sim_coef",
-                     "critic_value_clip", "critic_init_scale"):  # fmt: skip
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0.")
-        if self.max_completion_length < 1 or self.max_length < 4 or self.critic_max_len < 2:
-            raise ValueError(
-                f"max_completion_length={self.max_completion_length} (>= 1), max_length={self.max_length} (>= 4), "
-                f"critic_max_len={self.critic_max_len} (>= 2): expected the bounds in brackets."
-            )
-        if not 0.0 <= self.random_resets_ratio <= 1.0:
-            raise ValueError(f"random_resets_ratio={self.random_resets_ratio}: expected in [0, 1].")
-        if self.strategy == "single_step":
-            warnings.warn("strategy='single_step' is identical to 'multi_step' (training.md §6.2); using multi_step.")
-            self.strategy = "multi_step"
-        self.unfreeze = parse_unfreeze_epoch(int(self.unfreeze_epoch) if self.unfreeze_epoch.isdigit()
-                                             else self.unfreeze_epoch)  # fmt: skip
-        self.curriculum_stages = self._parse_curriculum(self.curriculum)
-        self.replay_buffer = self.resolve_replay_buffer(None, "replay_buffer_")
-        for index, stage in enumerate(self.curriculum_stages):
-            prefix = f"curriculum stage {index} replay_buffer."
-            stage.replay_buffer = self.resolve_replay_buffer(stage.replay_buffer, prefix)
-        if self.max_steps <= 0:
-            self.num_train_epochs = sum(stage.epochs for stage in self.curriculum_stages)
-
-    @staticmethod
-    def _parse_curriculum(text: str) -> list[MRLStage]:
-        text = text.strip()
-        if text.startswith("["):
-            items = json.loads(text)
-            if not items or not all(isinstance(item, dict) for item in items):
-                raise ValueError(f"curriculum={text!r}: expected a non-empty JSON list of stage objects.")
-            known = {f.name for f in fields(MRLStage)}
-            for item in items:
-                unknown = set(item) - known
-                if unknown:
-                    raise ValueError(f"curriculum stage {item}: unknown keys {sorted(unknown)}; expected {sorted(known)}.")
-            stages = [MRLStage(**item) for item in items]
-        else:
-            try:
-                stages = [MRLStage(steps=int(part)) for part in text.split(",")]
-            except ValueError as error:
-                raise ValueError(f"curriculum={text!r}: expected '1,2,4' or a JSON list of stages ({error}).") from None
-        for stage in stages:
-            if stage.unfreeze_epoch is not None:
-                stage.unfreeze_epoch = parse_unfreeze_epoch(stage.unfreeze_epoch)
-        return stages
-
-    def resolve_replay_buffer(self, value, prefix: str) -> ReplayBufferSettings | None:
-        """A stage's `replay_buffer` → settings, or None (off). `None`: the config's `replay_buffer_*` fields;
-        `false`/`0`: off; `true`: the config's fields (needs `replay_buffer_size > 0`); an int: that size (update size
-        and max age from the config); an object `{size, update_size, max_age}` (missing keys from the config).
-        Errors name the field (`prefix` + key) and the expected value."""
-        spec = {"size": self.replay_buffer_size, "update_size": self.replay_buffer_update_size,
-                "max_age": self.replay_buffer_max_age}  # fmt: skip
-        if isinstance(value, ReplayBufferSettings) or value is False or (type(value) is int and value == 0):
-            return value or None  # already resolved (a config re-validated), or off
-        if value is True and self.replay_buffer_size <= 0:
-            raise ValueError(f"{prefix[:-1]}=true needs replay_buffer_size > 0 (or give {prefix[:-1]}={{'size': n}}).")
-        if type(value) is int:
-            spec["size"] = value
-        elif isinstance(value, dict):
-            unknown = set(value) - set(spec)
-            if unknown:
-                raise ValueError(f"{prefix[:-1]}: unknown keys {sorted(unknown)}; expected {sorted(spec)}.")
-            spec.update(value)
-        size, update_size, max_age = spec["size"], spec["update_size"], spec["max_age"]
-        if type(size) is not int or size < 0:
-            raise ValueError(f"{prefix}size={size!r}: expected an integer >= 0 (0: no replay buffer).")
-        if update_size is not None and (type(update_size) is not int or update_size < 1):
-            raise ValueError(f"{prefix}update_size={update_size!r}: expected an integer >= 1 (or None).")
-        if type(max_age) is not int or max_age < 1:
-            raise ValueError(f"{prefix}max_age={max_age!r}: expected an integer >= 1.")
-        if size == 0:
-            return None
-        update_size = max(1, size // 2) if update_size is None else update_size
-        if update_size > size:
-            raise ValueError(f"{prefix}update_size={update_size}: expected <= {prefix}size ({size}).")
-        return ReplayBufferSettings(size, update_size, max_age)
-
-    def component_lr(self, component: str) -> float:
-        if component in ("critic", "critic_encoder"):
-            return self.critic_encoder_lr if component == "critic_encoder" and self.critic_encoder_lr else self.critic_lr
-        if component == "embedding" and self.embedding_lr is not None:
-            return self.embedding_lr
-        if self.separate_memory_lr and component in ("encoder", "memory_attention"):
-            value = getattr(self, f"{component}_lr")
-            return self.memory_lr if value is None else value
-        return self.learning_rate
-
-    def component_weight_decay(self, component: str) -> float:
-        return self.critic_weight_decay if component.startswith("critic") else self.weight_decay
-
-    def stage_at(self, epoch: int) -> tuple[MRLStage, int]:
-        """The curriculum stage at (0-based) `epoch` and the epoch within it (the last stage continues)."""
-        start = 0
-        for stage in self.curriculum_stages:
-            if epoch < start + stage.epochs:
-                return stage, epoch - start
-            start += stage.epochs
-        last = self.curriculum_stages[-1]
-        return last, epoch - (start - last.epochs)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Critic and the policy wrapper
-
-
-def _scalars_to_0d(module, state_dict, prefix, local_metadata) -> None:
-    """`RxTCritic.state_dict()`: `scale` / `shift` as 0-dim tensors (gathered first when FSDP2 sharded them)."""
-    for name in ("scale", "shift"):
-        value = state_dict.get(prefix + name)
-        if value is not None:
-            value = value.full_tensor() if hasattr(value, "full_tensor") else value
-            state_dict[prefix + name] = value.reshape(())
-
-
-def _scalars_from_0d(module, state_dict, prefix, *args) -> None:
-    """`RxTCritic.load_state_dict()`: 0-dim `scale` / `shift` (the saved layout) into the `[1]` parameters."""
-    for name in ("scale", "shift"):
-        value = state_dict.get(prefix + name)
-        if value is not None and value.dim() == 0:
-            state_dict[prefix + name] = value.reshape(1)
-
-
-class RxTCritic(nn.Module):
-    """`V(s) = act(Linear(LayerNorm(GLU_SiLU(masked_mean(encoder(s)[-1]))))) · scale + shift` (training.md §6.5).
-
-    The encoder (with its embedding) is a separate copy of the policy's memory encoder. Input `[B, T]` → `[B]`."""
-
-    def __init__(self, policy, activation: str = "sigmoid", init_scale: float = 10.0):
-        super().__init__()
-        self.encoder = copy.deepcopy(policy.model)
-        self.encoder.decoder = None  # only embedding + memory encoder are used (mode="encode")
-        self.encoder.memory_attention = None
-        self.encoder.stm_init = None
-        dim = policy.config.encoder_config.embed_dim
-        self.glu = nn.Linear(dim, 2 * dim)
-        self.norm = nn.LayerNorm(dim)
-        self.value = nn.Linear(dim, 1)
-        self.activation = activation
-        # [1], not 0-dim: FSDP2 shards no 0-dim parameter. Saved and loaded 0-dim, the reference critic's layout.
-        self.scale = nn.Parameter(torch.full((1,), float(init_scale)))
-        self.shift = nn.Parameter(torch.zeros(1))
-        self.register_state_dict_post_hook(_scalars_to_0d)
-        self.register_load_state_dict_pre_hook(_scalars_from_0d)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, mode="encode").last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, D]
-        linear, gate = self.glu(pooled).chunk(2, dim=-1)  # first half linear, second through SiLU (ckpt §4.8)
-        value = self.value(self.norm(linear * F.silu(gate))).squeeze(-1)
-        if self.activation == "sigmoid":
-            value = torch.sigmoid(value)
-        elif self.activation == "tanh":
-            value = torch.tanh(value)
-        return value * self.scale + self.shift
-
-    def load_weights(self, folder: str) -> None:
-        """Load `folder/critic/model.safetensors` (else `folder/model.safetensors`) strictly; the `activation` in
-        the `config.json` beside it (written by MRL and the converter) must be this critic's."""
-        from safetensors.torch import load_file
-
-        paths = [os.path.join(folder, "critic", "model.safetensors"), os.path.join(folder, "model.safetensors")]
-        path = next((p for p in paths if os.path.isfile(p)), None)
-        if path is None:
-            raise ValueError(f"critic_name_or_path={folder!r}: found neither {paths[0]} nor {paths[1]}.")
-        config_path = os.path.join(os.path.dirname(path), "config.json")
-        if os.path.isfile(config_path):
-            with open(config_path) as file:
-                stored = json.load(file).get("activation", self.activation)
-            if stored != self.activation:
-                raise ValueError(
-                    f"critic_name_or_path={folder!r}: the critic was trained with activation {stored!r}, this run "
-                    f"uses critic_activation={self.activation!r}; pass --critic_activation {stored}."
-                )
-        try:
-            self.load_state_dict(load_file(path), strict=True)
-        except RuntimeError as error:
-            raise ValueError(
-                f"critic_name_or_path={folder!r}: {path} does not fit this policy's critic: {error}"
-            ) from None
+from .mrl_config import MRLConfig, freeze_stage
+from .mrl_critic import RxTCritic, write_critic_folder
+from .mrl_replay import MrlReplayBuffer, concat_padded
+from .mrl_reward import MRLReward
 
 
 class MRLModel(nn.Module):
@@ -621,120 +214,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Replay buffer
 
 
-class MrlReplayBuffer:
-    """The `size` best episodes collected so far, replayed with every new rollout (training.md §6.9).
-
-    **Entry** = one collected episode: its `G = num_generations` rows of the episode-major rollout tensors
-    (`start_stm`, `first_ids`, `saved_ids`, `qa_ids`, `action_mask`, `old_logps`, `rewards`, `turn_mask`, critic
-    input, and with `stm_source="snapshot"` the STM snapshots) — everything the update needs to replay it — kept on
-    the CPU. `values` and `advantages` are not stored: they are recomputed when the episode is replayed.
-
-    **Score** (`score`) = mean over the episode's steps (those it has, `turn_mask`) of `mean_G(r) − std_G(r)`, the
-    mean and (unbiased) standard deviation of that step's reward over the episode's `G` generations. The spec's
-    "mean over steps of (mean reward − std reward)" puts both statistics *inside* the mean over steps, i.e. over the
-    rows of one stored step: the reference stores per step a reward vector `[B]` (§6.1), so there they run over the
-    rows it collected together; our rows of one episode are its `G` answers. With `G = 1` (critic) the std is 0 and
-    the score is the mean reward over steps (not mean − std *over steps*, which would be a different quantity).
-    The score ranks episodes that are good *and* consistent first. An episode without steps scores −inf.
-
-    **Update** (`add`, once per rollout): every entry ages by one; `k = min(#new, max(update_size, free slots))` new
-    episodes, best score first, are inserted with age 0, after evicting `k − free` entries: entries with
-    `age >= max_age` first, then the others, each lowest score first (ties: older first). So an empty buffer fills at
-    once, a full one replaces `update_size` entries per rollout, and it never holds more than `size`. The number of
-    entries depends only on counts, never on rewards, so under DDP every process (each keeps its own buffer of its
-    own episodes) replays the same number of rows.
-    """
-
-    def __init__(self, size: int, update_size: int, max_age: int = 3):
-        for name, value, low in (("size", size, 1), ("update_size", update_size, 1), ("max_age", max_age, 1)):
-            if type(value) is not int or value < low:
-                raise ValueError(f"MrlReplayBuffer {name}={value!r}: expected an integer >= {low}.")
-        if update_size > size:
-            raise ValueError(f"MrlReplayBuffer update_size={update_size}: expected <= size ({size}).")
-        self.size, self.update_size, self.max_age = size, update_size, max_age
-        self.entries: list[dict] = []  # {"episode": {key: tensor [G, ...]}, "score": float, "age": int}
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @staticmethod
-    def score(rewards: torch.Tensor, turn_mask: torch.Tensor, generations: int = 1) -> torch.Tensor:
-        """`rewards`, `turn_mask` `[E·G, N]` (G consecutive rows per episode) → scores `[E]` (see the class)."""
-        steps = rewards.shape[-1]
-        grouped = rewards.float().reshape(-1, generations, steps)
-        valid = turn_mask.bool().reshape(-1, generations, steps).all(1)  # the rows of an episode share its steps
-        spread = grouped.std(1) if generations > 1 else torch.zeros_like(grouped[:, 0])
-        per_step = (grouped.mean(1) - spread).masked_fill(~valid, 0.0)
-        count = valid.sum(-1)
-        return torch.where(count > 0, per_step.sum(-1) / count.clamp(min=1), float("-inf"))
-
-    def episodes(self) -> list[dict]:
-        """The stored episodes (insertion order)."""
-        return [entry["episode"] for entry in self.entries]
-
-    def add(self, episodes: list[dict], scores) -> dict[str, int]:
-        """Age every entry, evict, insert the best new episodes (see the class). Returns the counts."""
-        scores = scores.tolist() if isinstance(scores, torch.Tensor) else list(scores)
-        if len(scores) != len(episodes):
-            raise ValueError(f"MrlReplayBuffer.add: {len(episodes)} episodes but {len(scores)} scores.")
-        for entry in self.entries:
-            entry["age"] += 1
-        free = self.size - len(self.entries)
-        count = min(len(episodes), max(self.update_size, free))
-        evict = max(0, count - free)
-        if evict:
-            order = sorted(range(len(self.entries)), key=lambda i: (self.entries[i]["age"] < self.max_age,
-                           self.entries[i]["score"], -self.entries[i]["age"], i))  # fmt: skip
-            gone = set(order[:evict])
-            self.entries = [entry for i, entry in enumerate(self.entries) if i not in gone]
-        best = sorted(range(len(episodes)), key=lambda i: -scores[i])[:count]  # stable: ties keep collection order
-        for i in best:
-            episode = {key: value.detach().to("cpu", copy=True) for key, value in episodes[i].items()}
-            self.entries.append({"episode": episode, "score": float(scores[i]), "age": 0})
-        return {"evicted": evict, "inserted": count}
-
-    def state_dict(self) -> dict:
-        return {"size": self.size, "update_size": self.update_size, "max_age": self.max_age,
-                "entries": [dict(entry) for entry in self.entries]}  # fmt: skip
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> "MrlReplayBuffer":
-        buffer = cls(state["size"], state["update_size"], state["max_age"])
-        buffer.entries = [{"episode": {k: v.cpu() for k, v in e["episode"].items()}, "score": float(e["score"]),
-                           "age": int(e["age"])} for e in state["entries"]]  # fmt: skip
-        return buffer
-
-
-def concat_padded(parts: list[dict], pad_id: int) -> dict:
-    """Episode-major tensor dicts → one, each key padded on every dim but the first to the widest (`*_ids` with
-    `pad_id`, `prompt_len` with 1, everything else with 0/False)."""
-    keys = list(parts[0])
-    if any(set(part) != set(keys) for part in parts):
-        raise ValueError(f"concat_padded: parts with different keys {[sorted(part) for part in parts]}.")
-    out = {}
-    for key in keys:
-        tensors = [part[key] for part in parts]
-        shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
-        value = pad_id if key.endswith("_ids") else (1 if key == "prompt_len" else 0)
-        padded = []
-        for tensor in tensors:
-            if list(tensor.shape[1:]) != shape:
-                full = tensor.new_full((tensor.shape[0], *shape), value)
-                full[tuple(slice(0, n) for n in tensor.shape)] = tensor
-                tensor = full
-            padded.append(tensor)
-        out[key] = torch.cat(padded)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Trainer
-
-
 class MRLCurriculumCallback(TrainerCallback):
     """Switches the curriculum stage (steps, strategy, freeze stage, resets) at each epoch."""
 
-    def __init__(self, trainer: "MRLTrainer"):
+    def __init__(self, trainer: MRLTrainer):
         self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -924,7 +407,7 @@ class MRLTrainer(RxTTrainer):
         return {**combined, "replayed": replayed_rows}
 
     @staticmethod
-    def _gathered(unwrapped: "MRLModel"):
+    def _gathered(unwrapped: MRLModel):
         """`unwrapped.run`, registered once as an FSDP2 forward method when the model is sharded (`MRLModel.run`)."""
         if isinstance(unwrapped, FSDPModule) and "run" not in vars(unwrapped):
             register_fsdp_forward_method(unwrapped, "run")
@@ -1209,7 +692,9 @@ class MRLTrainer(RxTTrainer):
             valid = turn_mask[:, step]
             rows = valid.float()
 
-            def row_mean(values: torch.Tensor) -> torch.Tensor:  # mean over the episodes that have this step
+            def row_mean(
+                values: torch.Tensor, rows: torch.Tensor = rows
+            ) -> torch.Tensor:  # over the episodes with this step
                 return (values * rows).sum() / rows.sum().clamp(min=1.0)
 
             if args.stm_source == "replay":  # detach every `bptt_steps` steps (0: never), before this step's write
@@ -1372,7 +857,7 @@ class MRLTrainer(RxTTrainer):
         wrapper = self.accelerator.unwrap_model(self.model if model is None else model)
         wrapper.policy.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
         if wrapper.critic is not None:
-            wrapper.critic.load_state_dict(load_file(os.path.join(folder, "critic", "model.safetensors")))
+            wrapper.critic.load_weights(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         self._load_weights(resume_from_checkpoint, model)
@@ -1408,7 +893,9 @@ class MRLTrainer(RxTTrainer):
     def _load_mrl_state(self, checkpoint: str) -> None:
         path = self._mrl_state_path(checkpoint)
         if not os.path.isfile(path):
-            warnings.warn(f"{path} not found: the resumed run starts a new rollout and an empty replay buffer.")
+            warnings.warn(
+                f"{path} not found: the resumed run starts a new rollout and an empty replay buffer.", stacklevel=2
+            )
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
         device = self.accelerator.device

@@ -911,6 +911,8 @@ with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as handle:
 """
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
 def test_mrl_two_process_ddp_keeps_replicas_in_sync(tmp_path):
     _, out = run_torchrun(DDP_BODY, tmp_path, master_port=29531)
     reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
@@ -967,6 +969,8 @@ if dist.get_rank() == 0:
 """
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
 def test_mrl_fsdp2_sharded_model_gets_the_unsharded_rollout_loss_and_gradients(tmp_path):
     """A rollout + IMPO loss on the trainer's model sharded as `scripts/accelerate/fsdp.yaml` does (FSDP2, 2 CPU
     processes, the same episodes on both) equals the unsharded one: rewards, critic values, loss, every gradient;

@@ -16,7 +16,12 @@ from modeling_rxt.tokenization_rxt import check_rxt_tokenizer, train_rxt_tokeniz
 from trainers.common import component_of
 from trainers.data import EpisodeCollator, JointLMCollator
 from trainers.joint import JointLMConfig, JointLMTrainer
-from trainers.memory_attention import MemoryAttentionConfig, MemoryAttentionTrainer, memory_attention_loss, pseudo_label_ed
+from trainers.memory_attention import (
+    MemoryAttentionConfig,
+    MemoryAttentionTrainer,
+    memory_attention_loss,
+    pseudo_label_ed,
+)
 from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer
 from trainers.synthetic import generate_dialogues, generate_pretrain, generate_sft
 
@@ -291,6 +296,8 @@ if dist.get_rank() == 0:
 """
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
 def test_smat_two_process_ddp_keeps_replicas_in_sync(tmp_path):
     result, _ = run_torchrun(DDP_BODY, tmp_path, master_port=29517)
     report = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
@@ -359,6 +366,8 @@ if dist.get_rank() == 0:
 """
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
 def test_fsdp2_sharded_model_gets_the_unsharded_loss_and_gradients(tmp_path):
     """SMAT, DMPO and stage 3 on a model sharded as `scripts/accelerate/fsdp.yaml` does (FSDP2, 2 CPU processes, the
     same batch on both): the same loss and every gradient, the learned initial STM's included (read inside forward,
@@ -457,6 +466,7 @@ def test_stage_script_groups_episodes_by_length(tokenizer, tmp_path):
     episode first; a stage without row lengths (DMPO) refuses it by name."""
     import train_dmpo
     import train_smat
+
     from trainers.synthetic import write_jsonl
 
     tokenizer.save_pretrained(tmp_path / "tok")
@@ -486,11 +496,10 @@ def test_every_preset_builds(preset_file, tmp_path):
     their config class, every stage's `"data"` names an episode set the preset writes, and the extra episode sets are
     valid generator arguments, and the stateless baseline's steps derive from the stages (a typo would otherwise surface
     only after minutes of training)."""
+    from quickstart import baseline_steps, episode_set
     from transformers import HfArgumentParser, TrainingArguments
 
     from trainers.mrl_config import MRLConfig
-
-    from quickstart import baseline_steps, episode_set
 
     preset = json.loads(preset_file.read_text())
     RxTConfig(**{**preset["model"], "decoder_config": {**preset["model"]["decoder_config"], "vocab_size": 256},

@@ -27,7 +27,7 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={
-        "dev": ["pytest>=8", "nltk>=3.9", "tensorboard>=2.15"],
+        "dev": ["pytest>=8", "nltk>=3.9", "tensorboard>=2.15", "parameterized>=0.9"],  # parameterized: transformers' test mixins
         "flash": ["flash-attn>=2.6"],
     },
 )

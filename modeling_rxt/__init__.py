@@ -6,7 +6,13 @@ Importing this package registers the RxT classes with the transformers Auto clas
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache_rxt import RxTCache
-from .configuration_rxt import RxTComponentConfig, RxTConfig, RxTMemoryAttentionConfig, RxTStatelessConfig
+from .configuration_rxt import (
+    RxTComponentConfig,
+    RxTConfig,
+    RxTEncoderConfig,
+    RxTMemoryAttentionConfig,
+    RxTStatelessConfig,
+)
 from .modeling_rxt import (
     CACHE_KWARG,
     RxTChatSession,
@@ -14,12 +20,14 @@ from .modeling_rxt import (
     RxTModel,
     RxTPreTrainedModel,
     RxTStatelessForCausalLM,
+    RxTStatelessModel,
 )
 
 AutoConfig.register("rxt", RxTConfig, exist_ok=True)
 AutoConfig.register("rxt_stateless", RxTStatelessConfig, exist_ok=True)
 AutoModel.register(RxTConfig, RxTModel, exist_ok=True)
 AutoModelForCausalLM.register(RxTConfig, RxTForCausalLM, exist_ok=True)
+AutoModel.register(RxTStatelessConfig, RxTStatelessModel, exist_ok=True)
 AutoModelForCausalLM.register(RxTStatelessConfig, RxTStatelessForCausalLM, exist_ok=True)
 
 __all__ = [
@@ -28,10 +36,12 @@ __all__ = [
     "RxTChatSession",
     "RxTComponentConfig",
     "RxTConfig",
+    "RxTEncoderConfig",
     "RxTForCausalLM",
     "RxTMemoryAttentionConfig",
     "RxTModel",
     "RxTPreTrainedModel",
     "RxTStatelessConfig",
     "RxTStatelessForCausalLM",
+    "RxTStatelessModel",
 ]

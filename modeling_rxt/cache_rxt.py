@@ -1,7 +1,8 @@
 """`RxTCache`: the per-conversation inference state passed as `cache` to stock `generate()`.
 
 It holds
-- the decoder self-attention KV of the **current turn only** (a `DynamicCache`; reset by `start_new_turn`),
+- the decoder self-attention KV of the **current turn only** (dynamic layers, or static ones of `max_cache_len`
+  tokens for `torch.compile`; reset by `start_new_turn`),
 - the STM `[L, B, S, D]` the decoder reads (None until the model fills in its initial STM),
 - the memory cross-attention K/V, projected from the STM once per turn and reused for every generated token.
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
 
 class RxTCache(DynamicCache):
@@ -21,12 +23,35 @@ class RxTCache(DynamicCache):
 
     Args:
         stm: `[L, B, S, D]` (or `[L, 1, S, D]`, broadcast over the batch); None → the model's initial STM.
+        config: the model config: one self-attention layer per decoder layer (`num_hidden_layers`), as transformers'
+            caches; without it, layers are added as the decoder fills them.
+        max_cache_len: static self-attention layers of this many tokens per turn (prompt + answer), for
+            `torch.compile` (`generate(cache_implementation="static")` builds one); needs `config`. The memory K/V
+            are fixed-size already (`[B, Hkv, S, hd]` per memory layer).
     """
 
-    def __init__(self, stm: torch.Tensor | None = None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, stm: torch.Tensor | None = None, config=None, max_cache_len: int | None = None, **kwargs):
+        if max_cache_len is None:
+            super().__init__(config=config, **kwargs)
+        else:
+            if config is None:
+                raise ValueError("A static RxTCache (max_cache_len=...) needs the model config (config=model.config).")
+            Cache.__init__(self, layers=self._static_layers(config, max_cache_len), **kwargs)
+        self.config, self.max_cache_len = config, max_cache_len
         self.stm = stm
         self.memory_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _static_layers(config, max_cache_len: int) -> list:
+        layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        return [
+            STATIC_LAYER_TYPE_MAPPING[kind](max_cache_len=max_cache_len, **kwargs)
+            for kind, kwargs in zip(layer_types, per_layer_kwargs)
+        ]
+
+    @property
+    def is_static(self) -> bool:
+        return self.max_cache_len is not None
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def get_memory_kv(
@@ -68,10 +93,25 @@ class RxTCache(DynamicCache):
         }
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
+        if self.is_static:  # static layers keep their allocated batch: start them afresh at the new one
+            self.layers = self._static_layers(self.config, self.max_cache_len)
+        else:
+            super().batch_select_indices(indices)
         if self.stm is not None:
             self.stm = self.stm[:, indices]
         self.memory_kv = {i: (k[indices], v[indices]) for i, (k, v) in self.memory_kv.items()}
+
+    def select_conversations(self, batch_size: int) -> None:
+        """Back to one row per conversation after `generate` ran `n = rows / batch_size` rows per conversation
+        (`num_beams` or `num_return_sequences`): keeps rows `0, n, 2n, ...`. The rows of one conversation share its
+        STM (generation only reads it), so the STM is exactly the conversation's (the chosen beam's); the turn's
+        self-attention KV kept is that of the first row of each conversation (`start_new_turn` clears it)."""
+        rows = self.stm.shape[1] if self.stm is not None else batch_size
+        if rows == batch_size:
+            return
+        if rows % batch_size != 0:
+            raise ValueError(f"The cache holds {rows} rows, not a multiple of {batch_size} conversations.")
+        self.batch_select_indices(torch.arange(0, rows, rows // batch_size, device=self.stm.device))
 
 
 __all__ = ["RxTCache"]

@@ -103,24 +103,42 @@ def _reject_out_of_scope(owner: str, kwargs: dict) -> None:
 
 
 class _DecoderSizes:
-    """`vocab_size`, `hidden_size`, `num_hidden_layers`, `num_attention_heads` of the decoder (used by transformers
-    utilities that expect them on the top-level config)."""
+    """The standard fields generic tools read on the top-level config, for the decoder: `vocab_size` (settable: the
+    decoder's and, with a memory encoder, the encoder's, which share the embedding), `hidden_size`, `head_dim`,
+    `num_hidden_layers` (every decoder layer: leading stateless + memory + final stateless; one self-attention KV
+    cache layer each), `num_attention_heads` (attention heads after query tiling, `max(Hq, Hkv)`, as in the
+    attention weights) and `num_key_value_heads` (`Hkv` of the cached keys / values)."""
 
     @property
     def vocab_size(self) -> int:
         return self.decoder_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:
+        self.decoder_config.vocab_size = value
+        if getattr(self, "encoder_config", None) is not None:
+            self.encoder_config.vocab_size = value
 
     @property
     def hidden_size(self) -> int:
         return self.decoder_config.embed_dim
 
     @property
+    def head_dim(self) -> int:
+        return self.decoder_config.head_dim
+
+    @property
     def num_hidden_layers(self) -> int:
-        return self.decoder_config.num_layers
+        dec = self.decoder_config
+        return len(dec.stateless_layers_config or ()) + dec.num_layers + len(dec.final_stateless_layers_config or ())
 
     @property
     def num_attention_heads(self) -> int:
-        return self.decoder_config.att_heads
+        return max(self.decoder_config.self_attention_heads)
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.decoder_config.self_attention_heads[1]
 
 
 @strict
@@ -136,6 +154,7 @@ class RxTComponentConfig(PreTrainedConfig):
     """
 
     model_type = "rxt_component"
+    base_config_key = "decoder_config"  # RxTComponentConfig.from_pretrained(rxt_folder) is the decoder's
     attribute_map = {
         "hidden_size": "embed_dim",
         "num_hidden_layers": "num_layers",
@@ -267,10 +286,23 @@ class RxTComponentConfig(PreTrainedConfig):
 
 
 @strict
+class RxTEncoderConfig(RxTComponentConfig):
+    r"""Memory-encoder settings: the fields of `RxTComponentConfig`, without memory cross-attention and decoder-only
+    parts (`skip_memory_cross_attention=True`, `is_decoder=False`). `RxTEncoderConfig.from_pretrained(rxt_folder)`
+    is the encoder's sub-config."""
+
+    base_config_key = "encoder_config"
+
+    skip_memory_cross_attention: bool = True
+    is_decoder: bool = False
+
+
+@strict
 class RxTMemoryAttentionConfig(PreTrainedConfig):
     r"""Memory-attention network settings (architecture.md §2.2, §12)."""
 
     model_type = "rxt_memory_attention"
+    base_config_key = "memory_attention_config"
     attribute_map = {"hidden_size": "embed_dim", "num_hidden_layers": "num_layers", "num_attention_heads": "att_heads"}
 
     num_layers: int = 12
@@ -384,7 +416,7 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
     model_type = "rxt"
     sub_configs_defaults = {
         "decoder_config": RxTComponentConfig,
-        "encoder_config": RxTComponentConfig,
+        "encoder_config": RxTEncoderConfig,
         "memory_attention_config": RxTMemoryAttentionConfig,
     }
     keys_to_ignore_at_inference = ["cache"]
@@ -422,7 +454,7 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
         for name in ("decoder_config", "encoder_config"):
             sub = getattr(self, name)
             if isinstance(sub, dict):  # a sub-config created before the spec resolved it
-                setattr(self, name, RxTComponentConfig(**sub))
+                setattr(self, name, self.sub_configs_defaults[name](**sub))
         self.encoder_config.skip_memory_cross_attention = True
         self.encoder_config.is_decoder = False
         self.validate_model()
@@ -572,4 +604,4 @@ class RxTStatelessConfig(_DecoderSizes, PreTrainedConfig):
 RxTConfig.register_for_auto_class()
 RxTStatelessConfig.register_for_auto_class()
 
-__all__ = ["RxTComponentConfig", "RxTMemoryAttentionConfig", "RxTConfig", "RxTStatelessConfig"]
+__all__ = ["RxTComponentConfig", "RxTEncoderConfig", "RxTMemoryAttentionConfig", "RxTConfig", "RxTStatelessConfig"]

@@ -13,23 +13,24 @@ saved model folders for `trust_remote_code`.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_rxt import RxTCache
 from .configuration_rxt import RxTComponentConfig, RxTConfig, RxTMemoryAttentionConfig, RxTStatelessConfig
@@ -43,56 +44,21 @@ logger = logging.get_logger(__name__)
 CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
-def merge_cache_names(kwargs: dict, into: str) -> None:
-    """Move the KV cache of `kwargs` under the name `into` (`cache` or `past_key_values`), in place; a cache given
-    under both names is an error."""
-    other = "past_key_values" if into == "cache" else "cache"
-    if other not in kwargs:
-        return
-    value = kwargs.pop(other)
-    if value is not None and kwargs.get(into) is not None:
-        raise ValueError(
-            "Got a KV cache as both `cache` and `past_key_values`; pass the RxTCache once, as `cache`. "
-            "(PEFT prefix tuning / P-tuning / CPT add their own virtual-token cache, which would drop the STM: "
-            "use a LoRA-family adapter instead.)"
-        )
-    if value is not None:
-        kwargs[into] = value
-
-
-def accept_past_key_values(forward: Callable) -> Callable:
-    """`forward(past_key_values=...)` → `forward(cache=...)`: older transformers' generate() passes the old name;
-    where transformers itself uses `cache`, the old name is deprecated (FutureWarning)."""
-
-    @functools.wraps(forward)
-    def renamed(*args, **kwargs):
-        if CACHE_KWARG == "cache" and kwargs.get("past_key_values") is not None and kwargs.get("cache") is None:
-            message = "`past_key_values` is deprecated (transformers >= 5.24): pass `cache`."
-            warnings.warn(message, FutureWarning, stacklevel=2)
-        merge_cache_names(kwargs, into="cache")
-        return forward(*args, **kwargs)
-
-    # generate() inspects forward's signature on every step for remote-code models; compute it once here
-    renamed.__signature__ = inspect.signature(forward)
-    return renamed
+# `forward(past_key_values=...)` is the pre-5.24 name of `cache`: renamed, with a FutureWarning; both at once is an error
+# (PEFT prefix tuning / P-tuning / CPT add their own virtual-token cache, which would drop the STM).
+accept_past_key_values = deprecate_kwarg(
+    "past_key_values",
+    version="5.40.0",
+    new_name="cache",
+    raise_if_both_names=True,
+    additional_message="Pass the RxTCache once, as `cache` (PEFT prefix tuning / P-tuning / CPT replace the KV cache "
+    "and would drop the STM: use a LoRA-family adapter instead).",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Small building blocks
 # ---------------------------------------------------------------------------------------------------------------------
-def get_activation(name: str) -> nn.Module:
-    """Activation by reference name (`swish` = `silu`; `gelu` is the exact erf form; `linear` = identity)."""
-    return {
-        "relu": nn.ReLU,
-        "gelu": nn.GELU,
-        "swish": nn.SiLU,
-        "silu": nn.SiLU,
-        "sigmoid": nn.Sigmoid,
-        "tanh": nn.Tanh,
-        "linear": nn.Identity,
-    }[name]()
-
-
 def make_norm(dim: int, use_rms_norm: bool) -> nn.Module:
     """RMSNorm with the input dtype's finfo eps (reference convention), or LayerNorm with eps 1e-5."""
     return nn.RMSNorm(dim, eps=None) if use_rms_norm else nn.LayerNorm(dim)
@@ -212,7 +178,7 @@ class RxTAttention(nn.Module):
         if gated:
             self.gate_proj = nn.Linear(embed_dim, self.num_out_heads * head_dim, bias=False)
             self.gate_proj._rxt_gate_init = True  # N(1, 0.01), §5.4 (see init_rxt_weights)
-            self.gate_activation = get_activation(gate_activation)
+            self.gate_activation = ACT2FN[gate_activation]
         else:
             self.gate_proj = None
 
@@ -236,14 +202,15 @@ class RxTAttention(nn.Module):
         attention_mask,
         is_causal: bool,
         **kwargs,
-    ) -> torch.Tensor:
-        """Attention over heads → `[B, Tq, D]`."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention over heads → `([B, Tq, D], weights [B, Hout, Tq, Tk] or None)` (weights from eager attention;
+        the fused kernels return None)."""
         if self.query_repeats > 1:
             query = query.repeat(1, self.query_repeats, 1, 1)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        output, _ = attention_interface(
+        output, weights = attention_interface(
             self,
             query,
             key,
@@ -257,7 +224,7 @@ class RxTAttention(nn.Module):
         output = output.reshape(*x_query.shape[:2], -1)  # [B, Tq, Hout·hd]
         if self.gate_proj is not None:
             output = output * self.gate_activation(self.gate_proj(x_query))
-        return self.out_proj(output)
+        return self.out_proj(output), weights
 
     def forward(
         self,
@@ -272,7 +239,7 @@ class RxTAttention(nn.Module):
         key, value = self.project_key_value(x_key_value)
         if key_position_embeddings is not None:
             key = apply_rotary(key, *key_position_embeddings, rope_layout)
-        return self.attend(x_query, query, key, value, attention_mask, is_causal=False)
+        return self.attend(x_query, query, key, value, attention_mask, is_causal=False)[0]
 
 
 class RxTSelfAttention(RxTAttention):
@@ -294,6 +261,7 @@ class RxTSelfAttention(RxTAttention):
         self.rope_layout = rope_layout
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        """`hidden_states [B, T, D]` → `([B, T, D], weights [B, Hout, T, T_past + T] or None)`."""
         query = self.project_query(hidden_states)
         key, value = self.project_key_value(hidden_states)
         if position_embeddings is not None:
@@ -321,6 +289,7 @@ class RxTMemoryCrossAttention(RxTAttention):
         self.rope_layout = rope_layout
 
     def forward(self, hidden_states, memory_key_value, position_embeddings=None):
+        """`hidden_states [B, T, D]`, memory `k, v [B, Hkv, S, hd]` → `([B, T, D], weights [B, Hout, T, S] or None)`."""
         query = self.project_query(hidden_states)
         if position_embeddings is not None:
             query = apply_rotary(query, *position_embeddings, self.rope_layout)
@@ -341,7 +310,7 @@ class RxTFeedForward(nn.Module):
         self.gated = gated
         self.fc1 = nn.Linear(embed_dim, 2 * ff_dim if gated else ff_dim, bias=bias)
         self.fc2 = nn.Linear(ff_dim, embed_dim, bias=bias)
-        self.activation = get_activation(activation)
+        self.activation = ACT2FN[activation]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -393,7 +362,7 @@ class RxTMoE(nn.Module):
             self.b2 = nn.Parameter(torch.zeros(self.num_experts, dim))
         elif config.moe_bias_mode == "global":
             self.global_bias = nn.Parameter(torch.zeros(dim))
-        self.activation = get_activation(config.ff_activation)
+        self.activation = ACT2FN[config.ff_activation]
         self.dropout = nn.Dropout(config.ff_dropout)
         shared_local = config.moe_shared_experts_bias_mode == "local"
         self.shared_expert = self.shared_w1 = self.shared_w2 = self.shared_b1 = self.shared_b2 = None
@@ -545,13 +514,13 @@ class RxTDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor:
         h = hidden_states
-        h = h + self.attention(self.norm1(h), position_embeddings, attention_mask, cache, **kwargs)
+        h = h + self.attention(self.norm1(h), position_embeddings, attention_mask, cache, **kwargs)[0]
         if self.memory_layer_idx is not None:
             if cache is not None and hasattr(cache, "get_memory_kv") and not self.training:
                 memory_key_value = cache.get_memory_kv(self.memory_layer_idx, self.project_memory)
             else:  # training (and activation checkpointing, which drops the cache): STM layer passed positionally
                 memory_key_value = self.project_memory(stm_layer)
-            h = h + self.memory_cross_attention(self.norm2(h), memory_key_value, position_embeddings)
+            h = h + self.memory_cross_attention(self.norm2(h), memory_key_value, position_embeddings)[0]
         return h + self.ff(self.norm3(h))
 
 
@@ -924,12 +893,21 @@ def init_rxt_weights(model: PreTrainedModel, module: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class RxTModelOutput(ModelOutput):
-    """`last_hidden_state [B, T, D]` (decoder, or encoder's last layer in `encode` mode), `stm [L, B, S, D]`
-    (read by the decoder, or the updated STM in `memory_update` mode), `encoder_hidden_states` = ED `[L, B, T, D]`,
-    `aux_loss` = MoE router loss (training)."""
+    """Decoder outputs (batch first): `last_hidden_state [B, T, D]` (after the head norm), `cache` (the `RxTCache`),
+    `hidden_states` (embeddings + every decoder layer, each `[B, T, D]`), `attentions` (self-attention weights
+    `[B, Hout, T, T]` per decoder layer), `cross_attentions` (memory cross-attention weights `[B, Hout, T, S]` per
+    memory layer; the keys are the STM slots), `aux_loss` (MoE router loss, training).
+
+    Layer-first tensors are fields only in the modes that compute them: `encoder_hidden_states` = ED `[L, B, T, D]`
+    (`encode`, `memory_update`) and `stm [L, B, S, D]` (the new STM in `memory_update`). In `decode` the STM the
+    decoder read is `output.stm`, an attribute outside the output's fields, so that generic code splitting outputs
+    by batch (pipelines, `to_tuple`) sees batch-first tensors only; it is also `cache.stm`."""
 
     last_hidden_state: torch.Tensor | None = None
     cache: RxTCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
     stm: torch.Tensor | None = None
     encoder_hidden_states: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -938,16 +916,26 @@ class RxTModelOutput(ModelOutput):
 @dataclass
 class RxTCausalLMOutput(ModelOutput):
     """`logits [B, T, V]`; `loss` = LM loss (+ nothing else: add `aux_loss` in the trainer); `mlm_logits [B, T, V]`
-    in `mlm` mode; `stm` and `encoder_hidden_states` as in `RxTModelOutput`."""
+    in `mlm` mode; the other fields (and the `stm` attribute in `decode`) as in `RxTModelOutput`."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: RxTCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
     stm: torch.Tensor | None = None
     encoder_hidden_states: torch.Tensor | None = None
     mlm_logits: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+
+
+def with_read_stm(output: ModelOutput, stm: torch.Tensor | None) -> ModelOutput:
+    """`output.stm = stm` as a plain attribute, not an output field (layer-first `[L, B, S, D]`, see
+    `RxTModelOutput`)."""
+    object.__setattr__(output, "stm", stm)
+    return output
 
 
 MODES = ("decode", "encode", "memory_update", "mlm")
@@ -960,30 +948,40 @@ class _StrictFromPretrained:
     """`from_pretrained` for every RxT model class (stateful and stateless)."""
 
     @classmethod
-    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
-        """`PreTrainedModel.from_pretrained`, strict by default (checkpoints.md §6.10): a missing or unexpected
-        weight raises a ValueError listing all of them, never a partial load. `strict=False` keeps transformers'
-        warning; keys of a head this class does not have (`lm_head.*`, `mlm_head.*` loaded into `RxTModel`) are
-        not counted."""
+    def from_pretrained(cls, *args, strict: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained`: missing weights are initialised and reported (warning, and
+        `output_loading_info`), as for every transformers model; a base-model folder loads into the LM class and
+        back. `strict=True` raises a ValueError listing every missing, unexpected or mismatched weight instead
+        (checkpoints.md §6.10); keys of a head this class does not have (`lm_head.*`, `mlm_head.*` loaded into
+        `RxTModel`) are not counted."""
+        if not strict:
+            return super().from_pretrained(*args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if strict:
-            own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-            heads = () if any(n.startswith(("lm_head.", "mlm_head.")) for n in own) else ("lm_head.", "mlm_head.")
-            problems = {
-                "missing": sorted(info.get("missing_keys") or ()),
-                "unexpected": sorted(k for k in info.get("unexpected_keys") or () if not k.startswith(heads)),
-                "mismatched": sorted(str(k) for k in info.get("mismatched_keys") or ()),
-            }
-            problems = {kind: keys for kind, keys in problems.items() if keys}
-            if problems:
-                listed = "; ".join(f"{kind} ({len(keys)}): {', '.join(keys)}" for kind, keys in problems.items())
-                raise ValueError(
-                    f"{cls.__name__}.from_pretrained({args[0] if args else ''!s}) does not match the checkpoint: "
-                    f"{listed}. Expected every weight of the model to be filled and every stored weight used "
-                    "(pass strict=False to load anyway)."
-                )
+        own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+        heads = () if any(n.startswith(("lm_head.", "mlm_head.")) for n in own) else ("lm_head.", "mlm_head.")
+        problems = {
+            "missing": sorted(info.get("missing_keys") or ()),
+            "unexpected": sorted(k for k in info.get("unexpected_keys") or () if not k.startswith(heads)),
+            "mismatched": sorted(str(k) for k in info.get("mismatched_keys") or ()),
+        }
+        problems = {kind: keys for kind, keys in problems.items() if keys}
+        if problems:
+            listed = "; ".join(f"{kind} ({len(keys)}): {', '.join(keys)}" for kind, keys in problems.items())
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({args[0] if args else ''!s}, strict=True) does not match the "
+                f"checkpoint: {listed}. Expected every weight of the model to be filled and every stored weight used."
+            )
         return (model, info) if want_info else model
+
+
+# Output capturing (`output_hidden_states` / `output_attentions`): the decoder's layers only (the memory encoder's
+# layers share the class); `cross_attentions` are the memory cross-attention weights over the STM slots.
+DECODER_OUTPUTS = {
+    "hidden_states": OutputRecorder(RxTDecoderLayer, index=0, layer_name="decoder"),
+    "attentions": OutputRecorder(RxTSelfAttention, index=1, layer_name="decoder"),
+    "cross_attentions": OutputRecorder(RxTMemoryCrossAttention, index=1, layer_name="decoder"),
+}
 
 
 class RxTPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
@@ -993,12 +991,13 @@ class RxTPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttention"]
-    _skip_keys_device_placement = ["cache", "past_key_values"]  # either name reaches forward (see CACHE_KWARG)
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _is_stateful = True
+    _can_compile_fullgraph = True  # a decode step with a static RxTCache compiles without graph breaks
+    _can_record_outputs = DECODER_OUTPUTS
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -1024,12 +1023,6 @@ class RxTModel(RxTPreTrainedModel):
         )
         self.stm_init = RxTSTMInit(config)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     # -- validation -----------------------------------------------------------------------------------------------
     def _check_input(self, input_ids, inputs_embeds, attention_mask, past_length: int = 0) -> tuple[int, int]:
@@ -1084,6 +1077,7 @@ class RxTModel(RxTPreTrainedModel):
 
     # -- forward --------------------------------------------------------------------------------------------------
     @accept_past_key_values
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1130,8 +1124,9 @@ class RxTModel(RxTPreTrainedModel):
         elif stm is None:
             stm = self.initial_stm(1)
         stm = self._fit_stm_batch(stm, batch)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:
-            cache = RxTCache(stm=stm)
+            cache = RxTCache(stm=stm, config=self.config)
 
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, length, past_length, inputs_embeds.device)
@@ -1148,7 +1143,7 @@ class RxTModel(RxTPreTrainedModel):
         aux_loss = None
         if self.training:
             aux_loss = self.decoder.router_loss(include_final=self.config.moe_aux_layers == "all")
-        return RxTModelOutput(last_hidden_state=hidden_states, cache=cache, stm=stm, aux_loss=aux_loss)
+        return with_read_stm(RxTModelOutput(last_hidden_state=hidden_states, cache=cache, aux_loss=aux_loss), stm)
 
     def _memory_forward(self, inputs_embeds, attention_mask, stm, mode: str) -> RxTModelOutput:
         length = inputs_embeds.shape[1]
@@ -1183,23 +1178,7 @@ class RxTModel(RxTPreTrainedModel):
         return RxTModelOutput(stm=new_stm, encoder_hidden_states=encoded)
 
 
-class _LMHeadAccessors:
-    """Embedding / LM-head accessors shared by the causal-LM classes (`self.model.embed_tokens`, `self.lm_head`)."""
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
-
-class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
+class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
     """RxT with its LM head (`Linear(D, V)` with bias, untied) and optional MLM head; stateful generation.
 
     Inference API: `forward(input_ids, attention_mask, stm=...)`, `encode`, `mlm_logits`, `update_memory`,
@@ -1216,10 +1195,20 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
         self.mlm_head = RxTMLMHead(dec.embed_dim, dec.vocab_size) if config.use_mlm_head else None
         self.post_init()
 
-
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:  # fmt: skip
+        """transformers' resize of the shared embedding and the LM head, plus the MLM head's output layer; the
+        decoder and encoder `vocab_size` follow."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        if self.mlm_head is not None and self.mlm_head.decoder.out_features != embeddings.num_embeddings:
+            self.mlm_head.decoder = self._get_resized_lm_head(
+                self.mlm_head.decoder, embeddings.num_embeddings, mean_resizing=mean_resizing
+            )
+        return embeddings
 
     # -- forward --------------------------------------------------------------------------------------------------
     @accept_past_key_values
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1231,7 +1220,7 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         stm: torch.Tensor | None = None,
         mode: str = "decode",
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> RxTCausalLMOutput:
         """`decode` → `logits [B, T, V]` (+ `loss` with `labels`, shifted inside); `encode` → ED; `memory_update`
@@ -1248,7 +1237,9 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
                 targets = labels.flatten()
                 loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), targets, ignore_index=-100, reduction="sum")
                 loss = loss / (targets != -100).sum().clamp(min=1)
-            return RxTCausalLMOutput(loss=loss, mlm_logits=mlm_logits, encoder_hidden_states=outputs.encoder_hidden_states)
+            return RxTCausalLMOutput(
+                loss=loss, mlm_logits=mlm_logits, encoder_hidden_states=outputs.encoder_hidden_states
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1262,21 +1253,21 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
         )
         if mode != "decode":
             return RxTCausalLMOutput(stm=outputs.stm, encoder_hidden_states=outputs.encoder_hidden_states)
-        hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return RxTCausalLMOutput(
+        output = RxTCausalLMOutput(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
-            stm=outputs.stm,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
             aux_loss=outputs.aux_loss,
             last_hidden_state=outputs.last_hidden_state,
         )
+        return with_read_stm(output, outputs.stm)
 
     # -- inference API --------------------------------------------------------------------------------------------
     def initial_stm(self, batch_size: int = 1) -> torch.Tensor:
@@ -1379,11 +1370,27 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
         return output.stm
 
     # -- generation hooks -----------------------------------------------------------------------------------------
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        merge_cache_names(model_kwargs, into=CACHE_KWARG)  # `cache=` works on transformers < 5.24 too
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size: int, max_cache_length: int, *args
+    ):
+        """The turn's `RxTCache`: the one passed as `cache` (its STM is the conversation's), else a new one with the
+        initial STM. `cache_implementation="static"` gives it static self-attention layers of `max_cache_length`
+        tokens (for `torch.compile`); other cache implementations would drop the STM and are refused."""
+        legacy = "past_key_values" if CACHE_KWARG == "cache" else "cache"  # `cache=` works on transformers < 5.24 too
+        if model_kwargs.get(legacy) is not None:
+            if model_kwargs.get(CACHE_KWARG) is not None:
+                raise ValueError("Got a KV cache as both `cache` and `past_key_values`; pass the RxTCache once, as `cache`.")
+            model_kwargs[CACHE_KWARG] = model_kwargs.pop(legacy)
+        model_kwargs.pop(legacy, None)
         cache = model_kwargs.get(CACHE_KWARG)
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"cache_implementation={implementation!r}: RxT keeps its STM in an RxTCache; expected None / "
+                "'dynamic' or 'static' (static self-attention layers inside the RxTCache)."
+            )
         if cache is None and generation_config.use_cache is not False:
-            model_kwargs[CACHE_KWARG] = RxTCache()
+            cache = model_kwargs[CACHE_KWARG] = RxTCache(config=self.config)
         elif cache is not None and not hasattr(cache, "set_stm"):
             raise ValueError(
                 f"cache must be an RxTCache (self-attention KV + STM), got {type(cache).__name__}."
@@ -1393,7 +1400,31 @@ class RxTForCausalLM(_LMHeadAccessors, RxTPreTrainedModel, GenerationMixin):
                 f"The RxTCache still holds {cache.get_seq_length()} tokens of the previous turn. Each generate() call "
                 "is one turn: call model.update_memory(interaction_ids, mask, cache) (or cache.start_new_turn()) first."
             )
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if cache is not None and implementation == "static" and (cache.max_cache_len or 0) < max_cache_length:
+            cache.config, cache.max_cache_len = self.config, max_cache_length
+            cache.layers = RxTCache._static_layers(self.config, max_cache_length)
+        generation_config.cache_implementation = None  # the RxTCache is the cache
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args
+        )
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """`GenerationMixin.generate` (one turn); afterwards the `RxTCache` holds one STM row per input row again.
+
+        With `num_beams > 1` or `num_return_sequences > 1`, generation runs `n` rows per input row, each reading
+        that row's STM (generation only reads the STM); afterwards the cache's STM is the input's `[L, B, S, D]` —
+        the chosen beam's, which is the row's — so `update_memory(interaction [B, T], cache)` and the next turn
+        work. With `num_return_sequences > 1` the caller picks which of the `n` answers of each row to write into
+        memory (or repeats the STM, `cache.set_stm(cache.stm.repeat_interleave(n, 1))`, to branch conversations).
+        """
+        output = super().generate(inputs, *args, **kwargs)
+        rows = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None and isinstance(output, ModelOutput):
+            cache = output.get(CACHE_KWARG)
+        if hasattr(cache, "select_conversations") and isinstance(rows, torch.Tensor) and rows.dim() >= 2:
+            cache.select_conversations(rows.shape[0])
+        return output
 
     # -- chat-level API -------------------------------------------------------------------------------------------
     def interact(self, query, session: "RxTChatSession | None" = None, tokenizer=None, streamer=None, **generate_kwargs):
@@ -1683,74 +1714,24 @@ AUTO_MAP = {
 }
 STATELESS_AUTO_MAP = {
     "AutoConfig": "configuration_rxt.RxTStatelessConfig",
+    "AutoModel": "modeling_rxt.RxTStatelessModel",
     "AutoModelForCausalLM": "modeling_rxt.RxTStatelessForCausalLM",
 }
 
 
-class RxTStatelessForCausalLM(_LMHeadAccessors, _StrictFromPretrained, PreTrainedModel, GenerationMixin):
-    """Decoder-only baseline from the same blocks, without memory (no STM, no cross-attention), for comparisons."""
-
+class RxTStatelessPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
     config_class = RxTStatelessConfig
     config: RxTStatelessConfig
     base_model_prefix = "model"
+    main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RxTDecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _tied_weights_keys = {}
-
-    def __init__(self, config: RxTStatelessConfig):
-        super().__init__(config)
-        dec = config.decoder_config
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(dec.vocab_size, dec.embed_dim)
-        self.model.decoder = RxTDecoder(dec, config.rope_layout, config)
-        self.lm_head = nn.Linear(dec.embed_dim, dec.vocab_size, bias=True)
-        self.post_init()
-
-    @accept_past_key_values
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        logits_to_keep: int = 0,
-        **kwargs,
-    ) -> RxTCausalLMOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D].")
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        length = inputs_embeds.shape[1]
-        if use_cache and cache is None and not self.training:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask, length, past_length, inputs_embeds.device)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **{CACHE_KWARG: cache},
-        )
-        hidden_states = self.model.decoder(inputs_embeds, None, mask, position_ids, cache, **kwargs)
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        aux_loss = self.model.decoder.router_loss() if self.training else None
-        return RxTCausalLMOutput(loss=loss, logits=logits, cache=cache, aux_loss=aux_loss)
+    _can_compile_fullgraph = True
+    _can_record_outputs = DECODER_OUTPUTS
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -1762,6 +1743,100 @@ class RxTStatelessForCausalLM(_LMHeadAccessors, _StrictFromPretrained, PreTraine
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+class RxTStatelessModel(RxTStatelessPreTrainedModel):
+    """Decoder-only baseline from the same blocks, without memory (no STM, no cross-attention): token embedding and
+    decoder."""
+
+    def __init__(self, config: RxTStatelessConfig):
+        super().__init__(config)
+        dec = config.decoder_config
+        self.embed_tokens = nn.Embedding(dec.vocab_size, dec.embed_dim)
+        self.decoder = RxTDecoder(dec, config.rope_layout, config)
+        self.post_init()
+
+    @accept_past_key_values
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> RxTModelOutput:
+        """`input_ids [B, T]` → `last_hidden_state [B, T, D]` (after the head norm)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D].")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, inputs_embeds.shape[1], past_length, inputs_embeds.device)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **{CACHE_KWARG: cache},
+        )
+        hidden_states = self.decoder(inputs_embeds, None, mask, position_ids, cache, **kwargs)
+        aux_loss = self.decoder.router_loss() if self.training else None
+        return RxTModelOutput(last_hidden_state=hidden_states, cache=cache, aux_loss=aux_loss)
+
+
+class RxTStatelessForCausalLM(RxTStatelessPreTrainedModel, GenerationMixin):
+    """The stateless baseline with its LM head (`Linear(D, V)` with bias, untied), for comparisons with RxT."""
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: RxTStatelessConfig):
+        super().__init__(config)
+        self.model = RxTStatelessModel(config)
+        self.lm_head = nn.Linear(config.decoder_config.embed_dim, config.decoder_config.vocab_size, bias=True)
+        self.post_init()
+
+    @accept_past_key_values
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> RxTCausalLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return RxTCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_loss=outputs.aux_loss,
+        )
+
+
 RxTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 RxTStatelessForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
@@ -1770,6 +1845,8 @@ __all__ = [
     "RxTPreTrainedModel",
     "RxTModel",
     "RxTForCausalLM",
+    "RxTStatelessPreTrainedModel",
+    "RxTStatelessModel",
     "RxTStatelessForCausalLM",
     "RxTChatSession",
     "RxTCache",

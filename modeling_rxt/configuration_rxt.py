@@ -102,6 +102,18 @@ def _reject_out_of_scope(owner: str, kwargs: dict) -> None:
             )
 
 
+def _check_model_type(cls, path, kwargs: dict) -> None:
+    """Raise a ValueError naming `path` when its config's `model_type` is not `cls.model_type`."""
+    keys = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+    config_dict, _ = PreTrainedConfig.get_config_dict(path, **{k: kwargs[k] for k in keys if k in kwargs})
+    model_type = config_dict.get("model_type")
+    if model_type is not None and model_type != cls.model_type:
+        raise ValueError(
+            f"{path} holds a config of model_type={model_type!r}, expected {cls.model_type!r} ({cls.__name__}); "
+            "load it with its own class (AutoConfig), or convert the checkpoint to RxT first."
+        )
+
+
 class _DecoderSizes:
     """`vocab_size`, `hidden_size`, `num_hidden_layers`, `num_attention_heads` of the decoder (used by transformers
     utilities that expect them on the top-level config)."""
@@ -418,6 +430,7 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
     use_cache: bool = True
 
     def __post_init__(self, **kwargs):
+        _reject_unknown("RxTConfig", type(self), kwargs)
         super().__post_init__(**kwargs)
         for name in ("decoder_config", "encoder_config"):
             sub = getattr(self, name)
@@ -427,6 +440,12 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
         self.encoder_config.is_decoder = False
         self.validate_model()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedConfig.from_pretrained`, refusing a `config.json` of another model type before anything is
+        built (transformers would only warn and fill an RxT config from foreign fields)."""
+        _check_model_type(cls, pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @property
     def stm_shape(self) -> tuple[int, int, int]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
+import pickle
 import threading
 import warnings
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -969,6 +972,20 @@ def check_labels(labels: torch.Tensor | None, inputs: torch.Tensor | None) -> No
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-trained model classes
 # ---------------------------------------------------------------------------------------------------------------------
+def _unreadable_weights(cls, path, error: Exception) -> ValueError | None:
+    """None, or for a truncated / non-safetensors / pickle weights file (safetensors and pickle name neither
+    the file nor the problem) a ValueError naming the folder, its weights files and what was expected."""
+    if not isinstance(error, (SafetensorError, pickle.UnpicklingError, EOFError)):
+        return None
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt"))) if (
+        isinstance(path, (str, os.PathLike)) and os.path.isdir(path)) else []  # fmt: skip
+    return ValueError(
+        f"{cls.__name__}.from_pretrained({path!s}): a weights file is unreadable ({type(error).__name__}: {error}); "
+        f"weights files there: {files}. Expected complete safetensors weights written by save_pretrained "
+        "(model.safetensors, or the shards listed in model.safetensors.index.json)."
+    )
+
+
 class _StrictFromPretrained:
     """`from_pretrained` for every RxT model class (stateful and stateless)."""
 
@@ -979,7 +996,13 @@ class _StrictFromPretrained:
         warning; keys of a head this class does not have (`lm_head.*`, `mlm_head.*` loaded into `RxTModel`) are
         not counted."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as error:
+            readable = _unreadable_weights(cls, args[0] if args else kwargs.get("pretrained_model_name_or_path"), error)
+            if readable is None:
+                raise
+            raise readable from error
         if strict:
             own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
             heads = () if any(n.startswith(("lm_head.", "mlm_head.")) for n in own) else ("lm_head.", "mlm_head.")
@@ -1638,10 +1661,6 @@ class RxTChatSession:
         A file that is missing, truncated or not safetensors (e.g. a `torch.save` pickle), that has no `stm` tensor or
         whose STM does not fit the model raises an error naming the path. An STM stored in another dtype than the
         model's is refused unless `convert_dtype=True` (then cast explicitly; narrowing rounds)."""
-        import os
-
-        from safetensors import safe_open
-
         path = os.fspath(path)
         expected = "expected a safetensors file with an 'stm' tensor [L, B, S, D] written by RxTChatSession.save()"
         if not os.path.isfile(path):

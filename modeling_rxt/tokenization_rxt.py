@@ -170,7 +170,7 @@ def check_user_text(text: str, what: str, control_tokens: str = "refuse") -> Non
     if control_tokens not in CONTROL_TOKEN_POLICIES:
         raise ValueError(f"control_tokens={control_tokens!r}: expected one of {list(CONTROL_TOKEN_POLICIES)}.")
     if not isinstance(text, str):
-        raise ValueError(f"{what} must be a str, got {type(text).__name__}.")
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}.")
     found = find_control_tokens(text) if control_tokens == "refuse" else []
     if found:
         index, token = found[0]

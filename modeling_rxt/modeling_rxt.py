@@ -1116,15 +1116,18 @@ class RxTModel(RxTPreTrainedModel):
                     "(or a prepared 4-D mask)."
                 )
         entering = past_length == 0
-        if entering and input_ids is not None:
+        flat_mask = attention_mask is not None and attention_mask.dim() == 2
+        if entering and (input_ids is not None or flat_mask):
+            # one device sync: min / max id (one aminmax) and whether any token is unmasked
+            stats = [*torch.aminmax(input_ids)] if input_ids is not None else []
+            stats += [attention_mask.any()] if flat_mask else []
+            stats = torch.stack([x.to(stats[0].device, torch.long) for x in stats]).tolist()
             vocab = self.embed_tokens.num_embeddings
-            low, high = torch.aminmax(input_ids)
-            low, high = int(low), int(high)  # a single min/max (one device sync) per call that brings new ids
-            if low < 0 or high >= vocab:
-                bad = low if low < 0 else high
+            if input_ids is not None and (stats[0] < 0 or stats[1] >= vocab):
+                bad = stats[0] if stats[0] < 0 else stats[1]
                 raise ValueError(f"input_ids contains token id {bad}, expected ids in [0, {vocab}) (the vocabulary).")
-        if entering and attention_mask is not None and attention_mask.dim() == 2 and not attention_mask.any():
-            raise ValueError("attention_mask is all zeros (every token masked); expected at least one 1 per call.")
+            if flat_mask and not stats[-1]:
+                raise ValueError("attention_mask is all zeros (every token masked); expected at least one 1 per call.")
         if mode == "decode" and stm is None and cache is not None and cache.stm is not None:
             stm = cache.stm  # the STM entering through the cache is checked like an `stm` argument
             self.check_stm(stm, batch, check_finite=entering)

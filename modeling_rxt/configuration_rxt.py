@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 
 ATTENTION_TYPES = ("mha", "gqa", "mqa", "sqa")
 OUT_OF_SCOPE_ATTENTION_TYPES = ("hybrid", "gma", "dma")
@@ -29,6 +29,13 @@ MEMORY_ATTENTION_VARIANTS = ("simple", "self", "interlayer", "self-interlayer", 
 ROPE_LAYOUTS = ("interleaved", "split_concat")
 # Keys transformers writes or accepts on every config (besides PreTrainedConfig().to_dict()), and reference aliases.
 HF_CONFIG_EXTRAS = {"torch_dtype", "auto_map", "use_nope", "tie_word_embeddings"}
+# Keys `PreTrainedConfig.__post_init__` consumes besides its fields (`from_pretrained` passes some of them), and the
+# generation parameters it drops from configs saved with them.
+HF_INIT_KWARGS = {
+    "name_or_path", "_commit_hash", "attn_implementation", "experts_implementation", "output_attentions",
+    "num_labels", "per_layer_config", "_attn_implementation", "_attn_implementation_internal",
+    "_experts_implementation", "_experts_implementation_internal",
+} | set(getattr(GenerationConfig, "_get_default_generation_params", dict)())  # fmt: skip
 STM_INIT_MODES = ("standard", "normal", "uniform", "ones", "zeros")
 LINEAR_INIT_MODES = ("normal", "pytorch")
 # Reference fields of features that are out of scope (GMA/DMA experts, hybrid/linear attention, fp8).
@@ -88,6 +95,7 @@ def resolve_heads(owner: str, prefix: str, att_type: str, att_heads: int, groups
 def _reject_unknown(owner: str, cls, kwargs: dict) -> None:
     """A component field name the config does not have (a typo) is an error, not a silently stored attribute."""
     known = {f.name for f in dataclasses.fields(cls)} | set(PreTrainedConfig().to_dict()) | HF_CONFIG_EXTRAS
+    known |= HF_INIT_KWARGS
     unknown = sorted(set(kwargs) - known - set(OUT_OF_SCOPE_FIELDS))
     if unknown:
         raise ValueError(f"{owner}: unknown field(s) {unknown}; expected fields of {cls.__name__} (see its docstring).")
@@ -100,6 +108,18 @@ def _reject_out_of_scope(owner: str, kwargs: dict) -> None:
                 f"{owner}.{field}={kwargs[field]!r}: GMA/DMA, hybrid/linear attention and fp8 are out of scope; "
                 "expected None."
             )
+
+
+def _check_model_type(cls, path, kwargs: dict) -> None:
+    """Raise a ValueError naming `path` when its config's `model_type` is not `cls.model_type`."""
+    keys = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+    config_dict, _ = PreTrainedConfig.get_config_dict(path, **{k: kwargs[k] for k in keys if k in kwargs})
+    model_type = config_dict.get("model_type")
+    if model_type is not None and model_type != cls.model_type:
+        raise ValueError(
+            f"{path} holds a config of model_type={model_type!r}, expected {cls.model_type!r} ({cls.__name__}); "
+            "load it with its own class (AutoConfig), or convert the checkpoint to RxT first."
+        )
 
 
 class _DecoderSizes:
@@ -450,6 +470,7 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
     use_cache: bool = True
 
     def __post_init__(self, **kwargs):
+        _reject_unknown("RxTConfig", type(self), kwargs)
         super().__post_init__(**kwargs)
         for name in ("decoder_config", "encoder_config"):
             sub = getattr(self, name)
@@ -459,6 +480,12 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
         self.encoder_config.is_decoder = False
         self.validate_model()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedConfig.from_pretrained`, refusing a `config.json` of another model type before anything is
+        built (transformers would only warn and fill an RxT config from foreign fields)."""
+        _check_model_type(cls, pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @property
     def stm_shape(self) -> tuple[int, int, int]:

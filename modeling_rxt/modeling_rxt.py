@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import pickle
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -941,9 +944,36 @@ def with_read_stm(output: ModelOutput, stm: torch.Tensor | None) -> ModelOutput:
 MODES = ("decode", "encode", "memory_update", "mlm")
 
 
+def check_labels(labels: torch.Tensor | None, inputs: torch.Tensor | None) -> None:
+    """`labels` must be integer ids of the input's `[batch, tokens]` shape (-100 = ignored)."""
+    if labels is None or not isinstance(inputs, torch.Tensor):
+        return
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be integer token ids (-100 = ignored), got {got}.")
+    if tuple(labels.shape) != tuple(inputs.shape[:2]):
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)}, expected {tuple(inputs.shape[:2])} (the input's [batch, tokens])."
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-trained model classes
 # ---------------------------------------------------------------------------------------------------------------------
+def _unreadable_weights(cls, path, error: Exception) -> ValueError | None:
+    """None, or for a truncated / non-safetensors / pickle weights file (safetensors and pickle name neither
+    the file nor the problem) a ValueError naming the folder, its weights files and what was expected."""
+    if not isinstance(error, (SafetensorError, pickle.UnpicklingError, EOFError)):
+        return None
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt"))) if (
+        isinstance(path, (str, os.PathLike)) and os.path.isdir(path)) else []  # fmt: skip
+    return ValueError(
+        f"{cls.__name__}.from_pretrained({path!s}): a weights file is unreadable ({type(error).__name__}: {error}); "
+        f"weights files there: {files}. Expected complete safetensors weights written by save_pretrained "
+        "(model.safetensors, or the shards listed in model.safetensors.index.json)."
+    )
+
+
 class _StrictFromPretrained:
     """`from_pretrained` for every RxT model class (stateful and stateless)."""
 
@@ -954,24 +984,30 @@ class _StrictFromPretrained:
         back. `strict=True` raises a ValueError listing every missing, unexpected or mismatched weight instead
         (checkpoints.md §6.10); keys of a head this class does not have (`lm_head.*`, `mlm_head.*` loaded into
         `RxTModel`) are not counted."""
-        if not strict:
-            return super().from_pretrained(*args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-        heads = () if any(n.startswith(("lm_head.", "mlm_head.")) for n in own) else ("lm_head.", "mlm_head.")
-        problems = {
-            "missing": sorted(info.get("missing_keys") or ()),
-            "unexpected": sorted(k for k in info.get("unexpected_keys") or () if not k.startswith(heads)),
-            "mismatched": sorted(str(k) for k in info.get("mismatched_keys") or ()),
-        }
-        problems = {kind: keys for kind, keys in problems.items() if keys}
-        if problems:
-            listed = "; ".join(f"{kind} ({len(keys)}): {', '.join(keys)}" for kind, keys in problems.items())
-            raise ValueError(
-                f"{cls.__name__}.from_pretrained({args[0] if args else ''!s}, strict=True) does not match the "
-                f"checkpoint: {listed}. Expected every weight of the model to be filled and every stored weight used."
-            )
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as error:
+            readable = _unreadable_weights(cls, args[0] if args else kwargs.get("pretrained_model_name_or_path"), error)
+            if readable is None:
+                raise
+            raise readable from error
+        if strict:
+            own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+            heads = () if any(n.startswith(("lm_head.", "mlm_head.")) for n in own) else ("lm_head.", "mlm_head.")
+            problems = {
+                "missing": sorted(info.get("missing_keys") or ()),
+                "unexpected": sorted(k for k in info.get("unexpected_keys") or () if not k.startswith(heads)),
+                "mismatched": sorted(str(k) for k in info.get("mismatched_keys") or ()),
+            }
+            problems = {kind: keys for kind, keys in problems.items() if keys}
+            if problems:
+                listed = "; ".join(f"{kind} ({len(keys)}): {', '.join(keys)}" for kind, keys in problems.items())
+                raise ValueError(
+                    f"{cls.__name__}.from_pretrained({args[0] if args else ''!s}, strict=True) does not match the "
+                    f"checkpoint: {listed}. Expected every weight of the model to be filled and every stored weight "
+                    "used."
+                )
         return (model, info) if want_info else model
 
 
@@ -1025,26 +1061,82 @@ class RxTModel(RxTPreTrainedModel):
         self.post_init()
 
     # -- validation -----------------------------------------------------------------------------------------------
-    def _check_input(self, input_ids, inputs_embeds, attention_mask, past_length: int = 0) -> tuple[int, int]:
+    def _check_input(
+        self, input_ids, inputs_embeds, attention_mask, cache=None, stm=None, mode: str = "decode"
+    ) -> tuple[int, int, int]:
+        """Validate one call's inputs before any compute → `(batch, tokens, past_length)`; a ValueError names the
+        expected vs the given value.
+
+        Shape and type checks run on every call. Checks that read values (ids in `[0, vocab)`, a mask that is not all
+        zeros, a finite STM) run where the inputs enter: every call without a cache, and the prompt phase
+        (`past_length == 0`) of a generation; later decode steps only feed back the model's own tokens and STM. They
+        cost one `aminmax` over the ids, one sum over the mask and one fused `isfinite().all()` over the STM."""
+        if cache is not None and not hasattr(cache, "set_stm"):
+            legacy = " (the legacy tuple-of-tensors cache format is not supported)" if isinstance(cache, (tuple, list)) else ""
+            raise ValueError(
+                f"cache must be an RxTCache (self-attention KV + STM), got {type(cache).__name__}{legacy}. "
+                "PEFT prefix tuning / P-tuning / CPT replace the KV cache and would drop the STM: use a LoRA-family "
+                "adapter instead."
+            )
+        past_length = cache.get_seq_length() if cache is not None else 0
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D].")
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor):
+                raise ValueError(f"input_ids must be a LongTensor [batch, tokens], got {type(input_ids).__name__}.")
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+            shape = input_ids.shape
+        else:
+            dim = self.embed_tokens.embedding_dim
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != dim:
+                raise ValueError(
+                    f"inputs_embeds has shape {tuple(inputs_embeds.shape)}, expected [batch, tokens, D={dim}]."
+                )
+            shape = inputs_embeds.shape[:2]
         if len(shape) != 2 or shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape {tuple(shape)}.")
         batch, length = shape  # seq_len is not a hard limit: RoPE angles are computed per position (§2.1)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != batch:
-            raise ValueError(
-                f"attention_mask has batch {attention_mask.shape[0]}, expected {batch} (the input batch)."
-            )
-        return batch, length
+        if attention_mask is not None:
+            if attention_mask.dim() == 2 and tuple(attention_mask.shape) != (batch, past_length + length):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past_length + length)} "
+                    f"(batch, cached + new tokens: {past_length} + {length})."
+                )
+            if attention_mask.dim() not in (2, 4):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected [batch, tokens] "
+                    "(or a prepared 4-D mask)."
+                )
+        entering = past_length == 0
+        flat_mask = attention_mask is not None and attention_mask.dim() == 2
+        if entering and (input_ids is not None or flat_mask):
+            # one device sync: min / max id (one aminmax) and whether any token is unmasked
+            stats = [*torch.aminmax(input_ids)] if input_ids is not None else []
+            stats += [attention_mask.any()] if flat_mask else []
+            stats = torch.stack([x.to(stats[0].device, torch.long) for x in stats]).tolist()
+            vocab = self.embed_tokens.num_embeddings
+            if input_ids is not None and (stats[0] < 0 or stats[1] >= vocab):
+                bad = stats[0] if stats[0] < 0 else stats[1]
+                raise ValueError(f"input_ids contains token id {bad}, expected ids in [0, {vocab}) (the vocabulary).")
+            if flat_mask and not stats[-1]:
+                raise ValueError("attention_mask is all zeros (every token masked); expected at least one 1 per call.")
+        if mode == "decode" and stm is None and cache is not None and cache.stm is not None:
+            stm = cache.stm  # the STM entering through the cache is checked like an `stm` argument
+            self.check_stm(stm, batch, check_finite=entering)
+        elif stm is not None and mode != "encode":
+            self.check_stm(stm, batch, check_finite=not self.training, any_slots=self.training and mode == "decode")
+        return batch, length, past_length
 
     def check_stm(
         self, stm: torch.Tensor, batch_size: int | None = None, check_finite: bool = True, any_slots: bool = False
     ) -> None:
-        """Raise a ValueError naming the expected shape `[L, B|1, S, D]` unless `stm` fits this model.
+        """Raise a ValueError naming the expected vs the given value unless `stm` fits this model: a floating tensor
+        `[L, B|1, S, D]` on the model's device, in the model's dtype (outside training / autocast) and finite.
 
         `any_slots=True` accepts any slot count (joint pre-training reads the encoder states `[L, B, T, D]` as a
-        stand-in memory)."""
+        stand-in memory). `check_finite=False` skips the finiteness check (one fused `isfinite().all()`, one device
+        sync)."""
         layers, slots, dim = self.config.stm_shape
         if not isinstance(stm, torch.Tensor) or stm.dim() != 4:
             got = tuple(stm.shape) if isinstance(stm, torch.Tensor) else type(stm).__name__
@@ -1059,8 +1151,22 @@ class RxTModel(RxTPreTrainedModel):
                 f"stm batch {stm.shape[1]} does not fit the input batch {batch_size}; expected 1 (broadcast), "
                 f"{batch_size}, or a divisor of it (rows repeated, e.g. num_return_sequences)."
             )
+        param = self.embed_tokens.weight
+        if stm.device != param.device:
+            raise ValueError(f"stm is on {stm.device}, expected the model's device {param.device}.")
+        if not stm.is_floating_point():
+            raise ValueError(f"stm has dtype {stm.dtype}, expected a floating dtype ({param.dtype}, the model's).")
+        if stm.dtype != param.dtype and not self.training and not torch.is_autocast_enabled(stm.device.type):
+            raise ValueError(
+                f"stm has dtype {stm.dtype}, expected the model's dtype {param.dtype} (convert it explicitly: "
+                f"stm.to({param.dtype}))."
+            )
         if check_finite and not torch.isfinite(stm).all():
-            raise ValueError("stm contains NaN or Inf values; expected a finite STM (reset it with initial_stm()).")
+            bad = int((~torch.isfinite(stm)).sum())
+            raise ValueError(
+                f"stm contains NaN or Inf values ({bad} of {stm.numel()}); expected a finite STM (start over from "
+                "initial_stm(), or restore a saved one)."
+            )
 
     @staticmethod
     def _fit_stm_batch(stm: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -1098,21 +1204,12 @@ class RxTModel(RxTPreTrainedModel):
             raise ValueError(f"mode={mode!r} is not supported by RxTModel; expected 'decode', 'encode' or 'memory_update'.")
         if mode == "memory_update" and encoder_hidden_states is not None:
             return self._write_memory(encoder_hidden_states, attention_mask, stm)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        batch, length = self._check_input(input_ids, inputs_embeds, attention_mask, past_length)
+        batch, length, past_length = self._check_input(input_ids, inputs_embeds, attention_mask, cache, stm, mode)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if mode != "decode":
             return self._memory_forward(inputs_embeds, attention_mask, stm, mode)
 
-        if cache is not None and not hasattr(cache, "set_stm"):
-            raise ValueError(
-                f"cache must be an RxTCache (it carries the STM), got {type(cache).__name__}. "
-                "PEFT prefix tuning / P-tuning / CPT replace the KV cache and would drop the STM: use a LoRA-family "
-                "adapter instead."
-            )
-        if stm is not None:
-            self.check_stm(stm, batch, check_finite=not self.training, any_slots=self.training)
         if cache is not None:
             if stm is not None and stm is not cache.stm:
                 cache.set_stm(stm)
@@ -1154,9 +1251,9 @@ class RxTModel(RxTPreTrainedModel):
         encoded = self.encoder(inputs_embeds, mask, position_ids)  # [L, B, T, D]
         if mode == "encode":
             return RxTModelOutput(last_hidden_state=encoded[-1], encoder_hidden_states=encoded)
-        return self._write_memory(encoded, attention_mask, stm)
+        return self._write_memory(encoded, attention_mask, stm, check_finite=False)  # checked by _check_input
 
-    def _write_memory(self, encoded: torch.Tensor, attention_mask, stm) -> RxTModelOutput:
+    def _write_memory(self, encoded: torch.Tensor, attention_mask, stm, check_finite: bool = True) -> RxTModelOutput:
         """Memory attention over `encoded [L, B, T, D]` (ED key mask from `attention_mask`) → new STM."""
         layers, _, dim = self.config.stm_shape
         if encoded.dim() != 4 or encoded.shape[0] != layers or encoded.shape[3] != dim:
@@ -1167,7 +1264,7 @@ class RxTModel(RxTPreTrainedModel):
         position_ids = position_ids_from_mask(attention_mask, length, 0, encoded.device)
         if stm is None:
             stm = self.initial_stm(1)
-        self.check_stm(stm, batch, check_finite=not self.training)
+        self.check_stm(stm, batch, check_finite=check_finite and not self.training)
         memory_mask = create_bidirectional_mask(
             config=self.config,
             inputs_embeds=stm[0].expand(batch, *stm.shape[2:]),
@@ -1227,6 +1324,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         → new `stm`; `mlm` → `mlm_logits` (+ `loss` with unshifted MLM `labels`, -100 ignored)."""
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not supported; expected one of {list(MODES)}.")
+        check_labels(labels, input_ids if input_ids is not None else inputs_embeds)
         if mode == "mlm":
             if self.mlm_head is None:
                 raise ValueError("This model has no MLM head (config.use_mlm_head=False).")
@@ -1437,18 +1535,56 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         return session.interact(query, streamer=streamer, **generate_kwargs)
 
 
+class RxTMemoryUpdateError(RuntimeError):
+    """A background memory update of `RxTChatSession` failed. `turn` is the number of the turn (1-based, counted per
+    session) whose interaction was not written into memory; the session's STM is the one from before that turn."""
+
+    def __init__(self, message: str, turn: int):
+        super().__init__(message)
+        self.turn = turn
+
+
 class RxTChatSession:
-    """One or more conversations with an RxT model: an `RxTCache` (STM + per-turn KV) plus a lock.
+    """One or more conversations with an RxT model: an `RxTCache` (STM + memory K/V of the next turn) plus a lock.
 
     `interact(query)` renders `[BOS][Q]query[A]`, generates with stock `generate`, then writes the prompt ids + the
     generated ids (up to and including `[EOS]`) into the STM (§13.3). With `background_update=True` the memory update
-    runs in a thread after the answer is returned; the next turn (and `stm`) waits for it.
+    runs in a thread after the answer is returned; the next turn (and `stm`, `wait`, `save`) waits for it.
 
     RxT-Beta (tokenizers with `[T] [C] [U] [I]`, §13.2): `interact(query, thinking_mode=..., internal=...)` renders
     `[BOS]([I]internal)?[Q]query` and the first generated token is `[A]` (`fast`), `[T]` (`extended`) or whichever of
     the two has the larger logit (`auto`); `tool_result(result)` runs a `[BOS]([I]internal)?[U]result` turn. Beta
     turns return the generated text with its section tokens (e.g. `[T]...[A]...`). `init_stm(text)` initialises the
     memory from a system prompt (§13.5). Templates: `modeling_rxt.tokenization_rxt.RXT_TEMPLATES`.
+
+    Guarantees:
+    - A turn is all or nothing. It generates on a copy of the session's cache and the session adopts the new STM only
+      after the memory update succeeded; a turn that raises (tokenizing, generation, a streamer that raises when its
+      client disconnects, a logits processor, the memory update) leaves the STM bit for bit as before that turn, and
+      the next turn works. A streamer is sent `end()` when generation fails, so a reader of a `TextIteratorStreamer`
+      stops instead of waiting forever.
+    - Failures reach the caller of the failing turn: a foreground update (`background_update=False`) raises its own
+      error from `interact`. A background update can only fail after `interact` returned; the next call that waits
+      for it (`interact`, `tool_result`, `init_stm`, `wait`, `stm`, `save`) raises `RxTMemoryUpdateError` once,
+      naming the turn, and does nothing else; the STM is then the one from before that turn (its interaction is not
+      in memory), and later calls work. `reset()` discards such a failure (logged as a warning).
+    - All public methods take the session lock: a `reset()` or `init_stm()` while a turn runs in another thread waits
+      for that turn (and its background update) to finish, so an old turn never writes into the new memory.
+    - One answer per conversation: `num_beams > 1` and `num_return_sequences > 1` (in the arguments or the model's
+      generation config) are refused with a ValueError. For several candidates use `model.generate(...,
+      cache=RxTCache(stm=session.stm))` and write the chosen interaction with `model.update_memory`.
+    - User text (queries, tool results, internal instructions, system prompts) that contains an RxT control token
+      (`RXT_SPECIAL_TOKENS`: `[Q]`, `[A]`, `[EOS]`, ...) is refused with a ValueError (`control_tokens='refuse'`, the
+      default) or tokenized as plain text (`control_tokens='escape'`); it never becomes a control token.
+
+    Parameters:
+        model (`RxTForCausalLM`): the model (in eval mode for inference).
+        tokenizer: its RxT tokenizer (special-token ids must match the model's config).
+        stm (`torch.Tensor`, *optional*): starting STM `[L, B, S, D]` in the model's dtype and device.
+        batch_size (`int`, *optional*): number of conversations; default 1, or the batch of `stm`. With an `stm` of
+            one conversation, `batch_size=n` starts `n` conversations from it; any other mismatch is a ValueError.
+        background_update (`bool`, defaults to False): run the memory update in a thread after answering.
+        control_tokens (`str`, defaults to `'refuse'`): `'refuse'` or `'escape'` control tokens in user text.
     """
 
     _REQUIRED_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "query_token_id", "answer_token_id")
@@ -1468,8 +1604,10 @@ class RxTChatSession:
             pick = choices[scores[:, choices].argmax(dim=-1)]
             return torch.full_like(scores, float("-inf")).scatter_(1, pick[:, None], 0.0)
 
-    def __init__(self, model: RxTForCausalLM, tokenizer, stm: torch.Tensor | None = None, batch_size: int = 1,
-                 background_update: bool = False):  # fmt: skip
+    def __init__(self, model: RxTForCausalLM, tokenizer, stm: torch.Tensor | None = None, batch_size: int | None = None,
+                 background_update: bool = False, control_tokens: str = "refuse"):  # fmt: skip
+        from .tokenization_rxt import CONTROL_TOKEN_POLICIES
+
         self.model, self.tokenizer = model, tokenizer
         ids = check_rxt_tokenizer(tokenizer)
         config = model.config
@@ -1481,52 +1619,113 @@ class RxTChatSession:
                 + ", ".join(f"{k}={t} vs {m}" for k, (t, m) in wrong.items())
                 + "; use the tokenizer saved with the model."
             )
+        if control_tokens not in CONTROL_TOKEN_POLICIES:
+            raise ValueError(f"control_tokens={control_tokens!r}: expected one of {list(CONTROL_TOKEN_POLICIES)}.")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive integer (number of conversations).")
         self.token_ids = ids
         self.background_update = background_update
-        self._lock = threading.Lock()
+        self.control_tokens = control_tokens
+        self._lock = threading.RLock()
         self._update_thread: threading.Thread | None = None
-        self._update_error: BaseException | None = None
+        self._update_error: tuple[int, BaseException] | None = None
+        self._turns = 0
         if stm is not None:
             model.model.check_stm(stm)
-        self.cache = RxTCache(stm=stm if stm is not None else model.initial_stm(batch_size))
+            if batch_size is not None and batch_size != stm.shape[1]:
+                if stm.shape[1] != 1:
+                    raise ValueError(
+                        f"batch_size={batch_size} but the STM holds {stm.shape[1]} conversations; expected "
+                        f"batch_size={stm.shape[1]} or None (an STM of one conversation can be repeated)."
+                    )
+                stm = stm.repeat(1, batch_size, 1, 1)
+        else:
+            stm = model.initial_stm(batch_size or 1)
+        self.cache = RxTCache(stm=stm)
 
     # -- state ----------------------------------------------------------------------------------------------------
-    def wait(self) -> None:
-        """Block until a background memory update has finished (re-raises its error)."""
+    def _join_update(self) -> None:
+        """With the lock held: wait for a background update; raise its failure once (`RxTMemoryUpdateError`)."""
         thread = self._update_thread
         if thread is not None:
             thread.join()
             self._update_thread = None
         if self._update_error is not None:
-            error, self._update_error = self._update_error, None
-            raise RuntimeError("The background memory update failed.") from error
+            (turn, error), self._update_error = self._update_error, None
+            raise RxTMemoryUpdateError(
+                f"The background memory update of turn {turn} failed ({type(error).__name__}: {error}). That "
+                "interaction is not in memory: the STM is the one from before turn {turn}; the session continues "
+                "from there.".replace("{turn}", str(turn)),
+                turn,
+            ) from error
+
+    def wait(self) -> None:
+        """Block until a background memory update has finished; if it failed, raise `RxTMemoryUpdateError` (once)."""
+        with self._lock:
+            self._join_update()
 
     @property
     def stm(self) -> torch.Tensor:
-        self.wait()
-        return self.cache.stm
+        """The conversation(s)' STM `[L, B, S, D]` after every finished turn (waits for a background update)."""
+        with self._lock:
+            self._join_update()
+            return self.cache.stm
 
     def reset(self, batch_size: int | None = None) -> None:
-        """Start over from the model's initial STM."""
-        self.wait()
-        self.cache = RxTCache(stm=self.model.initial_stm(batch_size or self.cache.stm.shape[1]))
+        """Start over from the model's initial STM. Waits for a turn running in another thread and for a background
+        update; a failed background update is discarded (its memory is replaced anyway) and logged as a warning."""
+        with self._lock:
+            try:
+                self._join_update()
+            except RxTMemoryUpdateError as error:
+                logger.warning("reset() discards a failed background memory update: %s", error)
+            self.cache = RxTCache(stm=self.model.initial_stm(batch_size or self.cache.stm.shape[1]))
 
-    def save(self, path: str) -> None:
-        """Save this conversation's STM to a safetensors file (bit-exact)."""
+    def save(self, path) -> None:
+        """Save this conversation's STM to a safetensors file (bit-exact, in the model's dtype)."""
         from safetensors.torch import save_file
 
-        save_file({"stm": self.stm.detach().contiguous().cpu()}, path, metadata={"format": "rxt-stm"})
+        save_file({"stm": self.stm.detach().contiguous().cpu()}, str(path), metadata={"format": "rxt-stm"})
 
     @classmethod
-    def load(cls, model: RxTForCausalLM, tokenizer, path: str, **kwargs) -> "RxTChatSession":
-        """Restore a conversation saved with `save`."""
-        from safetensors.torch import load_file
+    def load(cls, model: RxTForCausalLM, tokenizer, path, convert_dtype: bool = False, **kwargs) -> "RxTChatSession":
+        """Restore a conversation saved with `save` (bit-exact). Keyword arguments go to the constructor
+        (`batch_size`: the saved batch, or `n` from a saved single conversation; anything else is refused).
 
-        tensors = load_file(path)
-        if "stm" not in tensors:
-            raise ValueError(f"{path} has no 'stm' tensor; expected a file written by RxTChatSession.save().")
+        A file that is missing, truncated or not safetensors (e.g. a `torch.save` pickle), that has no `stm` tensor or
+        whose STM does not fit the model raises an error naming the path. An STM stored in another dtype than the
+        model's is refused unless `convert_dtype=True` (then cast explicitly; narrowing rounds)."""
+        path = os.fspath(path)
+        expected = "expected a safetensors file with an 'stm' tensor [L, B, S, D] written by RxTChatSession.save()"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file; {expected}.")
+        try:
+            with safe_open(path, framework="pt") as handle:
+                if "stm" not in handle.keys():
+                    raise KeyError(f"tensors {sorted(handle.keys())}")
+                stm = handle.get_tensor("stm")
+        except Exception as error:  # safetensors raises its own error type, without the path
+            with open(path, "rb") as handle:
+                magic = handle.read(2)
+            kind = "a torch.save archive/pickle, not safetensors" if magic[:2] == b"PK" or magic[:1] == b"\x80" else (
+                "not a complete safetensors file")  # fmt: skip
+            if isinstance(error, KeyError):
+                kind = f"a safetensors file without an 'stm' tensor ({error.args[0]})"
+            raise ValueError(f"{path} is {kind}: {expected}.") from error
         param = model.get_input_embeddings().weight
-        return cls(model, tokenizer, stm=tensors["stm"].to(device=param.device, dtype=param.dtype), **kwargs)
+        if stm.is_floating_point() and stm.dtype != param.dtype:
+            if not convert_dtype:
+                raise ValueError(
+                    f"{path} holds an STM in {stm.dtype}, but the model runs in {param.dtype}; expected the same dtype. "
+                    "Pass convert_dtype=True to cast it, or load the model in the file's dtype."
+                )
+            stm = stm.to(param.dtype)
+        stm = stm.to(param.device)
+        try:
+            model.model.check_stm(stm)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        return cls(model, tokenizer, stm=stm, **kwargs)
 
     # -- templates (§13.2) ----------------------------------------------------------------------------------------
     def _need(self, key: str, token: str, what: str) -> int:
@@ -1538,28 +1737,35 @@ class RxTChatSession:
             )
         return token_id
 
+    def _system_segments(self, text: str, template: str | None = None) -> list[tuple[str, bool]]:
+        from .tokenization_rxt import system_segments
+
+        config = self.model.config
+        return system_segments(text, template or config.system_template, config.system_prompt_title)
+
     def render_system(self, text: str, template: str | None = None) -> str:
         """System prompt / memory-initialisation text rendered with `template` (default `config.system_template`;
         `{title}` is `config.system_prompt_title`)."""
-        from .tokenization_rxt import render_system
+        return "".join(part for part, _ in self._system_segments(text, template))
 
-        config = self.model.config
-        return render_system(text, template or config.system_template, config.system_prompt_title)
-
-    def render_prompt(self, text: str, kind: str = "query", internal: str | None = None,
-                      thinking_mode: str | None = None) -> str:  # fmt: skip
-        """The decoder prompt of one turn: Alpha `[BOS][Q]query[A]` (`thinking_mode=None`), or Beta
-        `[BOS]([I]internal)?[Q]query` / `[BOS]([I]internal)?[U]result` (the section token is generated)."""
-        from .tokenization_rxt import RXT_TEMPLATES, render_turn_prompt
+    def _prompt_segments(self, text: str, kind: str = "query", internal: str | None = None,
+                         thinking_mode: str | None = None) -> list[tuple[str, bool]]:  # fmt: skip
+        from .tokenization_rxt import RXT_TEMPLATES, turn_prompt_segments
 
         if kind == "tool_result":
             self._need("tool_use_token_id", "[U]", "a tool-result turn")
         if internal is not None:
             self._need("internal_token_id", "[I]", "an internal instruction")
-        prompt = render_turn_prompt(text, kind, internal)
+        segments = turn_prompt_segments(text, kind, internal)
         if kind == "query" and thinking_mode is None:
-            prompt += RXT_TEMPLATES["alpha_answer_prompt"]
-        return prompt
+            segments.append((RXT_TEMPLATES["alpha_answer_prompt"], False))
+        return segments
+
+    def render_prompt(self, text: str, kind: str = "query", internal: str | None = None,
+                      thinking_mode: str | None = None) -> str:  # fmt: skip
+        """The decoder prompt of one turn: Alpha `[BOS][Q]query[A]` (`thinking_mode=None`), or Beta
+        `[BOS]([I]internal)?[Q]query` / `[BOS]([I]internal)?[U]result` (the section token is generated)."""
+        return "".join(part for part, _ in self._prompt_segments(text, kind, internal, thinking_mode))
 
     def _first_tokens(self, thinking_mode: str | None) -> list[int] | None:
         from .tokenization_rxt import RXT_THINKING_MODES
@@ -1573,15 +1779,22 @@ class RxTChatSession:
         return [self._need(keys[t], t, f"thinking_mode={thinking_mode!r}") for t in RXT_THINKING_MODES[thinking_mode]]
 
     # -- one turn -------------------------------------------------------------------------------------------------
-    def _encode(self, texts: list[str], padding_side: str | None = None) -> dict[str, torch.Tensor]:
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = padding_side or side
-        try:
-            batch = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        finally:
-            self.tokenizer.padding_side = side
+    def _encode(self, rows: list[list[tuple[str, bool]]], padding_side: str) -> dict[str, torch.Tensor]:
+        """Rendered rows (`(text, is_user_text)` segments) → padded `input_ids` / `attention_mask` on the model's
+        device; user text follows `self.control_tokens`."""
+        from .tokenization_rxt import tokenize_segments
+
+        ids = tokenize_segments(self.tokenizer, rows, self.control_tokens)
+        width = max(len(row) for row in ids)
+        pad = self.model.config.pad_token_id or 0
         device = self.model.get_input_embeddings().weight.device
-        return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):  # per conversation, once per turn (not per token)
+            span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, span] = 1
+        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
     def _rows(self, value, name: str) -> list:
         """A str / None for every conversation, or a list with one per conversation."""
@@ -1590,6 +1803,27 @@ class RxTChatSession:
         if len(values) != batch:
             raise ValueError(f"{len(values)} {name} values for a session of {batch} conversations; expected equal.")
         return values
+
+    def _check_user_texts(self, texts: list, what: str) -> None:
+        from .tokenization_rxt import check_user_text
+
+        for i, text in enumerate(texts):
+            if text is not None:
+                check_user_text(text, what if len(texts) == 1 else f"{what} {i}", self.control_tokens)
+
+    def _check_generate_kwargs(self, generate_kwargs: dict) -> None:
+        for key in ("cache", "past_key_values", "input_ids", "attention_mask", "inputs_embeds"):
+            if key in generate_kwargs:
+                raise ValueError(f"{key}= is set by the session (it owns the prompt and the RxTCache); remove it.")
+        config = generate_kwargs.get("generation_config") or self.model.generation_config
+        for key in ("num_beams", "num_return_sequences"):
+            value = generate_kwargs.get(key, getattr(config, key, None))
+            if value not in (None, 1):
+                raise ValueError(
+                    f"{key}={value}: a chat session keeps one answer per conversation, expected 1. For several "
+                    "candidates call model.generate(..., cache=RxTCache(stm=session.stm)) and write the chosen one "
+                    "with model.update_memory."
+                )
 
     def interact(self, query, streamer=None, max_new_tokens: int = 64, thinking_mode: str | None = None,
                  internal=None, **generate_kwargs):  # fmt: skip
@@ -1600,9 +1834,10 @@ class RxTChatSession:
         generated token is `[A]` / `[T]` / the larger-logit one of the two, returned with its section tokens.
         `internal` (str, or one per conversation) adds `[I]internal` after `[BOS]`. `streamer` (e.g.
         `TextIteratorStreamer`) receives tokens as they are generated; the memory update starts after generation.
+        If anything in the turn raises, the session is as before the turn (see the class docstring).
         """
         queries = [query] if isinstance(query, str) else list(query)
-        if any(not q for q in queries):
+        if any(not isinstance(q, str) or not q for q in queries):
             raise ValueError("Empty query: expected non-empty text for every conversation.")
         answers = self._turn(queries, "query", thinking_mode, internal, streamer, max_new_tokens, generate_kwargs)
         return answers[0] if isinstance(query, str) else answers
@@ -1613,7 +1848,7 @@ class RxTChatSession:
         (the first section token forced / chosen by `thinking_mode`, or free with None) and update memory. Returns
         the generated text with its section tokens, without `[EOS]`."""
         results = [result] if isinstance(result, str) else list(result)
-        if any(not r for r in results):
+        if any(not isinstance(r, str) or not r for r in results):
             raise ValueError("Empty tool result: expected non-empty text for every conversation.")
         answers = self._turn(results, "tool_result", thinking_mode, internal, streamer, max_new_tokens, generate_kwargs)
         return answers[0] if isinstance(result, str) else answers
@@ -1622,40 +1857,65 @@ class RxTChatSession:
         from transformers import LogitsProcessorList
 
         first = self._first_tokens(thinking_mode)
+        self._check_generate_kwargs(generate_kwargs)
         with self._lock:
-            self.wait()
-            if len(texts) != self.cache.stm.shape[1]:
-                raise ValueError(
-                    f"{len(texts)} queries for a session of {self.cache.stm.shape[1]} conversations; expected equal."
-                )
+            self._join_update()  # a failed background update is raised here, once, and this turn does not run
+            committed = self.cache
+            batch = committed.stm.shape[1]
+            if len(texts) != batch:
+                raise ValueError(f"{len(texts)} queries for a session of {batch} conversations; expected equal.")
             internals = self._rows(internal, "internal")
-            prompts = [self.render_prompt(t, kind, i, thinking_mode) for t, i in zip(texts, internals)]
+            self._check_user_texts(texts, "query" if kind == "query" else "tool result")
+            self._check_user_texts(internals, "internal")
+            self._turns += 1
+            turn = self._turns
             # Left-pad prompts so every row's generation starts right after its own prompt.
-            prompt = self._encode(prompts, padding_side="left")
+            rows = [self._prompt_segments(t, kind, i, thinking_mode) for t, i in zip(texts, internals)]
+            prompt = self._encode(rows, padding_side="left")
             config = self.model.config
             generate_kwargs.setdefault("do_sample", False)
             if first is not None:
                 processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
                 processors.append(self._FirstSectionToken(prompt["input_ids"].shape[1], first))
                 generate_kwargs["logits_processor"] = processors
-            output = self.model.generate(
-                **prompt,
-                cache=self.cache,
-                streamer=streamer,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=config.eos_token_id,
-                pad_token_id=config.pad_token_id,
-                **generate_kwargs,
-            )
+            # Generate on a copy of the committed cache (same STM and memory K/V tensors, nothing is written into
+            # them): whatever fails below, the session still holds `committed`.
+            turn_cache = RxTCache(stm=committed.stm)
+            turn_cache.memory_kv.update(committed.memory_kv)
+            try:
+                output = self.model.generate(
+                    **prompt,
+                    cache=turn_cache,
+                    streamer=streamer,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=config.eos_token_id,
+                    pad_token_id=config.pad_token_id,
+                    **generate_kwargs,
+                )
+            except BaseException:
+                if streamer is not None:
+                    self._end_streamer(streamer)
+                raise
+            output = getattr(output, "sequences", output)  # return_dict_in_generate=True
             interaction, generated = self._interaction(prompt, output)
             keep_sections = kind != "query" or thinking_mode is not None  # e.g. [T]...[A]... of Beta turns
             answers = self.tokenizer.batch_decode(generated, skip_special_tokens=not keep_sections)
             if self.background_update:
-                self._update_thread = threading.Thread(target=self._update, args=(interaction,), daemon=True)
+                self._update_thread = threading.Thread(
+                    target=self._update_in_background, args=(committed, interaction, turn), daemon=True
+                )
                 self._update_thread.start()
             else:
-                self._update(interaction)
+                self.cache = self._updated(committed, interaction)
         return answers
+
+    @staticmethod
+    def _end_streamer(streamer) -> None:
+        """Release a streamer's reader after a failed generation (its own error, if any, is logged, not raised)."""
+        try:
+            streamer.end()
+        except Exception as error:
+            logger.warning("streamer.end() after a failed turn raised %s: %s", type(error).__name__, error)
 
     def _interaction(self, prompt: dict, output: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
         """Memory-update input (§13.3): per row the prompt ids (left padding removed) + the generated ids up to and
@@ -1675,11 +1935,20 @@ class RxTChatSession:
         answers = before_eos & ~is_eos
         return {"input_ids": ids, "attention_mask": mask.long()}, [row[keep_row] for row, keep_row in zip(new, answers)]
 
-    def _update(self, interaction: dict) -> None:
+    def _updated(self, committed: RxTCache, interaction: dict) -> RxTCache:
+        """A new cache holding the STM after writing `interaction` into `committed.stm` (and the next turn's memory
+        K/V); `committed` is left untouched."""
+        cache = RxTCache(stm=committed.stm)
+        self.model.update_memory(interaction["input_ids"], interaction["attention_mask"], cache)
+        return cache
+
+    def _update_in_background(self, committed: RxTCache, interaction: dict, turn: int) -> None:
         try:
-            self.model.update_memory(interaction["input_ids"], interaction["attention_mask"], self.cache)
-        except BaseException as error:  # surfaced by wait()
-            self._update_error = error
+            cache = self._updated(committed, interaction)
+        except BaseException as error:  # raised once by the next call that waits (_join_update)
+            self._update_error = (turn, error)
+        else:
+            self.cache = cache
 
     # -- memory initialisation from text (§13.5) ------------------------------------------------------------------
     def init_stm(self, text, force: bool = False, noise_level: float = 0.0, template: str | None = None,
@@ -1689,14 +1958,16 @@ class RxTChatSession:
 
         Default: one memory-attention update from the initial STM; `force=True`: the (right-padded to `S`) ED is
         copied into the STM (a ValueError names both lengths when the text is longer than `S` tokens).
-        `noise_level` adds Gaussian noise of that standard deviation to ED. Returns the new STM.
+        `noise_level` adds Gaussian noise of that standard deviation to ED. Returns the new STM. On an error the
+        session keeps its STM.
         """
-        texts = self._rows(text, "text")
-        if any(not isinstance(t, str) or not t for t in texts):
-            raise ValueError("init_stm() needs non-empty text for every conversation.")
         with self._lock:
-            self.wait()
-            batch = self._encode([self.render_system(t, template) for t in texts], padding_side="right")
+            self._join_update()
+            texts = self._rows(text, "text")
+            if any(not isinstance(t, str) or not t for t in texts):
+                raise ValueError("init_stm() needs non-empty text for every conversation.")
+            self._check_user_texts(texts, "system text")
+            batch = self._encode([self._system_segments(t, template) for t in texts], padding_side="right")
             stm = self.model.init_stm(
                 batch["input_ids"], batch["attention_mask"], force=force, noise_level=noise_level, generator=generator
             )
@@ -1849,5 +2120,6 @@ __all__ = [
     "RxTStatelessModel",
     "RxTStatelessForCausalLM",
     "RxTChatSession",
+    "RxTMemoryUpdateError",
     "RxTCache",
 ]

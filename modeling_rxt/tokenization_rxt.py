@@ -10,6 +10,8 @@ This file is self-contained (it only imports `tokenizers` and `transformers`) so
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -21,7 +23,13 @@ __all__ = [
     "RXT_TEMPLATES",
     "RXT_TOKEN_ID_FIELDS",
     "RXT_THINKING_MODES",
+    "CONTROL_TOKEN_POLICIES",
     "check_rxt_tokenizer",
+    "check_user_text",
+    "find_control_tokens",
+    "system_segments",
+    "tokenize_segments",
+    "turn_prompt_segments",
     "render_interaction",
     "render_query",
     "render_system",
@@ -70,6 +78,14 @@ _OPTIONAL_TOKEN_IDS = {
 # scripts and tests read it from here).
 RXT_TOKEN_ID_FIELDS = {**_REQUIRED_TOKEN_IDS, **_OPTIONAL_TOKEN_IDS}
 
+# What happens to RxT control tokens (`RXT_SPECIAL_TOKENS`) inside user text (queries, tool results, internal
+# instructions, system prompts, chat-template message content): `refuse` (the default) raises a ValueError naming the
+# token and where it is; `escape` (chat session only) tokenizes user text as plain text, so `"[Q]"` typed by a user
+# becomes the byte-level tokens of the characters `[`, `Q`, `]` and decodes back to the same text; `allow` (chat
+# template only) inserts content verbatim, control tokens included (for text that is already rendered).
+CONTROL_TOKEN_POLICIES = ("refuse", "escape")
+_CONTROL_TOKEN_PATTERN = re.compile("|".join(re.escape(token) for token in RXT_SPECIAL_TOKENS))
+
 # Byte-level BPE needs all 256 byte symbols besides the special tokens.
 MIN_VOCAB_SIZE = len(RXT_SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
 # Matches the default `seq_len` of the RxT decoder / encoder (one interaction).
@@ -84,7 +100,9 @@ DEFAULT_MODEL_MAX_LENGTH = 1024
 #                                template instead (`{title}` and `{system}` replaced, as `render_system` does)
 #   user not followed by an assistant reply -> [BOS][Q]{user}[A][EOS]   (empty answer)
 #   assistant without a preceding user      -> [BOS][Q][A]{assistant}[EOS]  (empty query)
-# Content is inserted verbatim; a list of `{"type": "text", "text": ...}` parts is concatenated. The answer and its
+# Content is inserted as is; a list of `{"type": "text", "text": ...}` parts is concatenated. Content that contains an
+# RxT control token raises (see `CONTROL_TOKEN_POLICIES`) unless the template variable `control_tokens="allow"` is
+# given (apply_chat_template(..., control_tokens="allow") for already rendered text). The answer and its
 # [EOS] are wrapped in a `generation` block, so `return_assistant_tokens_mask=True` marks the generated tokens.
 RXT_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -92,6 +110,14 @@ RXT_CHAT_TEMPLATE = (
     "{%- elif message['content'] is string -%}{%- set content = message['content'] -%}"
     "{%- else -%}{%- set content = message['content'] | selectattr('type', 'equalto', 'text') "
     "| map(attribute='text') | join('') -%}"
+    "{%- endif -%}"
+    "{%- if control_tokens is not defined or control_tokens != 'allow' -%}"
+    "{%- set message_index = loop.index0 -%}"
+    "{%- for token in " + repr(list(RXT_SPECIAL_TOKENS)) + " -%}{%- if token in content -%}"
+    "{{- raise_exception('RxT chat template: message ' + message_index | string + ' (' + message['role'] + ') "
+    "contains the control token ' + token + '; expected plain text (pass control_tokens=\"allow\" to "
+    "apply_chat_template to insert already rendered text as is)') -}}"
+    "{%- endif -%}{%- endfor -%}"
     "{%- endif -%}"
     "{%- if message['role'] == 'system' -%}"
     "{%- if system_template is defined and system_template -%}"
@@ -137,19 +163,108 @@ RXT_TEMPLATES = {
 RXT_THINKING_MODES = {"fast": (ANSWER_TOKEN,), "extended": (THINK_TOKEN,), "auto": (ANSWER_TOKEN, THINK_TOKEN)}
 
 
+def find_control_tokens(text: str) -> list[tuple[int, str]]:
+    """`(character index, token)` of every RxT control token (`RXT_SPECIAL_TOKENS`) in `text`."""
+    return [(match.start(), match.group()) for match in _CONTROL_TOKEN_PATTERN.finditer(text)]
+
+
+def check_user_text(text: str, what: str, control_tokens: str = "refuse") -> None:
+    """Raise a ValueError if `text` (user text, called `what` in the message) contains an RxT control token and
+    `control_tokens` is `'refuse'`; `'escape'` accepts it (`tokenize_segments` then tokenizes it as plain text)."""
+    if control_tokens not in CONTROL_TOKEN_POLICIES:
+        raise ValueError(f"control_tokens={control_tokens!r}: expected one of {list(CONTROL_TOKEN_POLICIES)}.")
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}.")
+    found = find_control_tokens(text) if control_tokens == "refuse" else []
+    if found:
+        index, token = found[0]
+        raise ValueError(
+            f"{what} contains the RxT control token {token} at character {index}; expected plain text "
+            "(control_tokens='refuse'). Pass control_tokens='escape' to tokenize it as plain text."
+        )
+
+
+def _template_segments(template: str, fields: dict) -> list[tuple[str, bool]]:
+    """`template` (str.format placeholders) → `(text, is_user_text)` segments; a field value is user text (str) or
+    already a list of segments."""
+    segments = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if literal:
+            segments.append((literal, False))
+        if field is not None:
+            value = fields[field]
+            segments.extend(value if isinstance(value, list) else [(value, True)])
+    return segments
+
+
+def turn_prompt_segments(text: str, kind: str = "query", internal: str | None = None) -> list[tuple[str, bool]]:
+    """`render_turn_prompt` as `(text, is_user_text)` segments (the template's control tokens are not user text)."""
+    if kind not in ("query", "tool_result"):
+        raise ValueError(f"kind={kind!r}: expected 'query' or 'tool_result'.")
+    rendered_internal = [] if internal is None else _template_segments(RXT_TEMPLATES["internal"], {"internal": internal})
+    field = "query" if kind == "query" else "result"
+    return _template_segments(RXT_TEMPLATES[kind], {"internal": rendered_internal, field: text})
+
+
+def system_segments(
+    system: str, template: str = RXT_TEMPLATES["system_alpha"], title: str = "SYSTEM INSTRUCTIONS"
+) -> list[tuple[str, bool]]:
+    """`render_system` as `(text, is_user_text)` segments: the template and title are configuration, `system` is
+    user text."""
+    parts = template.replace("{title}", title).split("{system}")
+    segments = [(parts[0], False)]
+    for part in parts[1:]:
+        segments += [(system, True), (part, False)]
+    return [(text, user) for text, user in segments if text]
+
+
 def render_system(system: str, template: str = RXT_TEMPLATES["system_alpha"], title: str = "SYSTEM INSTRUCTIONS") -> str:
     """Render a system prompt / memory-initialisation text with `template` (`{title}` then `{system}` replaced)."""
-    return template.replace("{title}", title).replace("{system}", system)
+    return "".join(text for text, _ in system_segments(system, template, title))
 
 
 def render_turn_prompt(text: str, kind: str = "query", internal: str | None = None) -> str:
     """Beta turn prompt: `[BOS]([I]{internal})?[Q]{query}` (`kind='query'`) or `[BOS]([I]{internal})?[U]{result}`
     (`kind='tool_result'`), without a section token after it."""
-    if kind not in ("query", "tool_result"):
-        raise ValueError(f"kind={kind!r}: expected 'query' or 'tool_result'.")
-    rendered_internal = "" if internal is None else RXT_TEMPLATES["internal"].format(internal=internal)
-    field = "query" if kind == "query" else "result"
-    return RXT_TEMPLATES[kind].format(internal=rendered_internal, **{field: text})
+    return "".join(text for text, _ in turn_prompt_segments(text, kind, internal))
+
+
+def tokenize_segments(tokenizer, rows: list[list[tuple[str, bool]]], control_tokens: str = "refuse") -> list[list[int]]:
+    """Token ids (no automatic special tokens) of rendered rows given as `(text, is_user_text)` segments.
+
+    `refuse`: user text with a control token raises (`check_user_text`), each row is tokenized as one string.
+    `escape`: control tokens of the template become control ids; every other run of text (user text and the
+    template's plain text between control tokens) is tokenized with `split_special_tokens=True`, so control tokens
+    inside user text stay plain text. A tokenizer splits its input at special tokens before anything else, so for
+    text without control tokens both give the same ids."""
+    for row in rows:
+        for text, user in row:
+            if user:
+                check_user_text(text, "user text", control_tokens)
+    if control_tokens == "refuse":
+        return tokenizer(["".join(text for text, _ in row) for row in rows], add_special_tokens=False)["input_ids"]
+    pieces = []  # per row: control-token strings and plain-text runs, in order
+    for row in rows:
+        row_pieces, run = [], ""
+        for text, user in row:
+            parts = [text] if user else _CONTROL_TOKEN_PATTERN.split(text)
+            tokens = [] if user else _CONTROL_TOKEN_PATTERN.findall(text)
+            for k, part in enumerate(parts):
+                run += part
+                if k < len(tokens):
+                    if run:
+                        row_pieces.append((run, False))
+                    row_pieces.append((tokens[k], True))
+                    run = ""
+        if run:
+            row_pieces.append((run, False))
+        pieces.append(row_pieces)
+    runs = [text for row in pieces for text, control in row if not control]
+    run_ids = iter(tokenizer(runs, add_special_tokens=False, split_special_tokens=True)["input_ids"] if runs else [])
+    return [
+        [i for text, control in row for i in ([tokenizer.convert_tokens_to_ids(text)] if control else next(run_ids))]
+        for row in pieces
+    ]
 
 
 def render_query(query: str) -> str:

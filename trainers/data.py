@@ -599,6 +599,14 @@ class JointLMCollator:
             self.generator = torch.Generator()
             self.generator.manual_seed(seed)
 
+    def state_dict(self) -> dict:
+        """What the next batch's masks depend on besides its rows: the RNG they are drawn from (the collator's
+        generator, or torch's global CPU RNG when `seed=None`). `RxTTrainer` saves it in checkpoints."""
+        return {"rng": torch.get_rng_state() if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        (torch.set_rng_state if self.generator is None else self.generator.set_state)(state["rng"])
+
     def _sequences(self, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
         if self.sft:
             queries = [row["query"] for row in rows]
@@ -744,6 +752,16 @@ class EpisodeCollator:
         if max_turns is not None and (not isinstance(max_turns, int) or max_turns < 1):
             raise ValueError(f"max_turns={max_turns!r}: expected a positive integer or None.")
         self.max_turns = max_turns
+
+    def state_dict(self) -> dict:
+        """What the next batch depends on besides its rows: the `"probe"` window RNG and `max_turns`. `RxTTrainer`
+        saves it in checkpoints, so a resumed run builds the episodes of the uninterrupted one."""
+        return {"rng": self._rng.getstate(), "max_turns": self.max_turns}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self.set_max_turns(state["max_turns"])
 
     def _turns(self, row: dict) -> list[tuple[str, str]]:
         if self.window == "head" or self.max_turns is None:

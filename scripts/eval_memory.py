@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser  # noqa: E402
 
+from trainers.data import check_rows, iter_json_rows  # noqa: E402
 from trainers.memory_eval import evaluate_system, plot_recall  # noqa: E402
 from trainers.synthetic import chance_level, generate_dialogues  # noqa: E402
 
@@ -45,11 +46,7 @@ def load_rows(args: EvalArguments) -> tuple[list[dict], float]:
         rows = generate_dialogues(args.num_dialogues, seed=args.seed, split="test", max_turns=args.max_turns,
                                   max_distance=args.max_distance)  # fmt: skip
         return rows, chance_level("test")
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
-    for index, row in enumerate(rows):
-        missing = [k for k in ("query", "answer", "probes") if k not in row]
-        if missing:
-            raise ValueError(f"{args.data} row {index}: missing fields {missing}; expected query, answer, probes.")
+    rows = check_rows(iter_json_rows(args.data), "evaluation", args.data)  # every row checked before any generation
     values_per_attribute: dict[str, set] = {}
     for row in rows:
         for probe in row["probes"]:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from trainers.cli import parse_arguments  # noqa: E402
-from trainers.data import load_rows  # noqa: E402
+from trainers.data import check_rows, iter_json_rows, load_rows, validate_rows  # noqa: E402
 from trainers.memory_eval import evaluate_system  # noqa: E402
 from trainers.mrl_config import MRLConfig  # noqa: E402
 from trainers.mrl_trainer import MRLCollator, MRLTrainer  # noqa: E402
@@ -84,10 +84,10 @@ def measure(model_dir: str, args: MRLConfig, options: MRLEvalArguments, reward_r
 def main(argv=None) -> dict:
     options, args = parse_arguments((MRLEvalArguments, MRLConfig), argv)
     args.beta = 0.0  # evaluation needs no reference model
-    reward_rows = load_rows(options.reward_data)
+    reward_rows = validate_rows(load_rows(options.reward_data), kind="episode")  # checked before any model loads
     recall_rows = None
     if options.recall_data:
-        recall_rows = [json.loads(line) for line in Path(options.recall_data).read_text().splitlines() if line]
+        recall_rows = check_rows(iter_json_rows(options.recall_data), "evaluation", options.recall_data)
     before = measure(options.before, args, options, reward_rows, recall_rows, ceiling=options.reward_ceiling)
     after = measure(options.after, args, options, reward_rows, recall_rows)
     result = {"reward_before": before["reward"], "reward_after": after["reward"],

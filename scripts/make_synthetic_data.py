@@ -4,7 +4,8 @@ Example:
 
     python scripts/make_synthetic_data.py --output-dir runs/data --seed 0 --num-train 4000 --max-turns 10
 
-Writes into `--output-dir`:
+Writes into `--output-dir` (a new or empty folder, or one an earlier run of an RxT script created; a folder holding
+other files is refused, never overwritten):
     pretrain_{train,validation}.jsonl                  {"text"}                                   (stage 0/1)
     sft_{train,validation}.jsonl                       {"query", "answer"}                        (stage 2)
     dialogues_{train,validation,test}.jsonl            {"query", "answer", "interactions", "probes"} (stages 3-5,
@@ -24,12 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import HfArgumentParser  # noqa: E402
 
+from trainers.cli import claim_output_dir  # noqa: E402
 from trainers.synthetic import chance_level, write_synthetic_data  # noqa: E402
 
 
 @dataclass
 class SyntheticDataArguments:
-    output_dir: str = field(default="runs/data", metadata={"help": "Directory for the JSONL files (created)."})
+    output_dir: str = field(default="runs/data", metadata={"help": "Directory for the JSONL files (new, empty, or "
+                                                           "written by an earlier run)."})
     seed: int = field(default=0, metadata={"help": "Seed of the episodes (the value pools are fixed)."})
     num_train: int = field(default=4000, metadata={"help": "Training episodes (dialogues_train.jsonl)."})
     num_validation: int = field(default=200, metadata={"help": "Validation episodes."})
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     (args,) = HfArgumentParser(SyntheticDataArguments).parse_args_into_dataclasses(args=argv)
     options = asdict(args)
     options["mrl_steps"] = [int(n) for n in args.mrl_steps.split(",")] if args.mrl_steps else None
+    # a folder holding other files is refused (its files would be overwritten); one this script made is rewritten
+    claim_output_dir(args.output_dir, "--output-dir", clear=False)
     written = write_synthetic_data(**options)
     for path in written.values():
         with path.open(encoding="utf-8") as handle:

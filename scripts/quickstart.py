@@ -17,6 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainers.cli import check_output_dir, claim_output_dir  # noqa: E402
+from trainers.data import iter_json_rows  # noqa: E402
+
 PRESETS = Path(__file__).resolve().parent / "presets"
 
 
@@ -111,7 +114,7 @@ def train_baseline(
     from trainers.data import InteractionCollator
     from trainers.memory_eval import dialogue_turns
 
-    rows = [json.loads(line) for line in (data_dir / "dialogues_train.jsonl").read_text().splitlines()]
+    rows = [row for _, row in iter_json_rows(data_dir / "dialogues_train.jsonl")]
     turns = Dataset.from_list([{"query": q, "answer": a} for row in rows for q, a in dialogue_turns(row)])
     config = RxTStatelessConfig.from_rxt_config(RxTConfig(**model_config))
     set_seed(seed)
@@ -164,8 +167,7 @@ def run_mrl(preset: dict, model_dir: Path, data_dir: Path, output: Path, seed: i
 
     if "mrl" not in preset:
         raise ValueError("--with-mrl: the preset has no 'mrl' section (args of scripts/train_mrl.py).")
-    if output.exists():
-        shutil.rmtree(output)
+    output = claim_output_dir(output, "--mrl-output-dir")
     mrl = preset["mrl"]
     args = {"output_dir": str(output / "model"), "report_to": "none", "save_strategy": "no", "seed": seed,
             "use_cpu": not _has_gpu(), "disable_tqdm": True, **mrl["args"]}  # fmt: skip
@@ -196,6 +198,14 @@ def main(argv=None) -> dict:
     with_baseline = bool(preset.get("baseline")) and not options.skip_baseline
     # a baseline budget that cannot be derived fails here, not after the stages trained
     num_baseline_steps = baseline_steps(preset) if with_baseline else None
+    # the output folders: refused now (before any work) unless new, empty or written by an earlier run
+    out = check_output_dir(options.output_dir, "--output-dir")
+    if options.with_mrl:
+        mrl_dir = check_output_dir(options.mrl_output_dir, "--mrl-output-dir")
+        if mrl_dir == out or mrl_dir in out.parents:
+            raise ValueError(f"--mrl-output-dir {options.mrl_output_dir!r} is or contains --output-dir "
+                             f"{options.output_dir!r}: clearing it for the MRL stage would delete the model it starts "
+                             "from; expected a separate folder (e.g. runs/mrl).")  # fmt: skip
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     import torch
@@ -204,10 +214,7 @@ def main(argv=None) -> dict:
     from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
     from trainers.synthetic import generate_dialogues, write_jsonl, write_synthetic_data
 
-    out = Path(options.output_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = claim_output_dir(options.output_dir, "--output-dir")
     seed = preset.get("seed", 0)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -229,7 +236,7 @@ def main(argv=None) -> dict:
         write_jsonl(episode_set(spec, seed), data_dir / f"dialogues_{name}_train.jsonl")
     timed("synthetic data")
 
-    texts = [json.loads(line)["text"] for line in (data_dir / "pretrain_train.jsonl").read_text().splitlines()]
+    texts = [row["text"] for _, row in iter_json_rows(data_dir / "pretrain_train.jsonl")]
     tokenizer = train_rxt_tokenizer(texts, **preset["tokenizer"])
     tokenizer_dir = out / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)

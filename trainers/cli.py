@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from modeling_rxt.tokenization_rxt import check_rxt_tokenizer
 
 from .data import load_rows, validate_rows
 
+OUTPUT_MARKER = ".rxt-output-dir"  # written into a folder a script creates: only such a folder is ever cleared
 TOKEN_ID_FIELDS = ("pad_token_id", "unk_token_id", "bos_token_id", "eos_token_id", "mask_token_id", "query_token_id",
                    "answer_token_id", "think_token_id", "tool_call_token_id", "tool_use_token_id",
                    "internal_token_id")  # fmt: skip
@@ -81,7 +84,10 @@ def load_split(data_args: DataArguments, path: str | None, validate, tokenizer, 
         return None
     kwargs = {"name": data_args.dataset_config} if data_args.dataset_config else {}
     rows = load_rows(path, **kwargs)
-    return validate(rows, tokenizer=tokenizer, max_length=max_length, on_error=data_args.on_error)
+    try:
+        return validate(rows, tokenizer=tokenizer, max_length=max_length, on_error=data_args.on_error)
+    except ValueError as error:  # the validator numbers rows from 0; name the file they came from
+        raise ValueError(f"{path}: {error}") from None
 
 
 def train_and_save(trainer, tokenizer, args) -> None:
@@ -123,3 +129,57 @@ def run_stage(trainer_cls, config_cls, kind, make_collator, argv=None, validate=
     )
     train_and_save(trainer, tokenizer, args)
     return trainer
+
+
+def _protected_folders() -> dict[Path, str]:
+    """Folders no script clears or writes its outputs into (nor into a folder that contains one of them)."""
+    repo = Path(__file__).resolve().parents[1]
+    return {Path("/").resolve(): "the filesystem root", Path.home().resolve(): "your home folder",
+            Path.cwd().resolve(): "the working directory", repo: "the repository"}  # fmt: skip
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Raise the `ValueError` `claim_output_dir(path, flag)` would raise, changing nothing; return the resolved folder.
+    A script calls it at start for a folder it clears later, so a refusal comes before any work."""
+    given = Path(path).expanduser()
+    if given.is_symlink():
+        raise ValueError(f"{flag} {str(path)!r} is a symbolic link; expected a real folder (pass its target or a new "
+                         "folder).")  # fmt: skip
+    folder = given.resolve()
+    for protected, name in _protected_folders().items():
+        if folder == protected or folder in protected.parents:
+            what = name if folder == protected else f"a folder containing {name}"
+            raise ValueError(f"{flag} {str(path)!r} is {what} ({protected}); a script never clears it nor writes its "
+                             "outputs there: expected a new folder, e.g. runs/quickstart.")  # fmt: skip
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file; expected a folder (new, empty, or written by an earlier run).")
+    if folder.is_dir():
+        entries = sorted(entry.name for entry in folder.iterdir())
+        if entries and OUTPUT_MARKER not in entries:
+            shown = ", ".join(repr(name) for name in entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ValueError(f"{flag} {str(path)!r} already holds {len(entries)} entries ({shown}) and was not created "
+                             f"by an RxT script (no {OUTPUT_MARKER} file inside), so it is left untouched. Pass a new "
+                             "or empty folder, or move its contents away yourself.")  # fmt: skip
+    return folder
+
+
+def claim_output_dir(path: str | os.PathLike, flag: str, clear: bool = True) -> Path:
+    """Make `path` this script's output folder and return it (resolved).
+
+    A missing folder is created with the marker file `OUTPUT_MARKER` inside; an empty one gets the marker. A folder
+    that holds the marker (a script made it) is emptied when `clear` (its contents are an earlier run's outputs) and
+    kept as is otherwise. Any other folder — one holding files the user put there — is refused with a `ValueError`
+    naming it, as are the filesystem root, the home folder, the working directory, the repository, a folder containing
+    one of them, a symbolic link and a file (`check_output_dir`). `flag` names the option in the error."""
+    folder = check_output_dir(path, flag)
+    if clear and folder.is_dir():
+        for entry in folder.iterdir():  # only a marked folder gets here with entries
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / OUTPUT_MARKER
+    if not marker.exists():
+        marker.write_text("Created by an RxT script: a later run with this folder as its output clears it.\n")
+    return folder

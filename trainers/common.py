@@ -1,9 +1,16 @@
-"""Shared pieces of the RxT stage trainers: per-component learning rates, metric logging, STM helpers."""
+"""Shared pieces of the RxT stage trainers: per-component learning rates, metric logging, STM helpers, and exact
+resume (the collator's state in every checkpoint; `resume_from_checkpoint=True` takes the latest complete checkpoint)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import json
+import logging
+import os
+import re
+import zipfile
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +27,8 @@ COMPONENT_PREFIXES = (
     ("mlm_head.", "mlm_head"),
 )
 COMPONENTS = ("embedding", "encoder", "decoder", "memory_attention", "mlm_head")
+
+logger = logging.getLogger(__name__)
 
 
 def component_of(name: str) -> str:
@@ -78,6 +87,75 @@ class RxTTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        stateful = all(callable(getattr(self.data_collator, name, None)) for name in ("state_dict", "load_state_dict"))
+        self._collation = ResumableCollation(self.data_collator) if stateful else None
+        self._rng_restored = False
+
+    # -- exact resume ---------------------------------------------------------------------------------------------
+    # The Trainer restores weights, optimizer, scheduler and the global RNGs, and skips the batches already trained.
+    # What it does not know is the collator's state (the SMAT "probe" window RNG, the episode length the schedule set,
+    # the RNG of the MLM masks), nor that batches are built ahead of the step that trains them (accelerate builds one
+    # batch ahead, the Trainer fetches a step's batches before `on_step_begin`). `ResumableCollation` keeps, for every
+    # batch built but not yet trained, the collator state it was built from; a checkpoint stores those states and the
+    # collator's current one, and a resumed run rebuilds the pending batches from theirs before going on from the
+    # current one, so it trains on the batches of the uninterrupted run.
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, where `resume_from_checkpoint=True` (or the string "true", as a CLI flag gives it) is the
+        latest *complete* checkpoint of `output_dir` (`resolve_checkpoint`), and the collator resumes exactly."""
+        checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        self._rng_restored = False
+        if checkpoint is not None and self._collation is not None:
+            self._restore_collation(checkpoint)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                             **kwargs)  # fmt: skip
+
+    def _collation_path(self, folder: str) -> str:
+        name = "collation_state.pth" if self.args.world_size <= 1 else f"collation_state_{self.args.process_index}.pth"
+        return os.path.join(folder, name)
+
+    def _restore_collation(self, checkpoint: str) -> None:
+        path = self._collation_path(checkpoint)
+        if not os.path.isfile(path):
+            logger.warning("%s not found: the resumed run builds its batches from the collator's initial state, so its "
+                           "episode windows, episode lengths or MLM masks can differ from the uninterrupted run's.", path)  # fmt: skip
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        collator = self._collation.collator
+        if not state["pending"] or self.args.ignore_data_skip:
+            collator.load_state_dict(state["current"])
+            return
+
+        def replayed():  # the pending batches are rebuilt: now the RNGs and the collator as they were at the save
+            self._load_rng_state(checkpoint)
+            collator.load_state_dict(state["current"])
+
+        self._collation.replay.extend(state["pending"])
+        self._collation.on_replayed = replayed
+
+    def get_train_dataloader(self):
+        if self._collation is None:
+            return super().get_train_dataloader()
+        collator, self.data_collator = self.data_collator, self._collation  # training batches go through the wrapper
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._collation is not None:
+            self._collation.consumed()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self._collation is not None:
+            torch.save(self._collation.state_dict(), self._collation_path(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if self._rng_restored:  # already restored after rebuilding the pending batches (see `_restore_collation`)
+            return
+        super()._load_rng_state(checkpoint)
+        self._rng_restored = checkpoint is not None
 
     # -- optimizer ------------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -157,3 +235,151 @@ def stm_update_norm(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """`‖STM_t − STM_{t−1}‖ / ‖STM_{t−1}‖` (training.md §0.1)."""
     old = old.expand_as(new)
     return (new - old).detach().norm() / old.detach().norm().clamp(min=1e-12)
+
+
+class ResumableCollation:
+    """The training batches' collator, wrapped so a checkpoint can hold what a resumed run needs to build the same
+    batches: the state each built-but-untrained batch was built from (`pending`) and the collator's current state.
+
+    `collator` has `state_dict()` / `load_state_dict(state)`. `RxTTrainer` calls `consumed()` once per trained batch;
+    on resume it fills `replay` with the checkpoint's pending states (each rebuilds one batch) and `on_replayed`
+    (called once they are rebuilt: restores the RNGs and the collator's state at the save)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.pending: deque[dict] = deque()
+        self.replay: deque[dict] = deque()
+        self.on_replayed = None
+
+    def __call__(self, rows):
+        if self.replay:
+            self.collator.load_state_dict(self.replay.popleft())
+        self.pending.append(self.collator.state_dict())
+        batch = self.collator(rows)
+        if self.on_replayed is not None and not self.replay:
+            self.on_replayed()
+            self.on_replayed = None
+        return batch
+
+    def consumed(self) -> None:
+        if self.pending:  # empty with dataloader workers, which collate in their own processes
+            self.pending.popleft()
+
+    def state_dict(self) -> dict:
+        return {"pending": list(self.pending), "current": self.collator.state_dict()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints: complete or cut short
+
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                "adapter_model.safetensors", "adapter_model.bin")  # fmt: skip
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or length > size - 8:
+            return f"{path.name} is cut short ({size} bytes, no complete header)"
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return f"{path.name} has a broken header"
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if size != 8 + length + end:
+        return f"{path.name} is cut short ({size} bytes, its header needs {8 + length + end})"
+    return None
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` is not a complete Trainer checkpoint, or None. Complete: `trainer_state.json` (written last),
+    model weights and the optimizer state are present (or the FSDP / DeepSpeed folders that hold them), every
+    `.safetensors` file is as long as its header says, every torch file (`.pt`, `.pth`, `.bin`) is a whole zip
+    archive, every `.json` file parses and every shard an index names exists. A kill while saving leaves one of these
+    wrong."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "not a folder"
+    names = {path.name for path in folder.iterdir()}
+    sharded = any(name.startswith(("pytorch_model_fsdp", "global_step")) for name in names)
+    if "trainer_state.json" not in names:
+        return "trainer_state.json is missing"
+    if not sharded and not names & set(WEIGHT_FILES):
+        return f"no model weights (expected one of {', '.join(WEIGHT_FILES[:3])}, ...)"
+    if not sharded and "optimizer.pt" not in names and not any(name.startswith("optimizer_") for name in names):
+        return "optimizer.pt is missing"
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        relative = path.relative_to(folder)
+        if path.suffix == ".safetensors":
+            problem = _safetensors_problem(path)
+            if problem:
+                return f"{relative.parent / problem}" if relative.parent != Path(".") else problem
+        elif path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+            return f"{relative} is not a complete torch file ({path.stat().st_size} bytes)"
+        elif path.suffix == ".json":
+            try:
+                content = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return f"{relative} is not valid JSON (cut short)"
+            if path.name.endswith(".index.json") and isinstance(content, dict):
+                missing = sorted(set(content.get("weight_map", {}).values()) - {p.name for p in path.parent.iterdir()})
+                if missing:
+                    return f"{relative} names missing shards {missing}"
+    return None
+
+
+def _latest_complete(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the complete `checkpoint-N` of `folder` with the largest N or None, the newer incomplete ones with why)."""
+    found = [(int(match.group(1)), path) for path in folder.iterdir()
+             if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))]  # fmt: skip
+    skipped = []
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str:
+    """The `checkpoint-N` folder of `output_dir` with the largest N that is complete (`checkpoint_problem`); newer
+    incomplete ones are named in a warning. No complete checkpoint raises `ValueError` naming what was found."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        raise ValueError(f"resume_from_checkpoint=True: output_dir {str(output_dir)!r} does not exist; expected the "
+                         "output_dir of the interrupted run.")  # fmt: skip
+    latest, skipped = _latest_complete(folder)
+    if latest is None:
+        detail = "; ".join(f"{p.name}: {why}" for p, why in skipped) or "no checkpoint-N folder"
+        raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in {output_dir} ({detail}); expected "
+                         "checkpoint-N folders saved with --save_strategy steps or epoch.")  # fmt: skip
+    if skipped:
+        logger.warning("resume_from_checkpoint=True: %s; resuming from %s, the latest complete checkpoint.",
+                       "; ".join(f"{p} is incomplete ({why}: cut short while saving?)" for p, why in skipped), latest)  # fmt: skip
+    return str(latest)
+
+
+def resolve_checkpoint(value: str | bool | os.PathLike | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint folder to resume from: None / False / "false" → None; True / "true" (any case) → the latest
+    complete checkpoint of `output_dir`; a path → itself when complete, else a `ValueError` naming what is wrong and
+    the latest complete checkpoint beside it."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", ""):
+        value = value.strip().lower() == "true"
+    if value is None or value is False:
+        return None
+    if value is True:
+        return latest_complete_checkpoint(output_dir)
+    problem = checkpoint_problem(value)
+    if problem is None:
+        return str(value)
+    parent = Path(value).parent
+    latest = _latest_complete(parent)[0] if parent.is_dir() else None
+    hint = f"; the latest complete checkpoint beside it is {latest}" if latest is not None else ""
+    raise ValueError(f"resume_from_checkpoint={str(value)!r}: {problem}; expected a complete checkpoint folder "
+                     f"(trainer_state.json, model weights, optimizer.pt){hint}.")  # fmt: skip

@@ -33,11 +33,12 @@ repeat the same masks and do not see `set_max_turns`; use `num_workers=0` (or se
 
 from __future__ import annotations
 
-import random
-
+import codecs
+import json
 import logging
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,15 @@ __all__ = [
     "EpisodeCollator",
     "InteractionCollator",
     "JointLMCollator",
+    "check_data_file",
+    "check_rows",
     "encode_interaction",
     "encode_text",
     "episode_turns",
+    "iter_json_rows",
     "load_rows",
+    "read_lines",
+    "row_problem",
     "truncate_episode",
     "validate_rows",
 ]
@@ -62,7 +68,119 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_KINDS = ("text", "interaction", "episode")
+_KINDS = ("text", "interaction", "episode", "evaluation")
+FILE_FORMATS = "a .jsonl file (one JSON object per line), a .json file (JSON lines or an array of objects) or a .parquet file"
+ROW_EXAMPLES = {
+    "text": '{"text": "..."}',
+    "interaction": '{"query": "...", "answer": "..."}',
+    "episode": '{"query": "...", "answer": "...", "interactions": [{"query": "...", "answer": "..."}, ...]}',
+    "evaluation": '{"query": "...", "answer": "...", "interactions": [...], "probes": [{"turn": 3, "distance": 2, '
+    '"expected": "..."}, ...]}',
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading files: every reader of local data (load_rows, the scripts, the tokenizer trainer) goes through these checks,
+# so a bad file stops with its name, the line and what was expected, before any training or evaluation starts.
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """`(line number, line)` of a UTF-8 text file (a leading byte-order mark is dropped). A byte sequence that is not
+    UTF-8 raises `ValueError` naming the file, the line and the column."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r}: no such file.")
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                    "expected a UTF-8 encoded file (re-save it as UTF-8)."
+                ) from None
+
+
+def _empty_file_error(path: Path, what: str, example: str) -> ValueError:
+    content = "is empty (0 bytes)" if path.stat().st_size == 0 else "holds only blank lines"
+    return ValueError(f"{path} {content}; expected {what}, e.g. {example}.")
+
+
+def iter_json_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """`(location, row)` of every JSON object of a `.jsonl` / `.json` file: one object per line (blank lines are
+    skipped; location `file:line`), or for a `.json` file whose text starts with `[`, an array of objects (location
+    `file item i`). A file that is empty or blank, not UTF-8, or holds a line / item that is not a JSON object raises
+    `ValueError` naming the file, the line and the problem."""
+    path = Path(path)
+    lines = read_lines(path)
+    expected = "one JSON object per line"
+    found = False
+    for number, line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        if not found and text.startswith("[") and path.suffix.lower() == ".json":
+            yield from _json_array_rows(path, line + "".join(rest for _, rest in lines), number)
+            return
+        found = True
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); expected {expected}, e.g. "
+                f"{ROW_EXAMPLES['interaction']}."
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: a JSON {type(row).__name__}, expected a JSON object ({expected}).")
+        yield f"{path}:{number}", row
+    if not found:
+        raise _empty_file_error(path, expected, ROW_EXAMPLES["interaction"])
+
+
+def _json_array_rows(path: Path, text: str, first_line: int) -> Iterator[tuple[str, dict]]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path}:{first_line + error.lineno - 1}: not valid JSON ({error.msg} at column {error.colno}); expected "
+            "a JSON array of objects or one JSON object per line."
+        ) from None
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: holds {'an empty array' if items == [] else 'no array'}; expected a JSON array of "
+                         "row objects or one JSON object per line.")  # fmt: skip
+    for index, row in enumerate(items):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} item {index}: a JSON {type(row).__name__}, expected a JSON object per row.")
+        yield f"{path} item {index}", row
+
+
+def check_data_file(path: str | os.PathLike) -> int:
+    """Check a local data file before it is loaded; returns its number of rows (Parquet: -1, counted on loading).
+
+    `.json` / `.jsonl`: `iter_json_rows`. `.parquet`: the file starts and ends with Parquet's magic bytes (a truncated
+    or renamed file fails here, by name). Any other extension (`.csv`, `.tsv`, `.txt`, ...) is refused by name: rows
+    hold nested lists (`interactions`, `probes`) that CSV cannot carry."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _FILE_BUILDERS:
+        raise ValueError(f"{path}: {suffix or 'extensionless'} files are not read as rows; expected {FILE_FORMATS} "
+                         "(or a save_to_disk folder, or a hub dataset id). CSV cannot carry the nested 'interactions' "
+                         "and 'probes' lists of episode rows: convert it to JSON lines.")  # fmt: skip
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r}: no such file.")
+    if suffix == ".parquet":
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(4)
+            handle.seek(max(size - 4, 0))
+            tail = handle.read(4)
+        if size < 12 or head != b"PAR1" or tail != b"PAR1":
+            raise ValueError(f"{path}: not a Parquet file ({size} bytes, {'empty' if size == 0 else 'truncated or another format'}"
+                             f"); expected {FILE_FORMATS}.")  # fmt: skip
+        return -1
+    return sum(1 for _ in iter_json_rows(path))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -74,26 +192,35 @@ def load_rows(path_or_id: str | os.PathLike, split: str = "train", **kwargs: Any
 
     Args:
         path_or_id: a local `.json` / `.jsonl` / `.parquet` file (builder chosen by the extension; the file is one
-            split, so `split` is not used), a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a
-            hub dataset id / local dataset script directory (`datasets.load_dataset(path_or_id, split=split)`).
+            split, so `split` is not used; checked first by `check_data_file`, so a bad file fails with its name and
+            line), a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a hub dataset id /
+            local dataset script directory (`datasets.load_dataset(path_or_id, split=split)`). Another local file
+            (`.csv`, `.txt`, ...) is refused by name.
         split: split to load from a hub dataset or a saved `DatasetDict`.
         **kwargs: passed to `datasets.load_dataset` (e.g. `name="steps-6"` for a hub subset, `revision`).
 
     Returns:
-        `datasets.Dataset`.
+        `datasets.Dataset` with at least one row.
     """
     import datasets
 
     path = Path(path_or_id)
-    builder = _FILE_BUILDERS.get(path.suffix.lower())
-    if builder is not None:
-        if not path.is_file():
-            raise FileNotFoundError(f"load_rows: no such file {str(path)!r}.")
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **kwargs)
-    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+    if path.is_file() or path.suffix.lower() in _FILE_BUILDERS:
+        check_data_file(path)
+        try:
+            loaded = datasets.load_dataset(_FILE_BUILDERS[path.suffix.lower()], data_files={"train": str(path)},
+                                           split="train", **kwargs)  # fmt: skip
+        except Exception as error:  # an Arrow / datasets error deep inside: name the file and the likely cause
+            raise ValueError(f"{path}: could not be read as a table ({type(error).__name__}: {error}); expected rows "
+                             "with the same fields, each field of one type in every row.") from error  # fmt: skip
+    elif path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(str(path_or_id), split=split, **kwargs)
+        loaded = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    else:
+        loaded = datasets.load_dataset(str(path_or_id), split=split, **kwargs)
+    if len(loaded) == 0:
+        raise ValueError(f"{path_or_id}: no rows (split {split!r}); expected at least one row.")
+    return loaded
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -218,8 +345,30 @@ def _text_problem(row: dict, field: str) -> str | None:
     return None
 
 
-def _row_problems(row: dict, kind: str, text_field: str) -> tuple[str, str] | None:
-    """First structural problem of a row as `(field, reason)`, or None."""
+def _probe_problem(probe, num_turns: int, need_expected: bool) -> tuple[str, str] | None:
+    """First problem of one probe `{"turn", "distance", "expected"}` as `(field, reason)`, or None."""
+    if not isinstance(probe, dict):
+        return "", f"expected an object {{turn, distance, expected}}, got {type(probe).__name__}"
+    turn, distance = probe.get("turn"), probe.get("distance")
+    if not isinstance(turn, int) or isinstance(turn, bool) or not 0 <= turn < num_turns:
+        return ".turn", f"expected a turn index in [0, {num_turns}), got {turn!r}"
+    if not isinstance(distance, int) or isinstance(distance, bool) or not 1 <= distance <= turn:
+        what = "missing" if distance is None else f"got {distance!r}"
+        return ".distance", (f"{what}; expected the turns between the fact and this question, an integer in "
+                             f"[1, turn={turn}]")  # fmt: skip
+    if need_expected:
+        reason = _text_problem(probe, "expected")
+        if reason:
+            return ".expected", f"{reason}; expected the value the answer must contain"
+    return None
+
+
+def row_problem(row: dict, kind: str, text_field: str = "text") -> tuple[str, str] | None:
+    """First structural problem of a row of `kind` (see `validate_rows`) as `(field, reason)`, or None."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {_KINDS}.")
+    if not isinstance(row, dict):
+        return "", f"expected an object such as {ROW_EXAMPLES[kind]}, got {type(row).__name__}"
     if kind == "text":
         reason = _text_problem(row, text_field)
         return (text_field, reason) if reason else None
@@ -242,13 +391,31 @@ def _row_problems(row: dict, kind: str, text_field: str) -> tuple[str, str] | No
             if reason:
                 return f"interactions[{k}].{field}", reason
     probes = row.get("probes")
+    if probes is None and kind == "evaluation":
+        return "probes", "missing; expected a list of {turn, distance, expected}"
     if probes is not None:
-        num_turns = 1 + len(interactions)
+        if not isinstance(probes, list):
+            return "probes", f"expected a list of {{turn, distance, expected}}, got {type(probes).__name__}"
         for j, probe in enumerate(probes):
-            turn = probe.get("turn") if isinstance(probe, dict) else None
-            if not isinstance(turn, int) or not 0 <= turn < num_turns:
-                return f"probes[{j}].turn", f"expected a turn index in [0, {num_turns}), got {turn!r}"
+            problem = _probe_problem(probe, 1 + len(interactions), need_expected=kind == "evaluation")
+            if problem:
+                return f"probes[{j}]{problem[0]}", problem[1]
     return None
+
+
+def check_rows(rows, kind: str, source: str) -> list[dict]:
+    """`rows` (`(location, row)` pairs, e.g. `iter_json_rows(path)`) as a list, or a `ValueError` naming the first
+    invalid row's location, field and problem and the expected form of a `kind` row."""
+    checked = []
+    for location, row in rows:
+        problem = row_problem(row, kind)
+        if problem:
+            raise ValueError(f"{location}: field {problem[0]!r}: {problem[1]}; expected {kind} rows such as "
+                             f"{ROW_EXAMPLES[kind]}.")  # fmt: skip
+        checked.append(row)
+    if not checked:
+        raise ValueError(f"{source}: no rows; expected {kind} rows such as {ROW_EXAMPLES[kind]}.")
+    return checked
 
 
 def _row_segments(row: dict, kind: str, text_field: str) -> list[tuple[str, str, str | None]]:
@@ -277,11 +444,14 @@ def validate_rows(
         - `"interaction"`: `query` and `answer` present, strings, not empty; `[BOS][Q]{query}[A]{answer}[EOS]` at most
           `max_length` tokens.
         - `"episode"`: as `"interaction"` for the top-level turn and every item of `interactions` (a list; may be
-          empty); `probes[j].turn`, when probes are present, indexes an existing turn; every turn at most `max_length`.
+          empty); when probes are present, each `probes[j]` has a `turn` indexing an existing turn and a `distance`
+          in `[1, turn]` (the `"probe"` episode window reads both); every turn at most `max_length`.
+        - `"evaluation"`: an episode whose `probes` are present and each also has its `expected` value (memory
+          evaluation).
 
     Args:
         dataset: a `datasets.Dataset` (or a list of dicts, converted).
-        kind: `"text"`, `"interaction"` or `"episode"`.
+        kind: `"text"`, `"interaction"`, `"episode"` or `"evaluation"`.
         tokenizer: RxT tokenizer; required when `max_length` is given.
         max_length: longest allowed tokenized sequence (None: no length check).
         on_error: `"error"` raises `ValueError("row {i}: field {field!r}: {reason} ...")` for the first invalid row;
@@ -305,7 +475,7 @@ def validate_rows(
     sequences = [1] * len(dataset)  # sequences per row: an episode's turns
     pending: list[tuple[int, str, str, str | None]] = []  # rows to length-check: (row, field, text, answer)
     for index, row in enumerate(dataset):
-        problem = _row_problems(row, kind, text_field)
+        problem = row_problem(row, kind, text_field)
         if problem:
             problems[index] = problem
         elif max_length is not None or length_column is not None:
@@ -354,9 +524,10 @@ def drop_or_raise(dataset, problems: dict[int, tuple[str, str]], kind: str, call
     first = min(problems)
     field, reason = problems[first]
     detail = f"row {first}: field {field!r}: {reason}"
+    example = f" Expected {kind} rows such as {ROW_EXAMPLES[kind]}." if kind in ROW_EXAMPLES else ""
     if on_error == "error":
         raise ValueError(
-            f"invalid {kind} {detail} ({len(problems)} of {total} rows invalid; on_error='skip' drops them)."
+            f"invalid {kind} {detail} ({len(problems)} of {total} rows invalid; on_error='skip' drops them).{example}"
         )
     if len(problems) == total:
         raise ValueError(f"{caller}: all {total} {kind} rows are invalid; first: {detail}.")
@@ -427,6 +598,14 @@ class JointLMCollator:
         if seed is not None:
             self.generator = torch.Generator()
             self.generator.manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        """What the next batch's masks depend on besides its rows: the RNG they are drawn from (the collator's
+        generator, or torch's global CPU RNG when `seed=None`). `RxTTrainer` saves it in checkpoints."""
+        return {"rng": torch.get_rng_state() if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        (torch.set_rng_state if self.generator is None else self.generator.set_state)(state["rng"])
 
     def _sequences(self, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
         if self.sft:
@@ -573,6 +752,16 @@ class EpisodeCollator:
         if max_turns is not None and (not isinstance(max_turns, int) or max_turns < 1):
             raise ValueError(f"max_turns={max_turns!r}: expected a positive integer or None.")
         self.max_turns = max_turns
+
+    def state_dict(self) -> dict:
+        """What the next batch depends on besides its rows: the `"probe"` window RNG and `max_turns`. `RxTTrainer`
+        saves it in checkpoints, so a resumed run builds the episodes of the uninterrupted one."""
+        return {"rng": self._rng.getstate(), "max_turns": self.max_turns}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self.set_max_turns(state["max_turns"])
 
     def _turns(self, row: dict) -> list[tuple[str, str]]:
         if self.window == "head" or self.max_turns is None:

@@ -101,6 +101,13 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
         self.data_collator_schedule_ready = hasattr(self.data_collator, "set_max_turns")
         if self.args.episode_turns(0.0) is not None and not self.data_collator_schedule_ready:
             raise ValueError("The episode-length schedule needs a collator with set_max_turns (EpisodeCollator).")
+        if self.args.episode_turns(0.0) is not None and self.args.dataloader_num_workers > 0:
+            raise ValueError(
+                f"dataloader_num_workers={self.args.dataloader_num_workers} with episode_length_start / "
+                "episode_max_turns: the episode length and the 'probe' window RNG live in the collator of the main "
+                "process; workers would build every batch with copies of their starting values. Expected "
+                "dataloader_num_workers=0."
+            )
         if self.data_collator_schedule_ready:
             self.data_collator.set_max_turns(self.args.episode_turns(0.0))
 

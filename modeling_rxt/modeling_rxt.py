@@ -1654,8 +1654,8 @@ class RxTChatSession:
             (turn, error), self._update_error = self._update_error, None
             raise RxTMemoryUpdateError(
                 f"The background memory update of turn {turn} failed ({type(error).__name__}: {error}). That "
-                "interaction is not in memory: the STM is the one from before turn {turn}; the session continues "
-                "from there.".replace("{turn}", str(turn)),
+                f"interaction is not in memory: the STM is the one from before turn {turn}; the session continues "
+                "from there.",
                 turn,
             ) from error
 

@@ -238,3 +238,14 @@ def test_reset_discards_a_background_failure(model, tokenizer, monkeypatch):
     session.reset()
     assert torch.equal(session.stm, model.initial_stm(1))
     assert isinstance(session.interact("hello", max_new_tokens=2), str)
+
+
+@pytest.mark.parametrize("point", ["encode", "write"])
+def test_init_stm_failure_keeps_the_conversation(model, tokenizer, monkeypatch, point):
+    session = started_session(model, tokenizer)
+    before = session.stm.clone()
+    memory_fault(model, monkeypatch, point)
+    with pytest.raises(Injected):
+        session.init_stm("be brief")
+    monkeypatch.undo()
+    assert_untouched_and_next_turn_works(session, before, model, tokenizer)

@@ -56,21 +56,6 @@ LABELS = {"rxt": "RxT (query only + STM)", "llama_reread": "Llama, re-reads hist
           "llama_kvcache": "Llama, KV cache across turns"}  # fmt: skip
 
 
-def _generate_timed(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> tuple[dict, torch.Tensor]:
-    streamer = bc.TimingStreamer()
-    t0 = time.perf_counter()
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-        pad_token_id=0, streamer=streamer, **kwargs,
-    )  # fmt: skip
-    t1 = time.perf_counter()
-    if out.shape[1] != ids.shape[1] + new_tokens:
-        raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens, expected {new_tokens}")
-    stamps = streamer.stamps  # [prompt push, token 1, ..., token N]
-    decode = (stamps[-1] - stamps[1]) / max(new_tokens - 1, 1)
-    return {"prompt_ms": (stamps[1] - t0) * 1e3, "turn_ms": (t1 - t0) * 1e3, "decode_ms_per_token": decode * 1e3}, out
-
-
 def main(argv=None) -> dict:
     ap = bc.base_parser("conversation", __doc__)
     ap.add_argument("--turns", type=int, default=None, help="last turn (default 64; quick 3)")
@@ -88,10 +73,10 @@ def main(argv=None) -> dict:
 
     from transformers import DynamicCache
 
-    from modeling_rxt import RxTCache, RxTForCausalLM
+    from modeling_rxt import RxTCache
 
     quick = args.quick
-    threads = bc.pin_threads(args.threads)
+    threads, machine = bc.start(args)
     if quick:
         dims = dict(bc.QUICK_DIMS)
         defaults = dict(turns=3, measure=[1, 3], q=16, a=16, think=0.1, bg=2, repeats=2)
@@ -112,10 +97,9 @@ def main(argv=None) -> dict:
     repeats = args.repeats or defaults["repeats"]
     inter_len = q_len + a_len
 
-    torch.manual_seed(args.seed)
-    config = bc.rxt_config(**dims, seq_len=max(1024, 2 * inter_len))
-    rxt = RxTForCausalLM(config).eval()
-    llama = bc.llama_like(config, max_positions=max(16384, (turns + 1) * inter_len + 8))
+    config, rxt, llama = bc.rxt_and_llama(
+        dims, seq_len=max(1024, 2 * inter_len), max_positions=max(16384, (turns + 1) * inter_len + 8)
+    )
     vocab = dims["vocab_size"]
     gen = torch.Generator().manual_seed(args.seed)
     queries = [bc.rxt_query(gen, 1, q_len, vocab, config) for _ in range(turns + bg_turns)]
@@ -131,13 +115,12 @@ def main(argv=None) -> dict:
     stm = rxt.initial_stm(1)
     stm_at_turn = {}
     kv_cache = DynamicCache()
-    machine = bc.machine_info(threads)
     t_start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(args.global_warmup):  # whole-process warm-up (allocator, kernels) before the first point
-            _generate_timed(rxt, queries[0], a_len, cache=RxTCache(stm=stm))
+            bc.timed_generate(rxt, queries[0], a_len, cache=RxTCache(stm=stm))
             rxt.update_memory(interactions[0], None, stm)
-            _generate_timed(llama, queries[0], a_len)
+            bc.timed_generate(llama, queries[0], a_len)
         for t in range(1, turns + 1):
             query, interaction = queries[t - 1], interactions[t - 1]
             history = torch.cat(interactions[: t - 1], dim=1) if t > 1 else query[:, :0]
@@ -149,13 +132,13 @@ def main(argv=None) -> dict:
 
                 def run_rxt(query=query, info=info, stm=stm):
                     cache = bc.rxt_cache_after_update(rxt, stm)
-                    times, _ = _generate_timed(rxt, query, a_len, cache=cache)
+                    times, _ = bc.timed_generate(rxt, query, a_len, cache=cache)
                     info["rxt_turn_bytes"] = bc.dynamic_cache_bytes(cache) + bc.tensor_bytes(
                         x for kv in cache.memory_kv.values() for x in kv)
                     return times
 
                 def run_rxt_cold(query=query, stm=stm):  # the prefill projects the memory K/V
-                    return _generate_timed(rxt, query, a_len, cache=RxTCache(stm=stm))[0]
+                    return bc.timed_generate(rxt, query, a_len, cache=RxTCache(stm=stm))[0]
 
                 def run_update(interaction=interaction, stm=stm):
                     cache = RxTCache(stm=stm)
@@ -164,10 +147,10 @@ def main(argv=None) -> dict:
                     return {"update_ms": (time.perf_counter() - t0) * 1e3}
 
                 def run_reread(prompt=prompt):
-                    return _generate_timed(llama, prompt, a_len)[0]
+                    return bc.timed_generate(llama, prompt, a_len)[0]
 
                 def run_kv(prompt=prompt, hist_len=hist_len, info=info):
-                    times, _ = _generate_timed(llama, prompt, a_len, **{CACHE_KWARG: kv_cache})
+                    times, _ = bc.timed_generate(llama, prompt, a_len, **{CACHE_KWARG: kv_cache})
                     info["kv_bytes_after"] = bc.dynamic_cache_bytes(kv_cache)
                     info["kv_tokens_after"] = kv_cache.get_seq_length()
                     kv_cache.crop(hist_len - kv_cache.get_seq_length())  # back to the history (negative count)
@@ -235,7 +218,7 @@ def main(argv=None) -> dict:
 
         # -- RxT at every measured turn, timed in alternation (same background load for turn 1 and turn 64) --
         rxt_fns = [
-            lambda t=t: _generate_timed(
+            lambda t=t: bc.timed_generate(
                 rxt, queries[t - 1], a_len, cache=bc.rxt_cache_after_update(rxt, stm_at_turn[t])
             )[0]
             for t in measure
@@ -263,7 +246,7 @@ def main(argv=None) -> dict:
                     rows[-1]["hidden_fraction"] = max(0.0, min(1.0, 1.0 - rows[-1]["wait_ms"] / rows[-1]["update_ms"]))
                 if k == bg_turns:
                     break
-                times, out = _generate_timed(rxt, query, a_len, cache=cache)
+                times, out = bc.timed_generate(rxt, query, a_len, cache=cache)
                 interaction = out  # [BOS][Q]query[A] + the generated answer
                 stamps: list[float] = []
 
@@ -342,12 +325,7 @@ def main(argv=None) -> dict:
         "background_update_hidden_fraction": summary["background_update_hidden_fraction"] >= 0.99,
     }
     config_out = {
-        "quick": bool(quick),
-        "threads": threads,
-        "repeats": repeats,
-        "warmup_per_point": args.warmup,
-        "seed": args.seed,
-        "dtype": "float32",
+        **bc.run_config(args, threads, repeats),
         "turns": turns,
         "measured_turns": measure,
         "query_len": q_len,
@@ -389,35 +367,19 @@ def main(argv=None) -> dict:
                     linestyle="--")  # fmt: skip
         for ax, title in ((axes[0, 0], "prompt phase (time to first token)"),
                           (axes[0, 1], f"full turn ({a_len}-token answer)")):  # fmt: skip
-            ax.set_yscale("log")
-            ax.set_xlabel("turn")
-            ax.set_ylabel("ms (median, IQR bars)")
-            ax.set_title(title, fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            bc.log_axes(ax, "turn", "ms (median, IQR bars)", title=title)
         ax = axes[1, 0]
         ax.plot(xs, [r["rxt"]["state_bytes"] / 2**20 for r in results], "o-", label="RxT STM")
         ax.plot(xs, [r["llama_kvcache"]["state_bytes"] / 2**20 for r in results], "o-", label="Llama KV cache")
-        ax.set_yscale("log")
-        ax.set_xlabel("turn")
-        ax.set_ylabel("state carried between turns (MiB)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        bc.log_axes(ax, "turn", "state carried between turns (MiB)")
         ax = axes[1, 1]
         for system in SYSTEMS:
             ax.plot(xs, [r[system]["cumulative_tokens_processed"] for r in results], "o-", label=LABELS[system])
-        ax.set_yscale("log")
-        ax.set_xlabel("turn")
-        ax.set_ylabel("cumulative tokens processed")
-        ax.set_title(f"background update hidden behind {think:g} s think time: "
-                     f"{summary['background_update_hidden_fraction']:.0%}", fontsize=9)  # fmt: skip
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.suptitle(f"RxT vs Llama conversation, D={dims['embed_dim']}, {dims['num_layers']} layers, "
-                     f"{q_len}+{a_len} tokens/turn, {threads} thread(s)", fontsize=10)  # fmt: skip
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
+        hidden = summary["background_update_hidden_fraction"]
+        bc.log_axes(ax, "turn", "cumulative tokens processed",
+                    title=f"background update hidden behind {think:g} s think time: {hidden:.0%}")  # fmt: skip
+        bc.save_figure(fig, png, f"RxT vs Llama conversation, D={dims['embed_dim']}, {dims['num_layers']} layers, "
+                       f"{q_len}+{a_len} tokens/turn, {threads} thread(s)")  # fmt: skip
 
     out = bc.write_outputs(args.output, machine, config_out, results, summary, plot, SUMMARY_KEYS,
                            extra={"results_background": background, "results_rxt_by_turn_interleaved": rxt_by_turn})

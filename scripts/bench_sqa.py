@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     from modeling_rxt import RxTForCausalLM
 
     quick = args.quick
-    threads = bc.pin_threads(args.threads)
+    threads, machine = bc.start(args)
     if quick:
         dim, heads, layers, ff, vocab = 128, 16, 1, 256, 256
         lengths = args.lengths or [128, 256]
@@ -102,9 +102,7 @@ def main(argv=None) -> dict:
     lengths = sorted(set(lengths))
     hd = dim // heads
     headline = 16384 if 16384 in lengths else max(lengths)
-    machine = bc.machine_info(threads)
     specs = variants(heads)
-    torch.manual_seed(args.seed)
     models = {}
     for name, spec in specs.items():
         config = bc.rxt_config(embed_dim=dim, num_layers=layers, att_heads=heads, query_heads=heads // 2,
@@ -231,14 +229,10 @@ def main(argv=None) -> dict:
         "target": {"xsqa_speedup_vs_mha_16k": ">= 2.5"},
         "meets_target": {"xsqa_speedup_vs_mha_16k": speedup("xSQA", "MHA") >= 2.5},
     }
+    warmup = (f"{args.warmup} for <= 4096 tokens, else 0 (process already warm; a call takes seconds); "
+              f"+{args.global_warmup} at the first length")  # fmt: skip
     config = {
-        "quick": bool(quick),
-        "threads": threads,
-        "repeats": {str(t): repeats_for(t, base_repeats) for t in lengths},
-        "warmup_per_point": f"{args.warmup} for <= 4096 tokens, else 0 (process already warm; a call takes seconds); "
-        f"+{args.global_warmup} at the first length",
-        "seed": args.seed,
-        "dtype": "float32",
+        **bc.run_config(args, threads, {str(t): repeats_for(t, base_repeats) for t in lengths}, warmup=warmup),
         "batch": 1,
         "lengths": lengths,
         "embed_dim": dim,
@@ -267,13 +261,7 @@ def main(argv=None) -> dict:
             rows = [r for r in results if k in r["variants"]["MHA"]]
             for n in names:
                 bc.errorbar(ax, [r["tokens"] for r in rows], [r["variants"][n][k] for r in rows], n)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens")
-            ax.set_ylabel("ms (median, IQR bars)")
-            ax.set_title(k.replace("_", " "), fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            bc.log_axes(ax, "tokens", "ms (median, IQR bars)", xbase=2, title=k.replace("_", " "))
         ax = axes[-1]
         xs = range(len(names))
         ax.bar([i - 0.2 for i in xs], [summary["speedup_vs_mha_16k"][n] for n in names], 0.4,
@@ -286,10 +274,7 @@ def main(argv=None) -> dict:
         ax.set_ylabel(f"speed-up vs MHA at {headline} tokens")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-        fig.suptitle(f"SQA vs MHA/GQA/MQA: D={dim}, H={heads}, hd={hd}, causal, {threads} thread(s)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
+        bc.save_figure(fig, png, f"SQA vs MHA/GQA/MQA: D={dim}, H={heads}, hd={hd}, causal, {threads} thread(s)")
 
     out = bc.write_outputs(args.output, machine, config, results, summary, plot, SUMMARY_KEYS)
     return out

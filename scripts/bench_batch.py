@@ -110,8 +110,11 @@ def main(argv=None) -> dict:
 
             m_rxt, m_upd, m_llama = bc.measure_interleaved([run_rxt, run_update, run_llama], repeats, args.warmup)
             tokens = b * a_len
-            rxt_turn, upd, ll_turn = bc.median(m_rxt["turn_ms"]), bc.median(m_upd["update_ms"]), bc.median(
-                m_llama["turn_ms"])
+            rxt_turn, upd, ll_turn = (
+                bc.median(m_rxt["turn_ms"]),
+                bc.median(m_upd["update_ms"]),
+                bc.median(m_llama["turn_ms"]),
+            )
             row = {
                 "batch": b,
                 "turn": turn,

@@ -43,10 +43,12 @@ import torch  # noqa: E402 - after the environment defaults above
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 # The benchmarked RxT / Llama dims: tiny for --quick, the documented full size otherwise (docs/benchmarks.md).
-QUICK_DIMS = dict(embed_dim=64, num_layers=2, att_heads=4, query_heads=2, kv_heads=2, ff_dim=192, vocab_size=512,
-                  stm_size=32)
-FULL_DIMS = dict(embed_dim=256, num_layers=4, att_heads=16, query_heads=8, kv_heads=8, ff_dim=768, vocab_size=8192,
-                 stm_size=512)
+QUICK_DIMS = dict(
+    embed_dim=64, num_layers=2, att_heads=4, query_heads=2, kv_heads=2, ff_dim=192, vocab_size=512, stm_size=32
+)
+FULL_DIMS = dict(
+    embed_dim=256, num_layers=4, att_heads=16, query_heads=8, kv_heads=8, ff_dim=768, vocab_size=8192, stm_size=512
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -59,8 +59,13 @@ LABELS = {"rxt": "RxT (query only + STM)", "llama_reread": "Llama, re-reads hist
 def main(argv=None) -> dict:
     ap = bc.base_parser("conversation", __doc__)
     ap.add_argument("--turns", type=int, default=None, help="last turn (default 64; quick 3)")
-    ap.add_argument("--measure-turns", type=int, nargs="*", default=None,
-                    help="turns timed (default 1 2 4 8 16 32 48 64; quick 1 3)")
+    ap.add_argument(
+        "--measure-turns",
+        type=int,
+        nargs="*",
+        default=None,
+        help="turns timed (default 1 2 4 8 16 32 48 64; quick 1 3)",
+    )
     ap.add_argument("--query-len", type=int, default=None, help="query tokens incl. [BOS][Q]..[A] (64; quick 16)")
     ap.add_argument("--answer-len", type=int, default=None, help="answer tokens generated per turn (64; quick 16)")
     ap.add_argument("--think-time", type=float, default=None, help="simulated user think time, s (1.0; quick 0.1)")
@@ -134,7 +139,8 @@ def main(argv=None) -> dict:
                     cache = bc.rxt_cache_after_update(rxt, stm)
                     times, _ = bc.timed_generate(rxt, query, a_len, cache=cache)
                     info["rxt_turn_bytes"] = bc.dynamic_cache_bytes(cache) + bc.tensor_bytes(
-                        x for kv in cache.memory_kv.values() for x in kv)
+                        x for kv in cache.memory_kv.values() for x in kv
+                    )
                     return times
 
                 def run_rxt_cold(query=query, stm=stm):  # the prefill projects the memory K/V
@@ -183,7 +189,8 @@ def main(argv=None) -> dict:
                         "prompt_tokens_read": hist_len + q_len,
                         "tokens_processed": hist_len + q_len + a_len,
                         "state_bytes": 0,
-                        "turn_transient_bytes": info["kv_bytes_after"] * (hist_len + q_len + a_len - 1)
+                        "turn_transient_bytes": info["kv_bytes_after"]
+                        * (hist_len + q_len + a_len - 1)
                         // max(info["kv_tokens_after"], 1),
                         "cumulative_tokens_processed": sum(
                             (i - 1) * inter_len + q_len + a_len for i in range(1, t + 1)
@@ -227,8 +234,11 @@ def main(argv=None) -> dict:
             t: {"prompt": bc.spread(m["prompt_ms"]), "turn": bc.spread(m["turn_ms"])}
             for t, m in zip(measure, bc.measure_interleaved(rxt_fns, repeats, args.warmup), strict=True)
         }
-        print("RxT by turn, interleaved: prompt ms " + "  ".join(
-            f"t{t} {v['prompt']['median_ms']:.1f}" for t, v in rxt_by_turn.items()), flush=True)
+        print(
+            "RxT by turn, interleaved: prompt ms "
+            + "  ".join(f"t{t} {v['prompt']['median_ms']:.1f}" for t, v in rxt_by_turn.items()),
+            flush=True,
+        )
 
         # -- background memory update behind a simulated think time (as RxTChatSession(background_update=True)) --
         background = []
@@ -263,18 +273,23 @@ def main(argv=None) -> dict:
                 if think_s > 0:
                     time.sleep(think_s)  # the user reads the answer and types the next query
             hidden = [r["hidden_fraction"] for r in rows]
-            background.append({
-                "think_time_s": think_s,
-                "turns": len(rows),
-                "update_ms": bc.spread([r["update_ms"] for r in rows]),
-                "wait_ms": bc.spread([r["wait_ms"] for r in rows]),
-                "hidden_fraction_median": bc.median(hidden),
-                "hidden_fraction_min": min(hidden),
-                "per_turn": rows,
-            })
-            print(f"background update, think {think_s:.1f} s: update {background[-1]['update_ms']['median_ms']:.1f} ms,"
-                  f" next query waited {background[-1]['wait_ms']['median_ms']:.2f} ms, hidden fraction "
-                  f"{background[-1]['hidden_fraction_median']:.3f}", flush=True)
+            background.append(
+                {
+                    "think_time_s": think_s,
+                    "turns": len(rows),
+                    "update_ms": bc.spread([r["update_ms"] for r in rows]),
+                    "wait_ms": bc.spread([r["wait_ms"] for r in rows]),
+                    "hidden_fraction_median": bc.median(hidden),
+                    "hidden_fraction_min": min(hidden),
+                    "per_turn": rows,
+                }
+            )
+            print(
+                f"background update, think {think_s:.1f} s: update {background[-1]['update_ms']['median_ms']:.1f} ms,"
+                f" next query waited {background[-1]['wait_ms']['median_ms']:.2f} ms, hidden fraction "
+                f"{background[-1]['hidden_fraction_median']:.3f}",
+                flush=True,
+            )
     elapsed = time.perf_counter() - t_start
 
     by_turn = {r["turn"]: r for r in results}
@@ -321,7 +336,8 @@ def main(argv=None) -> dict:
         "turn_latency_ratio_rxt_vs_llama_kvcache_turn32": (
             summary["turn_latency_ratio_rxt_vs_llama_kvcache_turn32"] <= 1.0
         ),
-        "state_bytes_ratio_llama_kvcache_vs_rxt_turn64": summary["state_bytes_ratio_llama_kvcache_vs_rxt_turn64"] >= 10,
+        "state_bytes_ratio_llama_kvcache_vs_rxt_turn64": summary["state_bytes_ratio_llama_kvcache_vs_rxt_turn64"]
+        >= 10,
         "background_update_hidden_fraction": summary["background_update_hidden_fraction"] >= 0.99,
     }
     config_out = {
@@ -333,12 +349,17 @@ def main(argv=None) -> dict:
         "interaction_len": inter_len,
         "generation": "greedy generate(), eos_token_id=None (fixed answer length)",
         "summary_turns": turn_ref,
-        "summary_turn_note": "keys named turn32/turn64 use these turns" + (" (quick mode: the largest turn measured)"
-                                                                           if turn_ref["turn32"] != 32 else ""),
+        "summary_turn_note": "keys named turn32/turn64 use these turns"
+        + (" (quick mode: the largest turn measured)" if turn_ref["turn32"] != 32 else ""),
         "rxt": {**bc.rxt_dims(config), **bc.describe_model(rxt)},
-        "llama": {**bc.describe_model(llama), "num_attention_heads": llama.config.num_attention_heads,
-                  "num_key_value_heads": llama.config.num_key_value_heads, "head_dim": llama.config.head_dim,
-                  "intermediate_size": llama.config.intermediate_size, "mlp_bias": True},  # fmt: skip
+        "llama": {
+            **bc.describe_model(llama),
+            "num_attention_heads": llama.config.num_attention_heads,
+            "num_key_value_heads": llama.config.num_key_value_heads,
+            "head_dim": llama.config.head_dim,
+            "intermediate_size": llama.config.intermediate_size,
+            "mlp_bias": True,
+        },  # fmt: skip
         "think_time_s": think,
         "background_turns": bg_turns,
         "global_warmup_turns": args.global_warmup,
@@ -381,8 +402,16 @@ def main(argv=None) -> dict:
         bc.save_figure(fig, png, f"RxT vs Llama conversation, D={dims['embed_dim']}, {dims['num_layers']} layers, "
                        f"{q_len}+{a_len} tokens/turn, {threads} thread(s)")  # fmt: skip
 
-    out = bc.write_outputs(args.output, machine, config_out, results, summary, plot, SUMMARY_KEYS,
-                           extra={"results_background": background, "results_rxt_by_turn_interleaved": rxt_by_turn})
+    out = bc.write_outputs(
+        args.output,
+        machine,
+        config_out,
+        results,
+        summary,
+        plot,
+        SUMMARY_KEYS,
+        extra={"results_background": background, "results_rxt_by_turn_interleaved": rxt_by_turn},
+    )
     print(f"background_update_hidden_fraction: {summary['background_update_hidden_fraction']:.3f}")
     return out
 

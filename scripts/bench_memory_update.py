@@ -54,8 +54,13 @@ def main(argv=None) -> dict:
         slots, lengths, base_slots, base_length, repeats = [16, 32], [32, 64], 32, 32, 2
     else:
         dims = dict(embed_dim=256, num_layers=4, att_heads=16, query_heads=8, kv_heads=8, ff_dim=768, vocab_size=1024)
-        slots, lengths, base_slots, base_length, repeats = [64, 128, 256, 512, 1024], [64, 128, 256, 512, 1024], 512, \
-            256, 5
+        slots, lengths, base_slots, base_length, repeats = (
+            [64, 128, 256, 512, 1024],
+            [64, 128, 256, 512, 1024],
+            512,
+            256,
+            5,
+        )
     slots = sorted(set(args.slots or slots))
     lengths = sorted(set(args.lengths or lengths))
     base_slots = args.base_slots or base_slots
@@ -100,14 +105,19 @@ def main(argv=None) -> dict:
                     "memory_attention_only": bc.spread(times[len(VARIANTS) + 1 + i]),
                 }
             results.append(row)
-            print(f"{sweep:6s} S={stm_size:5d} T={length:5d}  update ms: "
-                  + "  ".join(f"{v} {row['variants'][v]['update']['median_ms']:7.1f}" for v in VARIANTS)
-                  + f"  | encoder {row['encoder_only']['median_ms']:.1f}", flush=True)
+            print(
+                f"{sweep:6s} S={stm_size:5d} T={length:5d}  update ms: "
+                + "  ".join(f"{v} {row['variants'][v]['update']['median_ms']:7.1f}" for v in VARIANTS)
+                + f"  | encoder {row['encoder_only']['median_ms']:.1f}",
+                flush=True,
+            )
     elapsed = time.perf_counter() - t_start
 
     length_rows = [r for r in results if r["sweep"] == "length"]
     longest = max(length_rows, key=lambda r: r["interaction_tokens"])
-    per_1k = {v: longest["variants"][v]["update"]["median_ms"] * 1000 / longest["interaction_tokens"] for v in VARIANTS}
+    per_1k = {
+        v: longest["variants"][v]["update"]["median_ms"] * 1000 / longest["interaction_tokens"] for v in VARIANTS
+    }
     lengths_done = [r["interaction_tokens"] for r in length_rows]
     slope = {v: 1000 * _slope(lengths_done, [r["variants"][v]["update"]["median_ms"] for r in length_rows])
              for v in VARIANTS}  # fmt: skip

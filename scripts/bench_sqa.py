@@ -75,10 +75,15 @@ def repeats_for(tokens: int, base: int) -> int:
 def main(argv=None) -> dict:
     ap = bc.base_parser("sqa", __doc__)
     ap.add_argument("--lengths", type=int, nargs="*", default=None, help="tokens (default 1k..16k; quick 128 256)")
-    ap.add_argument("--train-max-len", type=int, default=None,
-                    help="longest training step of the layer (default 4096; quick all)")
-    ap.add_argument("--model-train-max-len", type=int, default=None,
-                    help="longest training step of the model (default 2048; quick all)")
+    ap.add_argument(
+        "--train-max-len", type=int, default=None, help="longest training step of the layer (default 4096; quick all)"
+    )
+    ap.add_argument(
+        "--model-train-max-len",
+        type=int,
+        default=None,
+        help="longest training step of the model (default 2048; quick all)",
+    )
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--global-warmup", type=int, default=2, help="extra warm-up calls at the first (shortest) length")
     args = ap.parse_args(argv)
@@ -185,27 +190,30 @@ def main(argv=None) -> dict:
             mha = row["variants"]["MHA"][kind]["median_ms"]
             line = "  ".join(f"{n} {row['variants'][n][kind]['median_ms']:9.1f}" for n in names)
             xsqa = mha / row["variants"]["xSQA"][kind]["median_ms"]
-            print(f"{tokens:6d} tok {kind:17s} ms: {line}  (xSQA x{xsqa:.2f})",
-                  flush=True)
+            print(f"{tokens:6d} tok {kind:17s} ms: {line}  (xSQA x{xsqa:.2f})", flush=True)
         for name in names:
             spec = specs[name]
             flops = layer_flops(tokens, dim, hd, spec["hq"], spec["hkv"])
             mha_flops = layer_flops(tokens, dim, hd, heads, heads)
             entry = row["variants"][name]
-            entry.update({
-                "hq": spec["hq"],
-                "hkv": spec["hkv"],
-                "theory_core_speedup_vs_mha": heads / max(spec["hq"], spec["hkv"]),
-                "theory_layer_speedup_vs_mha": mha_flops["total"] / flops["total"],
-                "layer_forward_gflop": flops["total"] / 1e9,
-            })
+            entry.update(
+                {
+                    "hq": spec["hq"],
+                    "hkv": spec["hkv"],
+                    "theory_core_speedup_vs_mha": heads / max(spec["hq"], spec["hkv"]),
+                    "theory_layer_speedup_vs_mha": mha_flops["total"] / flops["total"],
+                    "layer_forward_gflop": flops["total"] / 1e9,
+                }
+            )
             for kind in ("layer_forward", "layer_train_step", "model_forward", "model_train_step"):
                 if kind in entry:
                     entry[f"{kind}_speedup_vs_mha"] = (
                         row["variants"]["MHA"][kind]["median_ms"] / entry[kind]["median_ms"]
                     )
             if "layer_forward" in entry:
-                entry["layer_forward_gflops_per_s"] = flops["total"] / (entry["layer_forward"]["median_ms"] / 1e3) / 1e9
+                entry["layer_forward_gflops_per_s"] = (
+                    flops["total"] / (entry["layer_forward"]["median_ms"] / 1e3) / 1e9
+                )
         results.append(row)
     elapsed = time.perf_counter() - t_start
 
@@ -241,9 +249,15 @@ def main(argv=None) -> dict:
         "variants": {n: {"hq": s["hq"], "hkv": s["hkv"], **s["fields"]} for n, s in specs.items()},
         "attention": "RxTSelfAttention, causal, RoPE q/k, SDPA backend (attn_implementation=sdpa)",
         "layer_train_max_len": train_max,
-        "model": None if args.skip_model else {
-            "class": "RxTForCausalLM (decoder path)", "num_layers": layers, "ff_dim": ff, "vocab_size": vocab,
-            "stm_size": 64, "cross_attention": f"sSQA {heads // 2}/{heads // 2} (fixed)",
+        "model": None
+        if args.skip_model
+        else {
+            "class": "RxTForCausalLM (decoder path)",
+            "num_layers": layers,
+            "ff_dim": ff,
+            "vocab_size": vocab,
+            "stm_size": 64,
+            "cross_attention": f"sSQA {heads // 2}/{heads // 2} (fixed)",
             "train_max_len": model_train_max,
         },
         "training_step": "forward + backward (layer: mean square of the output; model: LM loss), grads zeroed",

@@ -52,16 +52,18 @@ def main(argv=None) -> dict:
     ap.set_defaults(warmup=2)
     ap.add_argument("--batch", type=int, default=64, help="headline batch size (always part of the sweep)")
     ap.add_argument("--length", type=int, default=256, help="tokens per sequence")
-    ap.add_argument("--batch-sizes", type=int, nargs="*", default=None,
-                    help="sweep (default 16 32 64 128 256 512; quick: 4 8)")
+    ap.add_argument(
+        "--batch-sizes", type=int, nargs="*", default=None, help="sweep (default 16 32 64 128 256 512; quick: 4 8)"
+    )
     ap.add_argument("--max-n", type=int, default=4)
     ap.add_argument("--smoothing", default="floor", choices=sorted(NLTK_SMOOTHING_METHOD))
     ap.add_argument("--refs", type=int, default=1, help="references per sample")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--noise", type=float, default=0.3, help="fraction of candidate tokens replaced")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-unfold", action="store_true",
-                    help="skip timing the unfold/unique(dim=0) backend at the headline batch")
+    ap.add_argument(
+        "--no-unfold", action="store_true", help="skip timing the unfold/unique(dim=0) backend at the headline batch"
+    )
     args = ap.parse_args(argv)
 
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
@@ -85,8 +87,9 @@ def main(argv=None) -> dict:
     weights = tuple([1.0 / args.max_n] * args.max_n)
 
     def tb(cand, ref, backend="rolling"):
-        return tensor_sentence_bleu(cand, ref, max_n=args.max_n, smoothing=args.smoothing, backend=backend,
-                                    dtype=torch.float64)
+        return tensor_sentence_bleu(
+            cand, ref, max_n=args.max_n, smoothing=args.smoothing, backend=backend, dtype=torch.float64
+        )
 
     def nltk_loop(cand, ref):
         c = cand.tolist()
@@ -104,8 +107,8 @@ def main(argv=None) -> dict:
             cand, ref = make_batch(bs, length, args.vocab, args.noise, args.refs, args.seed + bs)
             cand_d, ref_d = cand.to(device), ref.to(device)
             t_tb, t_nl = bc.timeit_interleaved(
-                [lambda c=cand_d, r=ref_d: tb(c, r), lambda c=cand, r=ref: nltk_loop(c, r)],
-                repeats, args.warmup, sync)
+                [lambda c=cand_d, r=ref_d: tb(c, r), lambda c=cand, r=ref: nltk_loop(c, r)], repeats, args.warmup, sync
+            )
             ours = tb(cand_d, ref_d).cpu()
             oracle = torch.tensor(nltk_loop(cand, ref), dtype=torch.float64)
             row = {
@@ -118,9 +121,12 @@ def main(argv=None) -> dict:
                 "mean_bleu": float(oracle.mean()),
             }
             results.append(row)
-            print(f"batch {bs:4d} x {length}: tensorbleu {row['tensorbleu']['median_ms']:8.2f} ms  "
-                  f"nltk {row['nltk']['median_ms']:9.2f} ms  speedup {row['speedup']:6.1f}x  "
-                  f"max|diff| {row['max_abs_diff_vs_nltk']:.1e}", flush=True)
+            print(
+                f"batch {bs:4d} x {length}: tensorbleu {row['tensorbleu']['median_ms']:8.2f} ms  "
+                f"nltk {row['nltk']['median_ms']:9.2f} ms  speedup {row['speedup']:6.1f}x  "
+                f"max|diff| {row['max_abs_diff_vs_nltk']:.1e}",
+                flush=True,
+            )
             if bs == headline and not args.no_unfold:
                 t_un = bc.timeit(lambda c=cand_d, r=ref_d: tb(c, r, "unfold"), max(2, repeats // 3), 1, sync)
                 unfold = bc.spread(t_un)

@@ -29,16 +29,6 @@ from modeling_rxt import CACHE_KWARG
 SUMMARY_KEYS = ("throughput_ratio_rxt_vs_llama_b32_turn16",)
 
 
-def _generate(model, ids, new_tokens, **kwargs) -> dict:
-    streamer = bc.TimingStreamer()
-    t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         eos_token_id=None, pad_token_id=0, streamer=streamer, **kwargs)  # fmt: skip
-    t1 = time.perf_counter()
-    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens)
-    return {"turn_ms": (t1 - t0) * 1e3, "prompt_ms": (streamer.stamps[1] - t0) * 1e3}
-
-
 def main(argv=None) -> dict:
     ap = bc.base_parser("batch", __doc__)
     ap.add_argument("--batch-sizes", type=int, nargs="*", default=None, help="(1 2 4 8 16 32; quick 1 2)")
@@ -50,10 +40,10 @@ def main(argv=None) -> dict:
 
     from transformers import DynamicCache
 
-    from modeling_rxt import RxTCache, RxTForCausalLM
+    from modeling_rxt import RxTCache
 
     quick = args.quick
-    threads = bc.pin_threads(args.threads)
+    threads, machine = bc.start(args)
     if quick:
         dims = dict(bc.QUICK_DIMS)
         sizes, turn, q_len, a_len, repeats = [1, 2], 3, 16, 16, 2
@@ -66,11 +56,9 @@ def main(argv=None) -> dict:
     repeats = args.repeats or repeats
     history_len = (turn - 1) * (q_len + a_len)
     headline_b = 32 if 32 in sizes else max(sizes)
-    machine = bc.machine_info(threads)
-    torch.manual_seed(args.seed)
-    config = bc.rxt_config(**dims, seq_len=max(1024, 2 * (q_len + a_len)))
-    rxt = RxTForCausalLM(config).eval()
-    llama = bc.llama_like(config, max_positions=max(16384, history_len + q_len + a_len + 8))
+    config, rxt, llama = bc.rxt_and_llama(
+        dims, seq_len=max(1024, 2 * (q_len + a_len)), max_positions=max(16384, history_len + q_len + a_len + 8)
+    )
     gen = torch.Generator().manual_seed(args.seed)
     b_max = max(sizes)
     vocab = dims["vocab_size"]
@@ -96,8 +84,8 @@ def main(argv=None) -> dict:
                                   torch.cat([p.layers[i].values for p in parts]), i)  # fmt: skip
         build_s = time.perf_counter() - t0
         for _ in range(args.global_warmup):  # whole-process warm-up before the first point
-            _generate(rxt, queries[:1], a_len, cache=RxTCache(stm=stm[:, :1].contiguous()))
-            _generate(llama, queries[:1], a_len)
+            bc.timed_generate(rxt, queries[:1], a_len, cache=RxTCache(stm=stm[:, :1].contiguous()))
+            bc.timed_generate(llama, queries[:1], a_len)
         for b in sizes:
             kv = DynamicCache()
             for i, layer in enumerate(full_cache.layers):
@@ -106,7 +94,8 @@ def main(argv=None) -> dict:
             rxt_stm = stm[:, :b].contiguous()
 
             def run_rxt(b=b, rxt_stm=rxt_stm):
-                return _generate(rxt, queries[:b], a_len, cache=bc.rxt_cache_after_update(rxt, rxt_stm))
+                cache = bc.rxt_cache_after_update(rxt, rxt_stm)
+                return bc.timed_generate(rxt, queries[:b], a_len, cache=cache)[0]
 
             def run_update(b=b, rxt_stm=rxt_stm):
                 cache = RxTCache(stm=rxt_stm)
@@ -115,14 +104,17 @@ def main(argv=None) -> dict:
                 return {"update_ms": (time.perf_counter() - t) * 1e3}
 
             def run_llama(prompt=prompt, kv=kv):
-                out = _generate(llama, prompt, a_len, **{CACHE_KWARG: kv})
+                out, _ = bc.timed_generate(llama, prompt, a_len, **{CACHE_KWARG: kv})
                 kv.crop(history_len - kv.get_seq_length())
                 return out
 
             m_rxt, m_upd, m_llama = bc.measure_interleaved([run_rxt, run_update, run_llama], repeats, args.warmup)
             tokens = b * a_len
-            rxt_turn, upd, ll_turn = bc.median(m_rxt["turn_ms"]), bc.median(m_upd["update_ms"]), bc.median(
-                m_llama["turn_ms"])
+            rxt_turn, upd, ll_turn = (
+                bc.median(m_rxt["turn_ms"]),
+                bc.median(m_upd["update_ms"]),
+                bc.median(m_llama["turn_ms"]),
+            )
             row = {
                 "batch": b,
                 "turn": turn,
@@ -160,27 +152,24 @@ def main(argv=None) -> dict:
         "headline": {"batch": headline_b, "turn": turn},
         "throughput_ratio_by_batch": {str(r["batch"]): r["throughput_ratio_rxt_vs_llama"] for r in results},
     }
-    config_out = {
-        "quick": bool(quick),
-        "threads": threads,
-        "repeats": repeats,
-        "warmup_per_point": args.warmup,
-        "global_warmup": args.global_warmup,
-        "seed": args.seed,
-        "dtype": "float32",
-        "batch_sizes": sizes,
-        "turn": turn,
-        "query_len": q_len,
-        "answer_len": a_len,
-        "history_tokens_per_conversation": history_len,
-        "summary_point": {"batch": headline_b, "turn": turn}
+    config_out = bc.run_config(
+        args,
+        threads,
+        repeats,
+        global_warmup=args.global_warmup,
+        batch_sizes=sizes,
+        turn=turn,
+        query_len=q_len,
+        answer_len=a_len,
+        history_tokens_per_conversation=history_len,
+        summary_point={"batch": headline_b, "turn": turn}
         | ({"note": "quick mode: the largest batch and turn measured stand in for b32/turn16"} if quick else {}),
-        "rxt": {**bc.rxt_dims(config), **bc.describe_model(rxt)},
-        "llama": bc.describe_model(llama),
-        "llama_cache_build_s": build_s,
-        "stm": "initial STM per conversation (the update cost does not depend on its values)",
-        "elapsed_s": elapsed,
-    }
+        rxt={**bc.rxt_dims(config), **bc.describe_model(rxt)},
+        llama=bc.describe_model(llama),
+        llama_cache_build_s=build_s,
+        stm="initial STM per conversation (the update cost does not depend on its values)",
+        elapsed_s=elapsed,
+    )
 
     def plot(png):
         import matplotlib.pyplot as plt
@@ -191,27 +180,14 @@ def main(argv=None) -> dict:
         ax.plot(xs, [r["rxt"]["tokens_per_s"] for r in results], "o-", label="RxT (generate)")
         ax.plot(xs, [r["rxt_tokens_per_s_with_update"] for r in results], "o--", label="RxT incl. memory update")
         ax.plot(xs, [r["llama_kvcache"]["tokens_per_s"] for r in results], "s-", label="Llama + KV cache")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("conversations in the batch")
-        ax.set_ylabel("generated tokens / s")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        bc.log_axes(ax, "conversations in the batch", "generated tokens / s", xbase=2)
         ax = axes[1]
         bc.errorbar(ax, xs, [r["rxt"]["turn"] for r in results], "RxT turn")
         bc.errorbar(ax, xs, [r["rxt_memory_update"] for r in results], "RxT memory update", linestyle="--")
         bc.errorbar(ax, xs, [r["llama_kvcache"]["turn"] for r in results], "Llama + KV cache turn")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("conversations in the batch")
-        ax.set_ylabel("ms (median, IQR)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.suptitle(f"batched conversations at turn {turn} ({history_len} history tokens each), "
-                     f"D={dims['embed_dim']}, {dims['num_layers']} layers, {threads} thread(s)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
+        bc.log_axes(ax, "conversations in the batch", "ms (median, IQR)", xbase=2)
+        bc.save_figure(fig, png, f"batched conversations at turn {turn} ({history_len} history tokens each), "
+                       f"D={dims['embed_dim']}, {dims['num_layers']} layers, {threads} thread(s)")  # fmt: skip
 
     out = bc.write_outputs(args.output, machine, config_out, results, summary, plot, SUMMARY_KEYS)
     return out

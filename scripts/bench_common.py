@@ -4,10 +4,14 @@
 - timing: `timeit`, `timeit_interleaved` (systems compared in alternation, so they share the same background load on
   a shared machine), `spread` (median, min, max, quartiles, IQR of a list of milliseconds), `TimingStreamer`
   (a `generate()` streamer that time-stamps the prompt and every generated token);
-- output: `base_parser` (the common `--quick/--output/--threads/--repeats/--warmup/--seed` options), `write_outputs`
-  (JSON `{"machine", "config", "results", "summary"}` + a PNG with the same stem, next to the JSON);
-- the compared models: `rxt_config` (a dense RxT with stated dims) and `llama_like` (a transformers
-  `LlamaForCausalLM` with the RxT decoder's width, layers, heads, head dim, SwiGLU FF width and vocabulary).
+- command line and run set-up: `base_parser` (the common `--quick/--output/--threads/--repeats/--warmup/--seed`
+  options), `start` (threads pinned, machine described, torch seeded), `run_config` (the `config` block's common
+  head: quick, threads, repeats, warm-up, seed, dtype);
+- output: `write_outputs` (JSON `{"machine", "config", "results", "summary"}` + a PNG with the same stem, next to
+  the JSON), and for the PNG `errorbar`, `log_axes` and `save_figure`;
+- the compared models: `rxt_config` (a dense RxT with stated dims), `llama_like` (a transformers `LlamaForCausalLM`
+  with the RxT decoder's width, layers, heads, head dim, SwiGLU FF width and vocabulary) and `rxt_and_llama` (both,
+  built from one set of dims).
 
 Every script imports this module as `bench_common` (it puts the repository root on `sys.path`).
 """
@@ -35,14 +39,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch
-from transformers.generation.streamers import BaseStreamer
+import torch  # noqa: E402 - after the environment defaults above
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 # The benchmarked RxT / Llama dims: tiny for --quick, the documented full size otherwise (docs/benchmarks.md).
-QUICK_DIMS = dict(embed_dim=64, num_layers=2, att_heads=4, query_heads=2, kv_heads=2, ff_dim=192, vocab_size=512,
-                  stm_size=32)
-FULL_DIMS = dict(embed_dim=256, num_layers=4, att_heads=16, query_heads=8, kv_heads=8, ff_dim=768, vocab_size=8192,
-                 stm_size=512)
+QUICK_DIMS = dict(
+    embed_dim=64, num_layers=2, att_heads=4, query_heads=2, kv_heads=2, ff_dim=192, vocab_size=512, stm_size=32
+)
+FULL_DIMS = dict(
+    embed_dim=256, num_layers=4, att_heads=16, query_heads=8, kv_heads=8, ff_dim=768, vocab_size=8192, stm_size=512
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -184,6 +190,24 @@ class TimingStreamer(BaseStreamer):
         self.end_stamp = time.perf_counter()
 
 
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> tuple[dict, torch.Tensor]:
+    """Greedy `generate()` of exactly `new_tokens` tokens (EOS disabled), timed by a `TimingStreamer`:
+    `({"prompt_ms": time to first token, "turn_ms": the whole call, "decode_ms_per_token": mean step after the first
+    token}, output ids)`."""
+    streamer = TimingStreamer()
+    t0 = time.perf_counter()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+        pad_token_id=0, streamer=streamer, **kwargs,
+    )  # fmt: skip
+    t1 = time.perf_counter()
+    if out.shape != (ids.shape[0], ids.shape[1] + new_tokens):
+        raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens, expected {new_tokens}")
+    stamps = streamer.stamps  # [prompt push, token 1, ..., token N]
+    decode = (stamps[-1] - stamps[1]) / max(new_tokens - 1, 1)
+    return {"prompt_ms": (stamps[1] - t0) * 1e3, "turn_ms": (t1 - t0) * 1e3, "decode_ms_per_token": decode * 1e3}, out
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors if t is not None))
 
@@ -211,6 +235,28 @@ def base_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per point")
     ap.add_argument("--seed", type=int, default=0)
     return ap
+
+
+def start(args) -> tuple[int, dict]:
+    """Pin torch to `args.threads`, describe the machine and seed torch with `args.seed`: `(threads, machine)`."""
+    threads = pin_threads(args.threads)
+    machine = machine_info(threads)
+    torch.manual_seed(args.seed)
+    return threads, machine
+
+
+def run_config(args, threads: int, repeats, warmup=None, **fields) -> dict:
+    """The head of every benchmark's `config` block (how it was run: quick, threads, repeats, warm-up per point,
+    seed, dtype), followed by the script's own `fields`."""
+    head = {
+        "quick": bool(args.quick),
+        "threads": threads,
+        "repeats": repeats,
+        "warmup_per_point": args.warmup if warmup is None else warmup,
+        "seed": args.seed,
+        "dtype": "float32",
+    }
+    return {**head, **fields}
 
 
 def finite(value) -> bool:
@@ -268,6 +314,30 @@ def errorbar(ax, xs, rows: list[dict], label: str, **kwargs) -> None:
     lo = [max(r["median_ms"] - r["q1_ms"], 0.0) for r in rows]
     hi = [max(r["q3_ms"] - r["median_ms"], 0.0) for r in rows]
     ax.errorbar(xs, med, yerr=[lo, hi], marker=kwargs.pop("marker", "o"), capsize=3, label=label, **kwargs)
+
+
+def log_axes(ax, xlabel: str, ylabel: str, xbase: int | None = None, title: str | None = None, legend=None) -> None:
+    """Log-scale y (and x with `xbase`), labels, optional title, grid and legend: the benchmarks' plot axes."""
+    if xbase is not None:
+        ax.set_xscale("log", base=xbase)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(**(legend if legend is not None else {"fontsize": 7}))
+
+
+def save_figure(fig, png: Path, title: str | None = None, dpi: int = 110) -> None:
+    """Title the figure, lay it out, write the PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=dpi)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -341,6 +411,16 @@ def llama_like(config, max_positions: int = 16384):
     return LlamaForCausalLM(llama_config).eval()
 
 
+def rxt_and_llama(dims: dict, seq_len: int, max_positions: int):
+    """`(config, rxt, llama)`: a dense RxT with `dims` (`rxt_config`) and the Llama of its decoder's shape
+    (`llama_like`), both in eval mode, built in this order from torch's current RNG state."""
+    from modeling_rxt import RxTForCausalLM
+
+    config = rxt_config(**dims, seq_len=seq_len)
+    rxt = RxTForCausalLM(config).eval()
+    return config, rxt, llama_like(config, max_positions=max_positions)
+
+
 def describe_model(model) -> dict:
     return {
         "class": type(model).__name__,
@@ -391,7 +471,7 @@ def rxt_cache_after_update(rxt, stm: torch.Tensor):
 
 __all__ = [
     "REPO_ROOT", "TimingStreamer", "base_parser", "cpu_model", "describe_model", "dynamic_cache_bytes", "errorbar",
-    "finite", "llama_like", "machine_info", "measure_interleaved", "median", "pin_threads", "random_tokens",
-    "rxt_cache_after_update", "rxt_config", "rxt_dims", "rxt_query", "spread", "tensor_bytes", "timeit",
-    "timeit_interleaved", "write_outputs",
+    "finite", "llama_like", "log_axes", "machine_info", "measure_interleaved", "median", "pin_threads",
+    "random_tokens", "run_config", "rxt_and_llama", "rxt_cache_after_update", "rxt_config", "rxt_dims", "rxt_query",
+    "save_figure", "spread", "start", "tensor_bytes", "timed_generate", "timeit", "timeit_interleaved", "write_outputs",
 ]  # fmt: skip

@@ -56,26 +56,16 @@ LABELS = {"rxt": "RxT (query only + STM)", "llama_reread": "Llama, re-reads hist
           "llama_kvcache": "Llama, KV cache across turns"}  # fmt: skip
 
 
-def _generate_timed(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> tuple[dict, torch.Tensor]:
-    streamer = bc.TimingStreamer()
-    t0 = time.perf_counter()
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-        pad_token_id=0, streamer=streamer, **kwargs,
-    )  # fmt: skip
-    t1 = time.perf_counter()
-    if out.shape[1] != ids.shape[1] + new_tokens:
-        raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens, expected {new_tokens}")
-    stamps = streamer.stamps  # [prompt push, token 1, ..., token N]
-    decode = (stamps[-1] - stamps[1]) / max(new_tokens - 1, 1)
-    return {"prompt_ms": (stamps[1] - t0) * 1e3, "turn_ms": (t1 - t0) * 1e3, "decode_ms_per_token": decode * 1e3}, out
-
-
 def main(argv=None) -> dict:
     ap = bc.base_parser("conversation", __doc__)
     ap.add_argument("--turns", type=int, default=None, help="last turn (default 64; quick 3)")
-    ap.add_argument("--measure-turns", type=int, nargs="*", default=None,
-                    help="turns timed (default 1 2 4 8 16 32 48 64; quick 1 3)")
+    ap.add_argument(
+        "--measure-turns",
+        type=int,
+        nargs="*",
+        default=None,
+        help="turns timed (default 1 2 4 8 16 32 48 64; quick 1 3)",
+    )
     ap.add_argument("--query-len", type=int, default=None, help="query tokens incl. [BOS][Q]..[A] (64; quick 16)")
     ap.add_argument("--answer-len", type=int, default=None, help="answer tokens generated per turn (64; quick 16)")
     ap.add_argument("--think-time", type=float, default=None, help="simulated user think time, s (1.0; quick 0.1)")
@@ -88,10 +78,10 @@ def main(argv=None) -> dict:
 
     from transformers import DynamicCache
 
-    from modeling_rxt import RxTCache, RxTForCausalLM
+    from modeling_rxt import RxTCache
 
     quick = args.quick
-    threads = bc.pin_threads(args.threads)
+    threads, machine = bc.start(args)
     if quick:
         dims = dict(bc.QUICK_DIMS)
         defaults = dict(turns=3, measure=[1, 3], q=16, a=16, think=0.1, bg=2, repeats=2)
@@ -112,10 +102,9 @@ def main(argv=None) -> dict:
     repeats = args.repeats or defaults["repeats"]
     inter_len = q_len + a_len
 
-    torch.manual_seed(args.seed)
-    config = bc.rxt_config(**dims, seq_len=max(1024, 2 * inter_len))
-    rxt = RxTForCausalLM(config).eval()
-    llama = bc.llama_like(config, max_positions=max(16384, (turns + 1) * inter_len + 8))
+    config, rxt, llama = bc.rxt_and_llama(
+        dims, seq_len=max(1024, 2 * inter_len), max_positions=max(16384, (turns + 1) * inter_len + 8)
+    )
     vocab = dims["vocab_size"]
     gen = torch.Generator().manual_seed(args.seed)
     queries = [bc.rxt_query(gen, 1, q_len, vocab, config) for _ in range(turns + bg_turns)]
@@ -131,13 +120,12 @@ def main(argv=None) -> dict:
     stm = rxt.initial_stm(1)
     stm_at_turn = {}
     kv_cache = DynamicCache()
-    machine = bc.machine_info(threads)
     t_start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(args.global_warmup):  # whole-process warm-up (allocator, kernels) before the first point
-            _generate_timed(rxt, queries[0], a_len, cache=RxTCache(stm=stm))
+            bc.timed_generate(rxt, queries[0], a_len, cache=RxTCache(stm=stm))
             rxt.update_memory(interactions[0], None, stm)
-            _generate_timed(llama, queries[0], a_len)
+            bc.timed_generate(llama, queries[0], a_len)
         for t in range(1, turns + 1):
             query, interaction = queries[t - 1], interactions[t - 1]
             history = torch.cat(interactions[: t - 1], dim=1) if t > 1 else query[:, :0]
@@ -149,13 +137,14 @@ def main(argv=None) -> dict:
 
                 def run_rxt(query=query, info=info, stm=stm):
                     cache = bc.rxt_cache_after_update(rxt, stm)
-                    times, _ = _generate_timed(rxt, query, a_len, cache=cache)
+                    times, _ = bc.timed_generate(rxt, query, a_len, cache=cache)
                     info["rxt_turn_bytes"] = bc.dynamic_cache_bytes(cache) + bc.tensor_bytes(
-                        x for kv in cache.memory_kv.values() for x in kv)
+                        x for kv in cache.memory_kv.values() for x in kv
+                    )
                     return times
 
                 def run_rxt_cold(query=query, stm=stm):  # the prefill projects the memory K/V
-                    return _generate_timed(rxt, query, a_len, cache=RxTCache(stm=stm))[0]
+                    return bc.timed_generate(rxt, query, a_len, cache=RxTCache(stm=stm))[0]
 
                 def run_update(interaction=interaction, stm=stm):
                     cache = RxTCache(stm=stm)
@@ -164,10 +153,10 @@ def main(argv=None) -> dict:
                     return {"update_ms": (time.perf_counter() - t0) * 1e3}
 
                 def run_reread(prompt=prompt):
-                    return _generate_timed(llama, prompt, a_len)[0]
+                    return bc.timed_generate(llama, prompt, a_len)[0]
 
                 def run_kv(prompt=prompt, hist_len=hist_len, info=info):
-                    times, _ = _generate_timed(llama, prompt, a_len, **{CACHE_KWARG: kv_cache})
+                    times, _ = bc.timed_generate(llama, prompt, a_len, **{CACHE_KWARG: kv_cache})
                     info["kv_bytes_after"] = bc.dynamic_cache_bytes(kv_cache)
                     info["kv_tokens_after"] = kv_cache.get_seq_length()
                     kv_cache.crop(hist_len - kv_cache.get_seq_length())  # back to the history (negative count)
@@ -200,7 +189,8 @@ def main(argv=None) -> dict:
                         "prompt_tokens_read": hist_len + q_len,
                         "tokens_processed": hist_len + q_len + a_len,
                         "state_bytes": 0,
-                        "turn_transient_bytes": info["kv_bytes_after"] * (hist_len + q_len + a_len - 1)
+                        "turn_transient_bytes": info["kv_bytes_after"]
+                        * (hist_len + q_len + a_len - 1)
                         // max(info["kv_tokens_after"], 1),
                         "cumulative_tokens_processed": sum(
                             (i - 1) * inter_len + q_len + a_len for i in range(1, t + 1)
@@ -235,7 +225,7 @@ def main(argv=None) -> dict:
 
         # -- RxT at every measured turn, timed in alternation (same background load for turn 1 and turn 64) --
         rxt_fns = [
-            lambda t=t: _generate_timed(
+            lambda t=t: bc.timed_generate(
                 rxt, queries[t - 1], a_len, cache=bc.rxt_cache_after_update(rxt, stm_at_turn[t])
             )[0]
             for t in measure
@@ -244,8 +234,11 @@ def main(argv=None) -> dict:
             t: {"prompt": bc.spread(m["prompt_ms"]), "turn": bc.spread(m["turn_ms"])}
             for t, m in zip(measure, bc.measure_interleaved(rxt_fns, repeats, args.warmup), strict=True)
         }
-        print("RxT by turn, interleaved: prompt ms " + "  ".join(
-            f"t{t} {v['prompt']['median_ms']:.1f}" for t, v in rxt_by_turn.items()), flush=True)
+        print(
+            "RxT by turn, interleaved: prompt ms "
+            + "  ".join(f"t{t} {v['prompt']['median_ms']:.1f}" for t, v in rxt_by_turn.items()),
+            flush=True,
+        )
 
         # -- background memory update behind a simulated think time (as RxTChatSession(background_update=True)) --
         background = []
@@ -263,7 +256,7 @@ def main(argv=None) -> dict:
                     rows[-1]["hidden_fraction"] = max(0.0, min(1.0, 1.0 - rows[-1]["wait_ms"] / rows[-1]["update_ms"]))
                 if k == bg_turns:
                     break
-                times, out = _generate_timed(rxt, query, a_len, cache=cache)
+                times, out = bc.timed_generate(rxt, query, a_len, cache=cache)
                 interaction = out  # [BOS][Q]query[A] + the generated answer
                 stamps: list[float] = []
 
@@ -280,18 +273,23 @@ def main(argv=None) -> dict:
                 if think_s > 0:
                     time.sleep(think_s)  # the user reads the answer and types the next query
             hidden = [r["hidden_fraction"] for r in rows]
-            background.append({
-                "think_time_s": think_s,
-                "turns": len(rows),
-                "update_ms": bc.spread([r["update_ms"] for r in rows]),
-                "wait_ms": bc.spread([r["wait_ms"] for r in rows]),
-                "hidden_fraction_median": bc.median(hidden),
-                "hidden_fraction_min": min(hidden),
-                "per_turn": rows,
-            })
-            print(f"background update, think {think_s:.1f} s: update {background[-1]['update_ms']['median_ms']:.1f} ms,"
-                  f" next query waited {background[-1]['wait_ms']['median_ms']:.2f} ms, hidden fraction "
-                  f"{background[-1]['hidden_fraction_median']:.3f}", flush=True)
+            background.append(
+                {
+                    "think_time_s": think_s,
+                    "turns": len(rows),
+                    "update_ms": bc.spread([r["update_ms"] for r in rows]),
+                    "wait_ms": bc.spread([r["wait_ms"] for r in rows]),
+                    "hidden_fraction_median": bc.median(hidden),
+                    "hidden_fraction_min": min(hidden),
+                    "per_turn": rows,
+                }
+            )
+            print(
+                f"background update, think {think_s:.1f} s: update {background[-1]['update_ms']['median_ms']:.1f} ms,"
+                f" next query waited {background[-1]['wait_ms']['median_ms']:.2f} ms, hidden fraction "
+                f"{background[-1]['hidden_fraction_median']:.3f}",
+                flush=True,
+            )
     elapsed = time.perf_counter() - t_start
 
     by_turn = {r["turn"]: r for r in results}
@@ -338,16 +336,12 @@ def main(argv=None) -> dict:
         "turn_latency_ratio_rxt_vs_llama_kvcache_turn32": (
             summary["turn_latency_ratio_rxt_vs_llama_kvcache_turn32"] <= 1.0
         ),
-        "state_bytes_ratio_llama_kvcache_vs_rxt_turn64": summary["state_bytes_ratio_llama_kvcache_vs_rxt_turn64"] >= 10,
+        "state_bytes_ratio_llama_kvcache_vs_rxt_turn64": summary["state_bytes_ratio_llama_kvcache_vs_rxt_turn64"]
+        >= 10,
         "background_update_hidden_fraction": summary["background_update_hidden_fraction"] >= 0.99,
     }
     config_out = {
-        "quick": bool(quick),
-        "threads": threads,
-        "repeats": repeats,
-        "warmup_per_point": args.warmup,
-        "seed": args.seed,
-        "dtype": "float32",
+        **bc.run_config(args, threads, repeats),
         "turns": turns,
         "measured_turns": measure,
         "query_len": q_len,
@@ -355,12 +349,17 @@ def main(argv=None) -> dict:
         "interaction_len": inter_len,
         "generation": "greedy generate(), eos_token_id=None (fixed answer length)",
         "summary_turns": turn_ref,
-        "summary_turn_note": "keys named turn32/turn64 use these turns" + (" (quick mode: the largest turn measured)"
-                                                                           if turn_ref["turn32"] != 32 else ""),
+        "summary_turn_note": "keys named turn32/turn64 use these turns"
+        + (" (quick mode: the largest turn measured)" if turn_ref["turn32"] != 32 else ""),
         "rxt": {**bc.rxt_dims(config), **bc.describe_model(rxt)},
-        "llama": {**bc.describe_model(llama), "num_attention_heads": llama.config.num_attention_heads,
-                  "num_key_value_heads": llama.config.num_key_value_heads, "head_dim": llama.config.head_dim,
-                  "intermediate_size": llama.config.intermediate_size, "mlp_bias": True},  # fmt: skip
+        "llama": {
+            **bc.describe_model(llama),
+            "num_attention_heads": llama.config.num_attention_heads,
+            "num_key_value_heads": llama.config.num_key_value_heads,
+            "head_dim": llama.config.head_dim,
+            "intermediate_size": llama.config.intermediate_size,
+            "mlp_bias": True,
+        },  # fmt: skip
         "think_time_s": think,
         "background_turns": bg_turns,
         "global_warmup_turns": args.global_warmup,
@@ -389,38 +388,30 @@ def main(argv=None) -> dict:
                     linestyle="--")  # fmt: skip
         for ax, title in ((axes[0, 0], "prompt phase (time to first token)"),
                           (axes[0, 1], f"full turn ({a_len}-token answer)")):  # fmt: skip
-            ax.set_yscale("log")
-            ax.set_xlabel("turn")
-            ax.set_ylabel("ms (median, IQR bars)")
-            ax.set_title(title, fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            bc.log_axes(ax, "turn", "ms (median, IQR bars)", title=title)
         ax = axes[1, 0]
         ax.plot(xs, [r["rxt"]["state_bytes"] / 2**20 for r in results], "o-", label="RxT STM")
         ax.plot(xs, [r["llama_kvcache"]["state_bytes"] / 2**20 for r in results], "o-", label="Llama KV cache")
-        ax.set_yscale("log")
-        ax.set_xlabel("turn")
-        ax.set_ylabel("state carried between turns (MiB)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        bc.log_axes(ax, "turn", "state carried between turns (MiB)")
         ax = axes[1, 1]
         for system in SYSTEMS:
             ax.plot(xs, [r[system]["cumulative_tokens_processed"] for r in results], "o-", label=LABELS[system])
-        ax.set_yscale("log")
-        ax.set_xlabel("turn")
-        ax.set_ylabel("cumulative tokens processed")
-        ax.set_title(f"background update hidden behind {think:g} s think time: "
-                     f"{summary['background_update_hidden_fraction']:.0%}", fontsize=9)  # fmt: skip
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.suptitle(f"RxT vs Llama conversation, D={dims['embed_dim']}, {dims['num_layers']} layers, "
-                     f"{q_len}+{a_len} tokens/turn, {threads} thread(s)", fontsize=10)  # fmt: skip
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
+        hidden = summary["background_update_hidden_fraction"]
+        bc.log_axes(ax, "turn", "cumulative tokens processed",
+                    title=f"background update hidden behind {think:g} s think time: {hidden:.0%}")  # fmt: skip
+        bc.save_figure(fig, png, f"RxT vs Llama conversation, D={dims['embed_dim']}, {dims['num_layers']} layers, "
+                       f"{q_len}+{a_len} tokens/turn, {threads} thread(s)")  # fmt: skip
 
-    out = bc.write_outputs(args.output, machine, config_out, results, summary, plot, SUMMARY_KEYS,
-                           extra={"results_background": background, "results_rxt_by_turn_interleaved": rxt_by_turn})
+    out = bc.write_outputs(
+        args.output,
+        machine,
+        config_out,
+        results,
+        summary,
+        plot,
+        SUMMARY_KEYS,
+        extra={"results_background": background, "results_rxt_by_turn_interleaved": rxt_by_turn},
+    )
     print(f"background_update_hidden_fraction: {summary['background_update_hidden_fraction']:.3f}")
     return out
 

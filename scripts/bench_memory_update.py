@@ -48,21 +48,24 @@ def main(argv=None) -> dict:
     from modeling_rxt import RxTForCausalLM
 
     quick = args.quick
-    threads = bc.pin_threads(args.threads)
+    threads, machine = bc.start(args)
     if quick:
         dims = dict(embed_dim=64, num_layers=2, att_heads=4, query_heads=2, kv_heads=2, ff_dim=192, vocab_size=256)
         slots, lengths, base_slots, base_length, repeats = [16, 32], [32, 64], 32, 32, 2
     else:
         dims = dict(embed_dim=256, num_layers=4, att_heads=16, query_heads=8, kv_heads=8, ff_dim=768, vocab_size=1024)
-        slots, lengths, base_slots, base_length, repeats = [64, 128, 256, 512, 1024], [64, 128, 256, 512, 1024], 512, \
-            256, 5
+        slots, lengths, base_slots, base_length, repeats = (
+            [64, 128, 256, 512, 1024],
+            [64, 128, 256, 512, 1024],
+            512,
+            256,
+            5,
+        )
     slots = sorted(set(args.slots or slots))
     lengths = sorted(set(args.lengths or lengths))
     base_slots = args.base_slots or base_slots
     base_length = args.base_length or base_length
     repeats = args.repeats or repeats
-    machine = bc.machine_info(threads)
-    torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     seq_len = max(1024, max(lengths + [base_length]) + 8)
     groups = 2 if dims["num_layers"] % 2 == 0 else 1
@@ -84,14 +87,14 @@ def main(argv=None) -> dict:
                 models_by_slots[stm_size] = {v: build(v, stm_size) for v in VARIANTS}
             models = models_by_slots[stm_size]
             ids = bc.random_tokens(gen, (1, length), dims["vocab_size"])
-            ids[:, 0] = 2
+            ids[:, 0] = models["simple"].config.bos_token_id
             stms = {v: m.initial_stm(1) for v, m in models.items()}
             reference = models["simple"]
             encoded = reference.encode(ids)
 
-            fns = [lambda m=models[v], s=stms[v]: m.update_memory(ids, None, s) for v in VARIANTS]
-            fns.append(lambda: reference.encode(ids))
-            fns += [lambda m=models[v], s=stms[v]: m(mode="memory_update", encoder_hidden_states=encoded, stm=s)
+            fns = [lambda m=models[v], s=stms[v], ids=ids: m.update_memory(ids, None, s) for v in VARIANTS]
+            fns.append(lambda reference=reference, ids=ids: reference.encode(ids))
+            fns += [lambda m=models[v], s=stms[v], e=encoded: m(mode="memory_update", encoder_hidden_states=e, stm=s)
                     for v in VARIANTS]  # fmt: skip
             times = bc.timeit_interleaved(fns, repeats, args.warmup)
             row = {"sweep": sweep, "stm_slots": stm_size, "interaction_tokens": length,
@@ -102,14 +105,19 @@ def main(argv=None) -> dict:
                     "memory_attention_only": bc.spread(times[len(VARIANTS) + 1 + i]),
                 }
             results.append(row)
-            print(f"{sweep:6s} S={stm_size:5d} T={length:5d}  update ms: "
-                  + "  ".join(f"{v} {row['variants'][v]['update']['median_ms']:7.1f}" for v in VARIANTS)
-                  + f"  | encoder {row['encoder_only']['median_ms']:.1f}", flush=True)
+            print(
+                f"{sweep:6s} S={stm_size:5d} T={length:5d}  update ms: "
+                + "  ".join(f"{v} {row['variants'][v]['update']['median_ms']:7.1f}" for v in VARIANTS)
+                + f"  | encoder {row['encoder_only']['median_ms']:.1f}",
+                flush=True,
+            )
     elapsed = time.perf_counter() - t_start
 
     length_rows = [r for r in results if r["sweep"] == "length"]
     longest = max(length_rows, key=lambda r: r["interaction_tokens"])
-    per_1k = {v: longest["variants"][v]["update"]["median_ms"] * 1000 / longest["interaction_tokens"] for v in VARIANTS}
+    per_1k = {
+        v: longest["variants"][v]["update"]["median_ms"] * 1000 / longest["interaction_tokens"] for v in VARIANTS
+    }
     lengths_done = [r["interaction_tokens"] for r in length_rows]
     slope = {v: 1000 * _slope(lengths_done, [r["variants"][v]["update"]["median_ms"] for r in length_rows])
              for v in VARIANTS}  # fmt: skip
@@ -126,12 +134,7 @@ def main(argv=None) -> dict:
         },
     }
     config = {
-        "quick": bool(quick),
-        "threads": threads,
-        "repeats": repeats,
-        "warmup_per_point": args.warmup,
-        "seed": args.seed,
-        "dtype": "float32",
+        **bc.run_config(args, threads, repeats),
         "batch": 1,
         "dims": dims,
         "grouped_num_groups": groups,
@@ -153,17 +156,9 @@ def main(argv=None) -> dict:
             for v in VARIANTS:
                 bc.errorbar(ax, xs, [r["variants"][v]["update"] for r in rows], v)
             bc.errorbar(ax, xs, [r["encoder_only"] for r in rows], "encoder alone", linestyle="--", color="gray")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel(label)
-            ax.set_ylabel("update_memory ms (median, IQR)")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"memory update, D={dims['embed_dim']}, {dims['num_layers']} layers, {threads} thread(s)",
-                     fontsize=10)
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
+            bc.log_axes(ax, label, "update_memory ms (median, IQR)", xbase=2)
+        title = f"memory update, D={dims['embed_dim']}, {dims['num_layers']} layers, {threads} thread(s)"
+        bc.save_figure(fig, png, title)
 
     out = bc.write_outputs(args.output, machine, config, results, summary, plot, SUMMARY_KEYS)
     return out

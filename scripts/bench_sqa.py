@@ -75,10 +75,15 @@ def repeats_for(tokens: int, base: int) -> int:
 def main(argv=None) -> dict:
     ap = bc.base_parser("sqa", __doc__)
     ap.add_argument("--lengths", type=int, nargs="*", default=None, help="tokens (default 1k..16k; quick 128 256)")
-    ap.add_argument("--train-max-len", type=int, default=None,
-                    help="longest training step of the layer (default 4096; quick all)")
-    ap.add_argument("--model-train-max-len", type=int, default=None,
-                    help="longest training step of the model (default 2048; quick all)")
+    ap.add_argument(
+        "--train-max-len", type=int, default=None, help="longest training step of the layer (default 4096; quick all)"
+    )
+    ap.add_argument(
+        "--model-train-max-len",
+        type=int,
+        default=None,
+        help="longest training step of the model (default 2048; quick all)",
+    )
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--global-warmup", type=int, default=2, help="extra warm-up calls at the first (shortest) length")
     args = ap.parse_args(argv)
@@ -86,7 +91,7 @@ def main(argv=None) -> dict:
     from modeling_rxt import RxTForCausalLM
 
     quick = args.quick
-    threads = bc.pin_threads(args.threads)
+    threads, machine = bc.start(args)
     if quick:
         dim, heads, layers, ff, vocab = 128, 16, 1, 256, 256
         lengths = args.lengths or [128, 256]
@@ -102,9 +107,7 @@ def main(argv=None) -> dict:
     lengths = sorted(set(lengths))
     hd = dim // heads
     headline = 16384 if 16384 in lengths else max(lengths)
-    machine = bc.machine_info(threads)
     specs = variants(heads)
-    torch.manual_seed(args.seed)
     models = {}
     for name, spec in specs.items():
         config = bc.rxt_config(embed_dim=dim, num_layers=layers, att_heads=heads, query_heads=heads // 2,
@@ -187,27 +190,30 @@ def main(argv=None) -> dict:
             mha = row["variants"]["MHA"][kind]["median_ms"]
             line = "  ".join(f"{n} {row['variants'][n][kind]['median_ms']:9.1f}" for n in names)
             xsqa = mha / row["variants"]["xSQA"][kind]["median_ms"]
-            print(f"{tokens:6d} tok {kind:17s} ms: {line}  (xSQA x{xsqa:.2f})",
-                  flush=True)
+            print(f"{tokens:6d} tok {kind:17s} ms: {line}  (xSQA x{xsqa:.2f})", flush=True)
         for name in names:
             spec = specs[name]
             flops = layer_flops(tokens, dim, hd, spec["hq"], spec["hkv"])
             mha_flops = layer_flops(tokens, dim, hd, heads, heads)
             entry = row["variants"][name]
-            entry.update({
-                "hq": spec["hq"],
-                "hkv": spec["hkv"],
-                "theory_core_speedup_vs_mha": heads / max(spec["hq"], spec["hkv"]),
-                "theory_layer_speedup_vs_mha": mha_flops["total"] / flops["total"],
-                "layer_forward_gflop": flops["total"] / 1e9,
-            })
+            entry.update(
+                {
+                    "hq": spec["hq"],
+                    "hkv": spec["hkv"],
+                    "theory_core_speedup_vs_mha": heads / max(spec["hq"], spec["hkv"]),
+                    "theory_layer_speedup_vs_mha": mha_flops["total"] / flops["total"],
+                    "layer_forward_gflop": flops["total"] / 1e9,
+                }
+            )
             for kind in ("layer_forward", "layer_train_step", "model_forward", "model_train_step"):
                 if kind in entry:
                     entry[f"{kind}_speedup_vs_mha"] = (
                         row["variants"]["MHA"][kind]["median_ms"] / entry[kind]["median_ms"]
                     )
             if "layer_forward" in entry:
-                entry["layer_forward_gflops_per_s"] = flops["total"] / (entry["layer_forward"]["median_ms"] / 1e3) / 1e9
+                entry["layer_forward_gflops_per_s"] = (
+                    flops["total"] / (entry["layer_forward"]["median_ms"] / 1e3) / 1e9
+                )
         results.append(row)
     elapsed = time.perf_counter() - t_start
 
@@ -231,14 +237,10 @@ def main(argv=None) -> dict:
         "target": {"xsqa_speedup_vs_mha_16k": ">= 2.5"},
         "meets_target": {"xsqa_speedup_vs_mha_16k": speedup("xSQA", "MHA") >= 2.5},
     }
+    warmup = (f"{args.warmup} for <= 4096 tokens, else 0 (process already warm; a call takes seconds); "
+              f"+{args.global_warmup} at the first length")  # fmt: skip
     config = {
-        "quick": bool(quick),
-        "threads": threads,
-        "repeats": {str(t): repeats_for(t, base_repeats) for t in lengths},
-        "warmup_per_point": f"{args.warmup} for <= 4096 tokens, else 0 (process already warm; a call takes seconds); "
-        f"+{args.global_warmup} at the first length",
-        "seed": args.seed,
-        "dtype": "float32",
+        **bc.run_config(args, threads, {str(t): repeats_for(t, base_repeats) for t in lengths}, warmup=warmup),
         "batch": 1,
         "lengths": lengths,
         "embed_dim": dim,
@@ -247,9 +249,15 @@ def main(argv=None) -> dict:
         "variants": {n: {"hq": s["hq"], "hkv": s["hkv"], **s["fields"]} for n, s in specs.items()},
         "attention": "RxTSelfAttention, causal, RoPE q/k, SDPA backend (attn_implementation=sdpa)",
         "layer_train_max_len": train_max,
-        "model": None if args.skip_model else {
-            "class": "RxTForCausalLM (decoder path)", "num_layers": layers, "ff_dim": ff, "vocab_size": vocab,
-            "stm_size": 64, "cross_attention": f"sSQA {heads // 2}/{heads // 2} (fixed)",
+        "model": None
+        if args.skip_model
+        else {
+            "class": "RxTForCausalLM (decoder path)",
+            "num_layers": layers,
+            "ff_dim": ff,
+            "vocab_size": vocab,
+            "stm_size": 64,
+            "cross_attention": f"sSQA {heads // 2}/{heads // 2} (fixed)",
             "train_max_len": model_train_max,
         },
         "training_step": "forward + backward (layer: mean square of the output; model: LM loss), grads zeroed",
@@ -267,13 +275,7 @@ def main(argv=None) -> dict:
             rows = [r for r in results if k in r["variants"]["MHA"]]
             for n in names:
                 bc.errorbar(ax, [r["tokens"] for r in rows], [r["variants"][n][k] for r in rows], n)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens")
-            ax.set_ylabel("ms (median, IQR bars)")
-            ax.set_title(k.replace("_", " "), fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            bc.log_axes(ax, "tokens", "ms (median, IQR bars)", xbase=2, title=k.replace("_", " "))
         ax = axes[-1]
         xs = range(len(names))
         ax.bar([i - 0.2 for i in xs], [summary["speedup_vs_mha_16k"][n] for n in names], 0.4,
@@ -286,10 +288,7 @@ def main(argv=None) -> dict:
         ax.set_ylabel(f"speed-up vs MHA at {headline} tokens")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-        fig.suptitle(f"SQA vs MHA/GQA/MQA: D={dim}, H={heads}, hd={hd}, causal, {threads} thread(s)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
+        bc.save_figure(fig, png, f"SQA vs MHA/GQA/MQA: D={dim}, H={heads}, hd={hd}, causal, {threads} thread(s)")
 
     out = bc.write_outputs(args.output, machine, config, results, summary, plot, SUMMARY_KEYS)
     return out

@@ -18,8 +18,6 @@ per batch vs batch size for both implementations (log scale).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import statistics
@@ -49,33 +47,23 @@ def make_batch(batch: int, length: int, vocab: int, noise: float, refs: int, see
     return cand, (ref[:, 0] if refs == 1 else ref)
 
 
-_timeit = bc.timeit
-_timeit_interleaved = bc.timeit_interleaved
-_spread = bc.spread
-
-
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny sweep (smoke test): batch 4/8, length 32, 2 repeats")
-    ap.add_argument("--output", default="runs/bench/tensorbleu.json", help="JSON path; the PNG goes next to it")
+    ap = bc.base_parser("tensorbleu", __doc__)  # --quick: batch 4/8, length 32, 2 repeats
+    ap.set_defaults(warmup=2)
     ap.add_argument("--batch", type=int, default=64, help="headline batch size (always part of the sweep)")
     ap.add_argument("--length", type=int, default=256, help="tokens per sequence")
-    ap.add_argument("--batch-sizes", type=int, nargs="*", default=None,
-                    help="sweep (default 16 32 64 128 256 512; quick: 4 8)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per point (default 15; quick: 2)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls per point")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: NLTK is single-threaded, and on a shared 2-core VM a "
-                         "descheduled OpenMP worker can stall every parallel op by a scheduler tick)")
+    ap.add_argument(
+        "--batch-sizes", type=int, nargs="*", default=None, help="sweep (default 16 32 64 128 256 512; quick: 4 8)"
+    )
     ap.add_argument("--max-n", type=int, default=4)
     ap.add_argument("--smoothing", default="floor", choices=sorted(NLTK_SMOOTHING_METHOD))
     ap.add_argument("--refs", type=int, default=1, help="references per sample")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--noise", type=float, default=0.3, help="fraction of candidate tokens replaced")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-unfold", action="store_true",
-                    help="skip timing the unfold/unique(dim=0) backend at the headline batch")
+    ap.add_argument(
+        "--no-unfold", action="store_true", help="skip timing the unfold/unique(dim=0) backend at the headline batch"
+    )
     args = ap.parse_args(argv)
 
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
@@ -91,8 +79,7 @@ def main(argv=None) -> dict:
         headline = args.batch
         repeats = args.repeats or 15
     sizes = sorted(set(sizes) | {headline})
-    threads = max(1, args.threads)
-    torch.set_num_threads(threads)
+    threads = bc.pin_threads(args.threads)  # 1 by default, like the single-threaded NLTK loop
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
@@ -100,8 +87,9 @@ def main(argv=None) -> dict:
     weights = tuple([1.0 / args.max_n] * args.max_n)
 
     def tb(cand, ref, backend="rolling"):
-        return tensor_sentence_bleu(cand, ref, max_n=args.max_n, smoothing=args.smoothing, backend=backend,
-                                    dtype=torch.float64)
+        return tensor_sentence_bleu(
+            cand, ref, max_n=args.max_n, smoothing=args.smoothing, backend=backend, dtype=torch.float64
+        )
 
     def nltk_loop(cand, ref):
         c = cand.tolist()
@@ -118,27 +106,30 @@ def main(argv=None) -> dict:
         for bs in sizes:
             cand, ref = make_batch(bs, length, args.vocab, args.noise, args.refs, args.seed + bs)
             cand_d, ref_d = cand.to(device), ref.to(device)
-            t_tb, t_nl = _timeit_interleaved(
-                [lambda c=cand_d, r=ref_d: tb(c, r), lambda c=cand, r=ref: nltk_loop(c, r)],
-                repeats, args.warmup, sync)
+            t_tb, t_nl = bc.timeit_interleaved(
+                [lambda c=cand_d, r=ref_d: tb(c, r), lambda c=cand, r=ref: nltk_loop(c, r)], repeats, args.warmup, sync
+            )
             ours = tb(cand_d, ref_d).cpu()
             oracle = torch.tensor(nltk_loop(cand, ref), dtype=torch.float64)
             row = {
                 "batch": bs,
                 "length": length,
-                "tensorbleu": _spread(t_tb),
-                "nltk": _spread(t_nl),
+                "tensorbleu": bc.spread(t_tb),
+                "nltk": bc.spread(t_nl),
                 "speedup": statistics.median(t_nl) / statistics.median(t_tb),
                 "max_abs_diff_vs_nltk": float((ours - oracle).abs().max()),
                 "mean_bleu": float(oracle.mean()),
             }
             results.append(row)
-            print(f"batch {bs:4d} x {length}: tensorbleu {row['tensorbleu']['median_ms']:8.2f} ms  "
-                  f"nltk {row['nltk']['median_ms']:9.2f} ms  speedup {row['speedup']:6.1f}x  "
-                  f"max|diff| {row['max_abs_diff_vs_nltk']:.1e}", flush=True)
+            print(
+                f"batch {bs:4d} x {length}: tensorbleu {row['tensorbleu']['median_ms']:8.2f} ms  "
+                f"nltk {row['nltk']['median_ms']:9.2f} ms  speedup {row['speedup']:6.1f}x  "
+                f"max|diff| {row['max_abs_diff_vs_nltk']:.1e}",
+                flush=True,
+            )
             if bs == headline and not args.no_unfold:
-                t_un = _timeit(lambda c=cand_d, r=ref_d: tb(c, r, "unfold"), max(2, repeats // 3), 1, sync)
-                unfold = _spread(t_un)
+                t_un = bc.timeit(lambda c=cand_d, r=ref_d: tb(c, r, "unfold"), max(2, repeats // 3), 1, sync)
+                unfold = bc.spread(t_un)
 
     head = next(r for r in results if r["batch"] == headline)
     summary = {
@@ -160,37 +151,27 @@ def main(argv=None) -> dict:
     if load_before is not None:
         machine["loadavg_1min_before"] = load_before[0]
         machine["loadavg_1min_after"] = os.getloadavg()[0]
-    out = {
-        "machine": machine,
-        "config": {
-            "quick": bool(args.quick),
-            "batch": headline,
-            "length": length,
-            "batch_sizes": sizes,
-            "repeats": repeats,
-            "warmup": args.warmup,
-            "threads": threads,
-            "max_n": args.max_n,
-            "smoothing": args.smoothing,
-            "nltk_smoothing": NLTK_SMOOTHING_METHOD[args.smoothing],
-            "refs": args.refs,
-            "vocab": args.vocab,
-            "noise": args.noise,
-            "seed": args.seed,
-            "backend": "rolling",
-            "nltk_timing_includes_tolist": True,
-            "timing": "interleaved (tensorbleu, nltk) pairs, time.perf_counter wall clock",
-        },
-        "results": results,
-        "summary": summary,
+    config = {
+        "quick": bool(args.quick),
+        "batch": headline,
+        "length": length,
+        "batch_sizes": sizes,
+        "repeats": repeats,
+        "warmup": args.warmup,
+        "threads": threads,
+        "max_n": args.max_n,
+        "smoothing": args.smoothing,
+        "nltk_smoothing": NLTK_SMOOTHING_METHOD[args.smoothing],
+        "refs": args.refs,
+        "vocab": args.vocab,
+        "noise": args.noise,
+        "seed": args.seed,
+        "backend": "rolling",
+        "nltk_timing_includes_tolist": True,
+        "timing": "interleaved (tensorbleu, nltk) pairs, time.perf_counter wall clock",
     }
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    png = path.with_suffix(".png")
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
+    def plot(png):
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -200,21 +181,14 @@ def main(argv=None) -> dict:
             lo = [r[key]["median_ms"] - r[key]["min_ms"] for r in results]
             hi = [r[key]["max_ms"] - r[key]["median_ms"] for r in results]
             ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size (sequences)")
-        ax.set_ylabel("time per batch (ms, median; bars min-max)")
-        ax.set_title(f"BLEU-{args.max_n}, {length} tokens, {threads} torch thread(s), {args.device}\n"
-                     f"speed-up at batch {headline}: {head['speedup']:.1f}x", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(png, dpi=120)
-        plt.close(fig)
-        out["plot"] = str(png)
-    except Exception as exc:  # pragma: no cover - plotting is best effort
-        print(f"plot skipped: {exc}", file=sys.stderr)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+        title = (f"BLEU-{args.max_n}, {length} tokens, {threads} torch thread(s), {args.device}\n"
+                 f"speed-up at batch {headline}: {head['speedup']:.1f}x")  # fmt: skip
+        bc.log_axes(ax, "batch size (sequences)", "time per batch (ms, median; bars min-max)", xbase=2, title=title,
+                    legend={})  # fmt: skip
+        bc.save_figure(fig, png, dpi=120)
+
+    out = bc.write_outputs(args.output, machine, config, results, summary, plot, ("tensorbleu_speedup_vs_nltk",))
+    path = Path(args.output)
     print(f"speed-up at batch {headline} x {length}: {head['speedup']:.1f}x  -> {path}")
     if not all(math.isfinite(r["speedup"]) for r in results):  # pragma: no cover
         raise SystemExit("non-finite timing")

@@ -8,13 +8,17 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerFast
 
 from modeling_rxt import RxTCache, RxTChatSession, RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import (
+    RXT_SPECIAL_TOKENS,
     RXT_TEMPLATES,
+    RXT_TOKEN_ID_FIELDS,
     render_system,
     render_turn_prompt,
     train_rxt_tokenizer,
 )
 
-A, T, EOS = 6, 7, 3
+A, T, EOS = (
+    RXT_SPECIAL_TOKENS.index(RXT_TOKEN_ID_FIELDS[f]) for f in ("answer_token_id", "think_token_id", "eos_token_id")
+)
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +213,14 @@ def test_tool_result_turn_prompt(model, tokenizer, monkeypatch):
 
 
 def test_missing_beta_tokens_and_bad_modes(model, tokenizer):
-    backend = Tokenizer(models.BPE(unk_token="[UNK]"))
+    backend = Tokenizer(models.BPE(unk_token=RXT_TOKEN_ID_FIELDS["unk_token_id"]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    special = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]", "[Q]", "[A]"]
+    special = RXT_SPECIAL_TOKENS[:7]  # Alpha's tokens: no [T], [C], [U], [I]
     backend.train_from_iterator(["hello there"] * 5, trainers.BpeTrainer(
         vocab_size=280, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))  # fmt: skip
-    alpha = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                    eos_token="[EOS]", mask_token="[MASK]", extra_special_tokens=["[Q]", "[A]"])  # fmt: skip
+    named = {field[: -len("_id")]: RXT_TOKEN_ID_FIELDS[field]
+             for field in ("pad_token_id", "unk_token_id", "bos_token_id", "eos_token_id", "mask_token_id")}  # fmt: skip
+    alpha = PreTrainedTokenizerFast(tokenizer_object=backend, extra_special_tokens=special[5:], **named)
     session = RxTChatSession(model, alpha)
     assert isinstance(session.interact("hello", thinking_mode="fast", max_new_tokens=2), str)  # [A] is enough
     with pytest.raises(ValueError, match=r"thinking_mode='extended' needs the \[T\] token"):

@@ -16,10 +16,10 @@ from trainers.data import (
     EpisodeCollator,
     InteractionCollator,
     JointLMCollator,
-    _tokenize,
     encode_interaction,
     encode_text,
     load_rows,
+    tokenize_texts,
     truncate_episode,
     validate_rows,
 )
@@ -357,16 +357,16 @@ def test_validate_rows(tok, caplog):
 
 
 def test_tokenize_equals_the_tokenizer_call_with_or_without_the_backend_path(tok):
-    """`_tokenize` calls a fast tokenizer's backend directly; a backend set to truncate (or pad) goes through
+    """`tokenize_texts` calls a fast tokenizer's backend directly; a backend set to truncate (or pad) goes through
     `tokenizer(...)`, which ignores those settings unless asked — the same ids either way."""
     import copy
 
     texts = ["my cat is called Brindle", "hi", "hello there, my favourite colour is teal"]
     expected = tok(texts, add_special_tokens=False)["input_ids"]
-    assert _tokenize(tok, texts) == expected
+    assert tokenize_texts(tok, texts) == expected
     truncating = copy.deepcopy(tok)
     truncating.backend_tokenizer.enable_truncation(2)
-    assert _tokenize(truncating, texts) == expected
+    assert tokenize_texts(truncating, texts) == expected
 
 
 def test_validate_rows_length_column_is_what_the_collators_pad_to(tok):

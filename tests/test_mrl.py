@@ -142,6 +142,20 @@ def test_trl_compat_names_import_and_are_callable():
 # 2. Rollout structure
 
 
+def test_config_parameters_docstring_lists_every_own_field():
+    """The "Parameters" section of `MRLConfig` names every field the class declares, with its default."""
+    import dataclasses
+
+    own = MRLConfig.__dict__["__annotations__"]
+    doc = MRLConfig.__doc__
+    by_name = {f.name: f for f in dataclasses.fields(MRLConfig)}
+    missing = [name for name in own if f"        {name} (`" not in doc]
+    assert not missing, missing
+    for name in own:
+        default = repr(by_name[name].default).replace("'", '"')
+        assert f"        {name} (`{own[name]}`, *optional*, defaults to `{default}`):" in doc, name
+
+
 @pytest.mark.parametrize("teacher_forcing", [False, True])
 def test_rollout_structure_and_replay_reproduces_old_logps(tokenizer, episodes, tmp_path, teacher_forcing):
     curriculum = json.dumps([{"steps": 1}, {"steps": 3, "teacher_forcing": teacher_forcing}])

@@ -14,25 +14,15 @@ from conftest import REPO_ROOT
 from modeling_rxt.tokenization_rxt import (
     RXT_CHAT_TEMPLATE,
     RXT_SPECIAL_TOKENS,
+    RXT_TOKEN_ID_FIELDS,
     check_rxt_tokenizer,
     render_interaction,
     render_query,
     train_rxt_tokenizer,
 )
 
-EXPECTED_IDS = {
-    "pad_token_id": 0,
-    "unk_token_id": 1,
-    "bos_token_id": 2,
-    "eos_token_id": 3,
-    "mask_token_id": 4,
-    "query_token_id": 5,
-    "answer_token_id": 6,
-    "think_token_id": 7,
-    "tool_call_token_id": 8,
-    "tool_use_token_id": 9,
-    "internal_token_id": 10,
-}
+EXPECTED_IDS = {field: i for i, field in enumerate(RXT_TOKEN_ID_FIELDS)}  # the table's order fixes the ids
+NAMED = ("pad_token_id", "unk_token_id", "bos_token_id", "eos_token_id", "mask_token_id")  # tokenizer attributes
 NON_ASCII = "Zażółć gęślą jaźń — 42 °C"
 
 
@@ -60,7 +50,7 @@ def tokenizer():
 
 
 def _plain_bpe_tokenizer(special_tokens):
-    backend = Tokenizer(models.BPE(unk_token="[UNK]"))
+    backend = Tokenizer(models.BPE(unk_token=RXT_TOKEN_ID_FIELDS["unk_token_id"]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -74,11 +64,9 @@ def _plain_bpe_tokenizer(special_tokens):
 
 
 def test_special_token_ids(tokenizer):
-    expected = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]", "[Q]", "[A]", "[T]", "[C]", "[U]", "[I]"]
-    assert RXT_SPECIAL_TOKENS == expected
+    assert RXT_SPECIAL_TOKENS == list(RXT_TOKEN_ID_FIELDS.values()) and len(RXT_SPECIAL_TOKENS) == 11
     assert tokenizer.convert_tokens_to_ids(RXT_SPECIAL_TOKENS) == list(range(11))
-    assert (tokenizer.pad_token, tokenizer.unk_token, tokenizer.bos_token) == ("[PAD]", "[UNK]", "[BOS]")
-    assert (tokenizer.eos_token, tokenizer.mask_token) == ("[EOS]", "[MASK]")
+    assert [getattr(tokenizer, field[: -len("_id")]) for field in NAMED] == [RXT_TOKEN_ID_FIELDS[f] for f in NAMED]
     assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id) == (0, 1, 2)
     assert (tokenizer.eos_token_id, tokenizer.mask_token_id) == (3, 4)
     assert set(tokenizer.all_special_ids) == set(range(11))
@@ -214,22 +202,22 @@ def test_save_and_reload(tokenizer, tmp_path):
 
 
 def test_check_rejects_tokenizer_without_rxt_tokens():
-    plain = _plain_bpe_tokenizer(["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]"])
+    plain = _plain_bpe_tokenizer(RXT_SPECIAL_TOKENS[:5])  # [PAD] … [MASK]
     with pytest.raises(ValueError) as excinfo:
         check_rxt_tokenizer(plain)
     message = str(excinfo.value)
-    assert "['[Q]', '[A]']" in message
-    assert "[PAD]'," not in message.split("expected")[0]
+    assert str(RXT_SPECIAL_TOKENS[5:7]) in message  # the missing [Q], [A]
+    assert f"{RXT_SPECIAL_TOKENS[0]}'," not in message.split("expected")[0]
     assert "train_rxt_tokenizer" in message
 
     nothing = _plain_bpe_tokenizer([])
     with pytest.raises(ValueError) as excinfo:
         check_rxt_tokenizer(nothing)
-    assert "['[PAD]', '[UNK]', '[BOS]', '[EOS]', '[MASK]', '[Q]', '[A]']" in str(excinfo.value)
+    assert str(RXT_SPECIAL_TOKENS[:7]) in str(excinfo.value)  # all seven required tokens
 
 
 def test_check_optional_tokens_absent():
-    required_only = _plain_bpe_tokenizer(["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]", "[Q]", "[A]"])
+    required_only = _plain_bpe_tokenizer(RXT_SPECIAL_TOKENS[:7])
     ids = check_rxt_tokenizer(required_only)
     assert ids == {key: (value if value <= 6 else None) for key, value in EXPECTED_IDS.items()}
 

@@ -382,6 +382,7 @@ def test_fsdp2_sharded_model_gets_the_unsharded_loss_and_gradients(tmp_path):
     assert report["memory_attention_trained"] == ["memory_attention"]
 
 
+@pytest.mark.slow
 def test_quickstart_micro_pipeline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     command = [sys.executable, str(REPO_ROOT / "scripts" / "quickstart.py"), "--preset", "micro", "--output-dir",

@@ -231,7 +231,7 @@ def _special_ids(tokenizer) -> dict[str, int | None]:
     return check_rxt_tokenizer(tokenizer)
 
 
-def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def tokenize_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each string, without special tokens (one batched call).
 
     A fast tokenizer whose backend neither truncates nor pads is called directly: the same ids as
@@ -266,7 +266,7 @@ def _build_text(ids: dict, body: list[int], max_length: int | None, overflow: st
     return [ids["bos_token_id"], *body, ids["eos_token_id"]]
 
 
-def _build_interaction(
+def build_interaction(
     ids: dict,
     query_body: list[int],
     answer_body: list[int],
@@ -294,7 +294,7 @@ def _build_interaction(
 def encode_text(tokenizer, text: str, max_length: int | None = None, overflow: str = "error") -> list[int]:
     """Pre-training template `[BOS]{text}[EOS]` as a list of ids (length `len(tokens(text)) + 2`)."""
     _check_overflow(overflow)
-    return _build_text(_special_ids(tokenizer), _tokenize(tokenizer, [text])[0], max_length, overflow, text)
+    return _build_text(_special_ids(tokenizer), tokenize_texts(tokenizer, [text])[0], max_length, overflow, text)
 
 
 def encode_interaction(
@@ -314,19 +314,19 @@ def encode_interaction(
         project rule; `train_eos=False` is the reference SFT mask, `train_answer_token=True` the reference SMAT mask.
     """
     _check_overflow(overflow)
-    query_body, answer_body = _tokenize(tokenizer, [query, answer])
-    return _build_interaction(
+    query_body, answer_body = tokenize_texts(tokenizer, [query, answer])
+    return build_interaction(
         _special_ids(tokenizer), query_body, answer_body, max_length, overflow, train_answer_token, train_eos, query
     )
 
 
-def _pad_to(length: int, multiple: int | None) -> int:
+def pad_to_multiple(length: int, multiple: int | None) -> int:
     if multiple:
         length = -(-length // multiple) * multiple
     return length
 
 
-def _fill_row(target: torch.Tensor, values: list[int]) -> None:
+def fill_row(target: torch.Tensor, values: list[int]) -> None:
     if values:
         target[: len(values)] = torch.tensor(values, dtype=target.dtype)
 
@@ -335,7 +335,7 @@ def _fill_row(target: torch.Tensor, values: list[int]) -> None:
 # Validation
 
 
-def _text_problem(row: dict, field: str) -> str | None:
+def text_problem(row: dict, field: str) -> str | None:
     if field not in row or row[field] is None:
         return "missing"
     if not isinstance(row[field], str):
@@ -370,10 +370,10 @@ def row_problem(row: dict, kind: str, text_field: str = "text") -> tuple[str, st
     if not isinstance(row, dict):
         return "", f"expected an object such as {ROW_EXAMPLES[kind]}, got {type(row).__name__}"
     if kind == "text":
-        reason = _text_problem(row, text_field)
+        reason = text_problem(row, text_field)
         return (text_field, reason) if reason else None
     for field in ("query", "answer"):
-        reason = _text_problem(row, field)
+        reason = text_problem(row, field)
         if reason:
             return field, reason
     if kind == "interaction":
@@ -387,7 +387,7 @@ def row_problem(row: dict, kind: str, text_field: str = "text") -> tuple[str, st
         if not isinstance(turn, dict):
             return f"interactions[{k}]", f"expected an object with query/answer, got {type(turn).__name__}"
         for field in ("query", "answer"):
-            reason = _text_problem(turn, field)
+            reason = text_problem(turn, field)
             if reason:
                 return f"interactions[{k}].{field}", reason
     probes = row.get("probes")
@@ -489,8 +489,8 @@ def validate_rows(
         chunk = 1024
         for start in range(0, len(pending), chunk):
             part = pending[start : start + chunk]
-            firsts = _tokenize(tokenizer, [p[2] for p in part])
-            seconds = _tokenize(tokenizer, [p[3] for p in part if p[3] is not None])
+            firsts = tokenize_texts(tokenizer, [p[2] for p in part])
+            seconds = tokenize_texts(tokenizer, [p[3] for p in part if p[3] is not None])
             second_iter = iter(seconds)
             for (index, field, _, second), first_ids in zip(part, firsts):
                 # [BOS] text [EOS] = +2; [BOS] [Q] query [A] answer [EOS] = +4
@@ -610,10 +610,10 @@ class JointLMCollator:
     def _sequences(self, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
         if self.sft:
             queries = [row["query"] for row in rows]
-            query_bodies = _tokenize(self.tokenizer, queries)
-            answer_bodies = _tokenize(self.tokenizer, [row["answer"] for row in rows])
+            query_bodies = tokenize_texts(self.tokenizer, queries)
+            answer_bodies = tokenize_texts(self.tokenizer, [row["answer"] for row in rows])
             pairs = [
-                _build_interaction(
+                build_interaction(
                     self.ids,
                     q,
                     a,
@@ -629,20 +629,20 @@ class JointLMCollator:
         texts = [row[self.text_field] for row in rows]
         seqs = [
             _build_text(self.ids, body, self.max_length, self.overflow, text)
-            for body, text in zip(_tokenize(self.tokenizer, texts), texts)
+            for body, text in zip(tokenize_texts(self.tokenizer, texts), texts)
         ]
         return seqs, [list(seq) for seq in seqs]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         seqs, targets = self._sequences(rows)
-        length = _pad_to(max(len(seq) for seq in seqs), self.pad_to_multiple_of)
+        length = pad_to_multiple(max(len(seq) for seq in seqs), self.pad_to_multiple_of)
         input_ids = torch.full((len(seqs), length), self.ids["pad_token_id"], dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
         labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
         for b, (seq, target) in enumerate(zip(seqs, targets)):
-            _fill_row(input_ids[b], seq)
+            fill_row(input_ids[b], seq)
             attention_mask[b, : len(seq)] = 1
-            _fill_row(labels[b], target)
+            fill_row(labels[b], target)
         if self.train_on_padding and not self.sft:
             labels = input_ids.clone()
 
@@ -778,11 +778,11 @@ class EpisodeCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         episodes = [self._turns(row) for row in rows]
         flat = [turn for turns in episodes for turn in turns]
-        query_bodies = _tokenize(self.tokenizer, [q for q, _ in flat])
-        answer_bodies = _tokenize(self.tokenizer, [a for _, a in flat])
+        query_bodies = tokenize_texts(self.tokenizer, [q for q, _ in flat])
+        answer_bodies = tokenize_texts(self.tokenizer, [a for _, a in flat])
         reference = self.label_mode == "reference"
         encoded = [
-            _build_interaction(
+            build_interaction(
                 self.ids, q, a, self.max_length, self.overflow, train_answer_token=reference, train_eos=True, query=text
             )
             for q, a, (text, _) in zip(query_bodies, answer_bodies, flat)
@@ -790,7 +790,7 @@ class EpisodeCollator:
 
         num_turns = torch.tensor([len(turns) for turns in episodes], dtype=torch.long)
         n, b = int(num_turns.max()), len(rows)
-        length = _pad_to(max(len(seq) for seq, _ in encoded), self.pad_to_multiple_of)
+        length = pad_to_multiple(max(len(seq) for seq, _ in encoded), self.pad_to_multiple_of)
         input_ids = torch.full((n, b, length), self.ids["pad_token_id"], dtype=torch.long)
         attention_mask = torch.zeros((n, b, length), dtype=torch.long)
         labels = torch.full((n, b, length), IGNORE_INDEX, dtype=torch.long)
@@ -800,9 +800,9 @@ class EpisodeCollator:
             for k in range(len(turns)):
                 seq, target = encoded[position]
                 position += 1
-                _fill_row(input_ids[k, j], seq)
+                fill_row(input_ids[k, j], seq)
                 attention_mask[k, j, : len(seq)] = 1
-                _fill_row(labels[k, j], target)
+                fill_row(labels[k, j], target)
                 turn_mask[k, j] = 1
         return {
             "input_ids": input_ids,

@@ -38,12 +38,12 @@ from .common import turn_widths
 from .data import (
     IGNORE_INDEX,
     EpisodeCollator,
-    _build_interaction,
-    _fill_row,
-    _pad_to,
-    _text_problem,
-    _tokenize,
+    build_interaction,
     drop_or_raise,
+    fill_row,
+    pad_to_multiple,
+    text_problem,
+    tokenize_texts,
     validation_input,
 )
 from .smat import SMATConfig, SupervisedMemoryAwareTrainer
@@ -113,7 +113,7 @@ def dmpo_row_problem(row: dict) -> tuple[str, str] | None:
         for name in ("internal", "tool_use"):
             if turn.get(name) is not None:
                 return f"{where}.{name}", _UNSUPPORTED
-        reason = _text_problem(turn, "query")
+        reason = text_problem(turn, "query")
         if reason:
             return f"{where}.query", reason
         for kind in ANSWER_KINDS:
@@ -127,7 +127,7 @@ def dmpo_row_problem(row: dict) -> tuple[str, str] | None:
             for name in ("think", "tool_call"):
                 if answer.get(name) is not None:
                     return f"{where}.{kind}.{name}", _UNSUPPORTED
-            reason = _text_problem(answer, "answer")
+            reason = text_problem(answer, "answer")
             if reason:
                 return f"{where}.{kind}.answer", reason
     return None
@@ -144,8 +144,8 @@ def _tokenized_rows(tokenizer, rows: list[dict], max_turns: int | None = None):
     """Per row, per turn `{kind: (query_ids, answer_ids, query_text)}` (one batched tokenizer call per side)."""
     texts = [_row_texts(row, max_turns) for row in rows]
     flat = [pair for turns in texts for turn in turns for pair in turn.values()]
-    queries = iter(_tokenize(tokenizer, [q for q, _ in flat]))
-    answers = iter(_tokenize(tokenizer, [a for _, a in flat]))
+    queries = iter(tokenize_texts(tokenizer, [q for q, _ in flat]))
+    answers = iter(tokenize_texts(tokenizer, [a for _, a in flat]))
     return [[{kind: (next(queries), next(answers), q) for kind, (q, _) in turn.items()} for turn in turns]
             for turns in texts]  # fmt: skip
 
@@ -205,7 +205,7 @@ class DMPOCollator(EpisodeCollator):
                     )
             try:
                 encoded.append([
-                    {kind: _build_interaction(self.ids, query, answer, self.max_length, self.overflow,
+                    {kind: build_interaction(self.ids, query, answer, self.max_length, self.overflow,
                                               train_answer_token=False, train_eos=True, query=text)
                      for kind, (query, answer, text) in turn.items()}
                     for turn in turns
@@ -214,7 +214,7 @@ class DMPOCollator(EpisodeCollator):
                 raise ValueError(f"DMPO row {index} of the batch: {error}") from None
 
         n, b = max(len(turns) for turns in encoded), len(rows)
-        length = _pad_to(max(len(ids) for turns in encoded for turn in turns for ids, _ in turn.values()),
+        length = pad_to_multiple(max(len(ids) for turns in encoded for turn in turns for ids, _ in turn.values()),
                          self.pad_to_multiple_of)  # fmt: skip
         batch = {}
         for kind in ANSWER_KINDS:
@@ -228,9 +228,9 @@ class DMPOCollator(EpisodeCollator):
                 turn_mask[k, j] = 1
                 neutral_mask[k, j] = int("neutral" in turn)
                 for kind, (ids, labels) in turn.items():
-                    _fill_row(batch[f"{kind}_input_ids"][k, j], ids)
+                    fill_row(batch[f"{kind}_input_ids"][k, j], ids)
                     batch[f"{kind}_attention_mask"][k, j, : len(ids)] = 1
-                    _fill_row(batch[f"{kind}_labels"][k, j], labels)
+                    fill_row(batch[f"{kind}_labels"][k, j], labels)
         batch.update(turn_mask=turn_mask, neutral_mask=neutral_mask,
                      num_turns=torch.tensor([len(turns) for turns in encoded], dtype=torch.long))  # fmt: skip
         return batch

@@ -102,6 +102,150 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
     `replay_buffer_max_age` (3); a curriculum stage's `replay_buffer` overrides them (`resolve_replay_buffer`).
     After construction `self.replay_buffer` and each stage's `replay_buffer` hold the resolved `ReplayBufferSettings`
     or None (off).
+
+    Only the fields MRL adds or whose default it changes are listed; for the others see
+    [`~transformers.TrainingArguments`] and TRL's [`GRPOConfig`], and for the reward fields
+    [`trainers.mrl_reward.MRLRewardArguments`].
+
+    Parameters:
+        > GRPO fields, reference defaults
+
+        learning_rate (`float`, *optional*, defaults to `0.0003`):
+            Policy learning rate.
+        weight_decay (`float`, *optional*, defaults to `0.01`):
+            AdamW weight decay.
+        beta (`float`, *optional*, defaults to `0.05`):
+            Reference-KL coefficient (0: no reference model).
+        epsilon (`float`, *optional*, defaults to `0.2`):
+            PPO clip epsilon.
+        num_iterations (`int`, *optional*, defaults to `10`):
+            Update epochs over each rollout.
+        entropy_coef (`float`, *optional*, defaults to `0.01`):
+            Entropy bonus coefficient.
+        num_generations (`int`, *optional*, defaults to `1`):
+            Rollouts per episode (>= 2 for 'group').
+        max_completion_length (`int`, *optional*, defaults to `64`):
+            Most generated tokens per answer.
+        gradient_checkpointing (`bool | None`, *optional*, defaults to `None`):
+            Deprecated alias (transformers).
+        activation_checkpointing (`bool | None`, *optional*, defaults to `False`):
+            Activation checkpointing.
+        bf16 (`bool | None`, *optional*, defaults to `False`):
+            bf16 mixed precision.
+        logging_steps (`float`, *optional*, defaults to `10`):
+            Log every N steps.
+        ddp_find_unused_parameters (`bool | None`, *optional*, defaults to `True`):
+            Frozen parts are unused.
+        ddp_static_graph (`bool | None`, *optional*, defaults to `True`):
+            DDP: several forwards (replay, decoder, critic) feed one backward per step.
+
+        > Curriculum
+
+        curriculum (`str`, *optional*, defaults to `"1,2,4,8,16"`):
+            Steps per episode per stage: '1,2,4' (one epoch each) or a JSON list of stage objects {steps, epochs,
+            strategy, unfreeze_epoch, random_resets_ratio, random_resets_from, teacher_forcing, replay_buffer}.
+        strategy (`str`, *optional*, defaults to `"multi_step"`):
+            multi_step | single_step | long_range.
+        delayed_final_reward (`bool`, *optional*, defaults to `False`):
+            Add a long-range reward at the last step.
+        unfreeze_epoch (`str`, *optional*, defaults to `"0"`):
+            0: all train; e: fetch until epoch e; [fetch, update, all] from warmup.
+        freeze_embeddings (`bool`, *optional*, defaults to `False`):
+            Never train the shared embedding.
+        random_resets (`bool`, *optional*, defaults to `False`):
+            Carry the STM across episodes unless reset.
+        random_resets_from (`int`, *optional*, defaults to `0`):
+            Epoch from which random resets apply.
+        random_resets_ratio (`float`, *optional*, defaults to `1.0`):
+            Probability of resetting the STM.
+        teacher_forcing (`bool`, *optional*, defaults to `False`):
+            Write the reference answer into memory.
+        use_memory_warmup (`bool`, *optional*, defaults to `False`):
+            Warm the STM up before the first write.
+        hard_warmup (`bool`, *optional*, defaults to `False`):
+            Warm-up STM = (ED + STM) / 2 (needs T == S).
+        max_length (`int`, *optional*, defaults to `256`):
+            Most tokens of one interaction.
+
+        > Loss
+
+        interstep_kl_coef (`float`, *optional*, defaults to `0.01`):
+            KL(pi_t || pi_t-1) coefficient.
+        stm_diff_coef (`float`, *optional*, defaults to `0.0001`):
+            Memory regularisation coefficient.
+        stm_diff_metric (`str`, *optional*, defaults to `"mse"`):
+            mse | rmse.
+        use_stm_cosine_sim (`bool`, *optional*, defaults to `False`):
+            Add -c_cos * cos(STM_t, STM_t-1).
+        cosine_sim_coef (`float`, *optional*, defaults to `0.01`):
+            STM cosine coefficient.
+        entropy_normalisation (`str`, *optional*, defaults to `"mean"`):
+            mean (masked token mean) | reference.
+        ref_kl_estimator (`str`, *optional*, defaults to `"reference"`):
+            reference | k3.
+        stm_source (`str`, *optional*, defaults to `"replay"`):
+            replay (recompute the STM) | snapshot.
+        bptt_steps (`int`, *optional*, defaults to `1`):
+            [project] replay: detach the STM every k steps (before that step's write), so a step's loss reaches the
+            writes since the last detach; 1 = its own write only (reference), 0 = every write.
+        log_probs_source (`str`, *optional*, defaults to `"update"`):
+            update (policy at T=1) | collect (sampler).
+        moe_aux_loss_scale (`float`, *optional*, defaults to `0.01`):
+            MoE router loss weight.
+        per_component_grad_clip (`bool`, *optional*, defaults to `True`):
+            Clip each component to max_grad_norm separately (reference).
+
+        > Advantages and critic
+
+        advantage_estimator (`str`, *optional*, defaults to `"critic"`):
+            critic (R - V) | group.
+        advantage_mode (`str`, *optional*, defaults to `"all"`):
+            all | batch | step | none.
+        use_gae (`bool`, *optional*, defaults to `False`):
+            GAE over the steps (critic only).
+        gae_gamma (`float`, *optional*, defaults to `0.99`):
+            GAE discount.
+        gae_lambda (`float`, *optional*, defaults to `0.95`):
+            GAE lambda.
+        critic_lr (`float`, *optional*, defaults to `0.0001`):
+            Critic head learning rate.
+        critic_encoder_lr (`float | None`, *optional*, defaults to `None`):
+            Critic encoder LR (None: critic_lr).
+        critic_weight_decay (`float`, *optional*, defaults to `0.01`):
+            Critic weight decay.
+        critic_max_len (`int`, *optional*, defaults to `512`):
+            Most critic input tokens (the last ones kept).
+        critic_value_clip (`float`, *optional*, defaults to `20.0`):
+            Values and targets clamped to +-clip.
+        critic_init_scale (`float`, *optional*, defaults to `10.0`):
+            Initial value scale.
+        critic_activation (`str`, *optional*, defaults to `"sigmoid"`):
+            sigmoid | tanh | linear.
+        critic_name_or_path (`str | None`, *optional*, defaults to `None`):
+            Start the critic from a folder holding critic/model.safetensors (a converted reference critic or an earlier
+            MRL output) or the model.safetensors file's folder itself (None: fresh).
+
+        > Per-component learning rates
+
+        separate_memory_lr (`bool`, *optional*, defaults to `False`):
+            Use memory_lr for memory components.
+        memory_lr (`float`, *optional*, defaults to `0.0005`):
+            LR of encoder + memory attention (separate).
+        memory_attention_lr (`float | None`, *optional*, defaults to `None`):
+            None: memory_lr.
+        encoder_lr (`float | None`, *optional*, defaults to `None`):
+            None: memory_lr.
+        embedding_lr (`float | None`, *optional*, defaults to `None`):
+            None: learning_rate.
+
+        > Replay buffer (training.md §6.9; `MrlReplayBuffer`)
+
+        replay_buffer_size (`int`, *optional*, defaults to `0`):
+            Best episodes kept and replayed with each new rollout (0: no replay buffer).
+        replay_buffer_update_size (`int | None`, *optional*, defaults to `None`):
+            Entries replaced per rollout, <= replay_buffer_size (None: max(1, size//2)).
+        replay_buffer_max_age (`int`, *optional*, defaults to `3`):
+            Entries this many rollouts old are evicted first (>= 1).
     """
 
     # GRPO fields, reference defaults

@@ -51,6 +51,7 @@ from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from transformers import TrainerCallback
 
 from modeling_rxt import RxTCache
+from modeling_rxt.tokenization_rxt import check_rxt_tokenizer
 
 from ._trl_compat import (
     RepeatSampler,
@@ -62,7 +63,7 @@ from ._trl_compat import (
     unwrap_model_for_generation,
 )
 from .common import RxTTrainer, component_of, is_no_decay, turn_widths
-from .data import _special_ids, _tokenize, episode_turns
+from .data import episode_turns, tokenize_texts
 from .mrl_config import MRLConfig, freeze_stage
 from .mrl_critic import RxTCritic, write_critic_folder
 from .mrl_replay import MrlReplayBuffer, concat_padded
@@ -138,8 +139,8 @@ class MRLCollator:
     def __call__(self, rows: list[dict]) -> dict:
         turns = [episode_turns(row) for row in rows]
         flat = [turn for episode in turns for turn in episode]
-        queries = _tokenize(self.tokenizer, [q for q, _ in flat])
-        answers = _tokenize(self.tokenizer, [a for _, a in flat])
+        queries = tokenize_texts(self.tokenizer, [q for q, _ in flat])
+        answers = tokenize_texts(self.tokenizer, [a for _, a in flat])
         budget = self.max_length - 4  # [BOS][Q] ... [A] ... [EOS]
         episodes, position = [], 0
         for row_index, episode in enumerate(turns):
@@ -247,7 +248,7 @@ class MRLTrainer(RxTTrainer):
         tokenizer = self.processing_class
         if tokenizer is None:
             raise ValueError("MRLTrainer needs processing_class=<the RxT tokenizer>.")
-        self.ids = _special_ids(tokenizer)
+        self.ids = check_rxt_tokenizer(tokenizer)
         self.reward_fn = MRLReward(args, model.get_input_embeddings(), self.ids["pad_token_id"])
         self.ref_model = None
         if args.beta > 0:

@@ -8,68 +8,17 @@ from .builder import Builder
 from .folders import ConversionError, Folder, View, fmt_shape
 from .infer_memory_attention import infer_memory_attention
 from .infer_stack import infer_stack
+from .inputs import component_fields, read_inputs
 from .key_mapping import check_strict, map_memory_attention, map_stack
-from .legacy_moe import LEGACY_EXPERT_KEY
 from .reference_config import (
-    COMPONENT_DEFAULTS,
-    DROPPED_FIELDS,
-    MEMORY_ATTENTION_ALWAYS_WRITTEN,
-    MEMORY_ATTENTION_DEFAULTS,
     ROPE_LAYOUT_CHOICES,
     VARIANT_CHOICES,
-    WHOLE_MODEL_FIELDS,
-    WHOLE_MODEL_MEMORY_ATTENTION_DEFAULTS,
-    Fields,
-    check_fields,
 )
 from .report import Report
+from .rope_layout import decide_rope_layout
 from .shapes import expected_state_dict_shapes
 from .tokens import resolve_token_ids
 from .writing import write_converted_folder
-
-
-def _old_era_signals(views: dict, configs: dict, component_memattn_config: bool) -> list[str]:
-    """What marks the inputs as written by an older reference release (the RoPE layout must then be given)."""
-    signals = []
-    for role in ("decoder", "encoder"):
-        view, cfg = views[role], configs[role]
-        if any(LEGACY_EXPERT_KEY.match(k) and ".experts." in "." + k for k in view.stored):
-            signals.append(f"{role}: legacy per-expert MoE keys (ff.experts.*)")
-        if role == "encoder" and any(".memory_cross_attention." in k for k in view.stored):
-            signals.append("encoder: memory cross-attention keys (predecessor framework)")
-        if cfg.get("self_att_type") is None and cfg.get("att_query_groups") is None:
-            signals.append(
-                f"{role} config: omits self_att_type and att_query_groups (written when the default type was gqa)"
-            )
-        if (
-            role == "decoder"
-            and cfg.get("cross_att_type") is None
-            and cfg.get("cross_att_query_groups") is None
-            and cfg.get("att_query_groups") is None
-        ):
-            signals.append(
-                "decoder config: omits cross_att_type and every cross query-head field (written when the "
-                "default type was mqa)"
-            )
-        if role == "encoder" and view.has("stm.memory") and not cfg.get("legacy_stm_in_encoder"):
-            signals.append("encoder: model.stm.memory present without legacy_stm_in_encoder (older release)")
-    if component_memattn_config:
-        missing = [f for f in MEMORY_ATTENTION_ALWAYS_WRITTEN if f not in configs["memory_attention"]]
-        if missing:
-            signals.append(f"memory-attention config lacks fields rxlm 0.3.80 always writes: {missing}")
-    return signals
-
-
-def _check_mlm(view: View, cfg: dict, report: Report, errors: list[str]) -> None:
-    """The MLM head's config fields, and its width / vocabulary from `decoder.weight`."""
-    check_fields("mlm_head", cfg, {"embed_dim", "vocab_size"}, errors)
-    if view.has("decoder.weight"):
-        V, D = view.shape("decoder.weight")
-        report.fact("mlm_head", "vocab_size", V, "shape", "decoder.weight.shape[0]")
-        report.fact("mlm_head", "embed_dim", D, "shape", "decoder.weight.shape[1]")
-        for field, used in (("embed_dim", D), ("vocab_size", V)):
-            if field in cfg and cfg[field] != used:
-                report.conflict("mlm_head", field, cfg[field], used, "structural fact taken from the tensors")
 
 
 def convert_rxlm_checkpoint(
@@ -122,102 +71,10 @@ def convert_rxlm_checkpoint(
             f"--memory-attention-variant {memory_attention_variant!r}: expected one of {list(VARIANT_CHOICES)}."
         )
 
-    # ---- inputs ----
-    folders: list[Folder] = []
-    errors: list[str] = []
-    whole_cfg = None
-    if whole_model is not None:
-        if decoder is not None or encoder is not None or memory_attention is not None:
-            raise ConversionError("give either --whole-model or --decoder/--encoder/--memory-attention, not both.")
-        wm = Folder("whole_model", whole_model)
-        folders.append(wm)
-        whole_cfg = wm.config
-        check_fields("whole-model", whole_cfg, WHOLE_MODEL_FIELDS, errors)
-        views = {
-            "decoder": View(wm, "decoder.model.", "decoder"),
-            "encoder": View(wm, "encoder.model.", "encoder"),
-            "memory_attention": View(wm, "memory_attention.model.", "memory_attention"),
-        }
-        configs = {}
-        for role, field in (
-            ("decoder", "decoder_config"),
-            ("encoder", "encoder_config"),
-            ("memory_attention", "memory_attention_config"),
-        ):
-            sub = whole_cfg.get(field)
-            if not isinstance(sub, dict):
-                raise ConversionError(f"whole-model config.json: '{field}' is missing or not an object.")
-            configs[role] = sub
-        if whole_cfg.get("tokenizer") is not None:
-            report.data["dropped_config_fields"].append(
-                {"component": "whole-model", "field": "tokenizer", "value": whole_cfg["tokenizer"]}
-            )
-        opts["whole_model_variant_name"] = whole_cfg.get("memory_attention_variant")
-        opts["memory_attention_component_config"] = False
-        report.data["inputs"]["whole_model"] = wm.describe()
-    else:
-        missing = [
-            n
-            for n, v in (("--decoder", decoder), ("--encoder", encoder), ("--memory-attention", memory_attention))
-            if v is None
-        ]
-        if missing:
-            raise ConversionError(f"missing input folders: {', '.join(missing)} (or give --whole-model).")
-        dec_f, enc_f, mem_f = (
-            Folder("decoder", decoder),
-            Folder("encoder", encoder),
-            Folder("memory_attention", memory_attention),
-        )
-        folders += [dec_f, enc_f, mem_f]
-        views = {
-            "decoder": View(dec_f, "model.", "decoder"),
-            "encoder": View(enc_f, "model.", "encoder"),
-            "memory_attention": View(mem_f, "model.", "memory_attention"),
-        }
-        configs = {"decoder": dec_f.config, "encoder": enc_f.config, "memory_attention": mem_f.config}
-        opts["memory_attention_component_config"] = True
-        for f in (dec_f, enc_f, mem_f):
-            report.data["inputs"][f.role] = f.describe()
-    mlm_view = None
-    if mlm_head is not None:
-        mlm_f = Folder("mlm_head", mlm_head)
-        folders.append(mlm_f)
-        mlm_view = View(mlm_f, "", "mlm_head")
-        report.data["inputs"]["mlm_head"] = mlm_f.describe()
-
-    # ---- config fields ----
-    component_allowed = set(COMPONENT_DEFAULTS) | {"rope_layout"}
-    memattn_allowed = set(MEMORY_ATTENTION_DEFAULTS) | {"rope_layout"}
-    check_fields("decoder", configs["decoder"], component_allowed, errors)
-    check_fields("encoder", configs["encoder"], component_allowed, errors)
-    check_fields("memory_attention", configs["memory_attention"], memattn_allowed, errors)
-    if mlm_view is not None:
-        _check_mlm(mlm_view, mlm_view.folder.config, report, errors)
-    if errors:
-        raise ConversionError("unsupported config fields:\n  " + "\n  ".join(errors))
-    for role in ("decoder", "encoder", "memory_attention"):
-        dropped = DROPPED_FIELDS | ({"init_identity_norm"} if role == "memory_attention" else set())
-        for field in sorted(configs[role]):
-            if field in dropped:
-                report.data["dropped_config_fields"].append(
-                    {"component": role, "field": field, "value": configs[role][field]}
-                )
-    memattn_defaults = dict(MEMORY_ATTENTION_DEFAULTS)
-    note_mem = None
-    if whole_cfg is not None:
-        memattn_defaults.update(WHOLE_MODEL_MEMORY_ATTENTION_DEFAULTS)
-        note_mem = "whole-model memory_attention_config holds only passed fields (checkpoints.md §6.4)"
-    fields = {
-        "decoder": Fields("decoder", configs["decoder"], COMPONENT_DEFAULTS, report, "rxlm 0.3.80 default"),
-        "encoder": Fields("encoder", configs["encoder"], COMPONENT_DEFAULTS, report, "rxlm 0.3.80 default"),
-        "memory_attention": Fields(
-            "memory_attention",
-            configs["memory_attention"],
-            memattn_defaults,
-            report,
-            note_mem or "rxlm 0.3.80 default",
-        ),
-    }
+    # ---- inputs and config fields ----
+    inputs = read_inputs(decoder, encoder, memory_attention, mlm_head, whole_model, report, opts)
+    folders, views, whole_cfg, mlm_view = inputs.folders, inputs.views, inputs.whole_cfg, inputs.mlm_view
+    fields = component_fields(inputs, report)
 
     # ---- inference ----
     dec = infer_stack(views["decoder"], fields["decoder"], "decoder", report, opts)
@@ -252,32 +109,7 @@ def convert_rxlm_checkpoint(
             c["stm_size"] = S
 
     # ---- RoPE layout (§6.6) ----
-    signals = _old_era_signals(views, configs, opts["memory_attention_component_config"])
-    config_layouts = {}
-    if whole_cfg is not None and whole_cfg.get("rope_layout") is not None:
-        config_layouts["whole_model"] = whole_cfg["rope_layout"]
-    for role in ("decoder", "encoder", "memory_attention"):
-        if configs[role].get("rope_layout") is not None:
-            config_layouts[role] = configs[role]["rope_layout"]
-    if rope_layout is not None:
-        layout, how = rope_layout, "flag --rope-layout"
-    elif config_layouts:
-        values = set(config_layouts.values())
-        if len(values) != 1 or not values <= set(ROPE_LAYOUT_CHOICES):
-            raise ConversionError(
-                f"input configs state different or invalid rope_layout values {config_layouts}; pass --rope-layout."
-            )
-        layout, how = values.pop(), f"input config rope_layout ({', '.join(config_layouts)})"
-    elif signals:
-        raise ConversionError(
-            "cannot decide the RoPE layout: the inputs were written by an older reference release ("
-            + "; ".join(signals)
-            + "). Layout 'split_concat' applies to rxlm before commit a9bfd00 (mid-December 2025, ≈0.3.40) and the "
-            "RxNN framework (RxT-Alpha era), 'interleaved' from then on. Pass --rope-layout interleaved|split_concat."
-        )
-    else:
-        layout, how = "interleaved", "no old-era signal: rxlm ≥ 0.3.40 behaviour (interleaved)"
-    report.data["rope_layout"] = {"value": layout, "decided_by": how, "old_era_signals": signals}
+    layout = decide_rope_layout(inputs, rope_layout, opts["memory_attention_component_config"], report)
 
     # ---- token ids (§6.9) ----
     token_ids, tok_dir = resolve_token_ids(tokenizer, [f.path for f in folders], whole_cfg, report)
@@ -307,11 +139,44 @@ def convert_rxlm_checkpoint(
 
     # ---- state dict ----
     b = Builder(report)
-    # embedding (§6.8)
     dec_v, enc_v, mem_v = views["decoder"], views["encoder"], views["memory_attention"]
-    if whole_cfg is not None and enc_v.has("embedding.weight") and dec_v.has("embedding.weight"):
+    _map_embedding(dec_v, enc_v, whole_cfg is not None, b, report)
+    map_stack(dec_v, "decoder", b, report, False)
+    map_stack(enc_v, "encoder", b, report, enc["facts"]["dropped_cross"])
+    map_memory_attention(mem_v, config, variant, b, bool(import_stm))
+    if mlm_view is not None:
+        for key in mlm_view.keys():
+            b.map(mlm_view, key, "mlm_head." + key)
+    if import_stm:
+        _import_stm(mem_v, (mem["facts"]["L"], 1, S, mem["facts"]["D"]), b, report)
+    # other components' STM buffers in a whole-model file resolve to the same stored tensor: nothing else to do.
+
+    # ---- strictness (§6.10) ----
+    check_strict(folders, b, expected_state_dict_shapes(config), "the inferred configuration")
+
+    # ---- report ----
+    _finish_report(report, folders, b)
+    report.data["config"] = {
+        "memory_attention_variant": variant,
+        "rope_layout": layout,
+        "learned_stm_init": bool(import_stm),
+        "use_mlm_head": mlm_view is not None,
+    }
+    state_dict = {k: v.contiguous() for k, v in b.sd.items()}
+    result = (config, state_dict, report.data)
+    if output is not None:
+        input_paths = [decoder, encoder, memory_attention, mlm_head, whole_model, tokenizer]
+        write_converted_folder(
+            config, state_dict, report.data, output, tokenizer_dir=tok_dir, overwrite=overwrite, inputs=input_paths
+        )
+    return result
+
+
+def _map_embedding(dec_v: View, enc_v: View, whole_model: bool, b: Builder, report: Report) -> None:
+    """The shared embedding is the encoder's (§6.8); the decoder's copy, if stored apart, is compared with it."""
+    if whole_model and enc_v.has("embedding.weight") and dec_v.has("embedding.weight"):
         emb_from = "encoder (both names stored)"
-    elif whole_cfg is not None:
+    elif whole_model:
         emb_from = "decoder.model.embedding.weight (kept copy; encoder name is an alias)"
     else:
         emb_from = "encoder"
@@ -347,31 +212,9 @@ def convert_rxlm_checkpoint(
         emb_report["note"] = "the decoder stores no embedding"
     report.data["embedding"] = emb_report
 
-    map_stack(dec_v, "decoder", b, report, False)
-    map_stack(enc_v, "encoder", b, report, enc["facts"]["dropped_cross"])
-    map_memory_attention(mem_v, config, variant, b, bool(import_stm))
-    if mlm_view is not None:
-        for key in mlm_view.keys():
-            b.map(mlm_view, key, "mlm_head." + key)
-    if import_stm:
-        if not mem_v.has_any("stm.memory"):
-            raise ConversionError("--import-stm: the memory attention stores no model.stm.memory.")
-        stm = b.tensor(mem_v, "stm.memory")
-        L, D = mem["facts"]["L"], mem["facts"]["D"]
-        if tuple(stm.shape) != (L, 1, S, D):
-            raise ConversionError(
-                f"--import-stm: {mem_v.src('stm.memory')} has shape {fmt_shape(stm.shape)}; "
-                f"expected [L, 1, S, D] = {fmt_shape((L, 1, S, D))}."
-            )
-        b.put("model.stm_init.stm", stm.clone(), mem_v.src("stm.memory"))
-        mem_v.consume("stm.memory", "model.stm_init.stm")
-        report.data["stm_import"] = {"source_key": mem_v.src("stm.memory"), "shape": list(stm.shape)}
-    # other components' STM buffers in a whole-model file resolve to the same stored tensor: nothing else to do.
 
-    # ---- strictness (§6.10) ----
-    check_strict(folders, b, expected_state_dict_shapes(config), "the inferred configuration")
-
-    # ---- report ----
+def _finish_report(report: Report, folders: list[Folder], b: Builder) -> None:
+    """Ignored and consumed keys, the key map and the counts."""
     for folder in folders:
         for name, (kind, detail) in sorted(folder.status.items()):
             if kind == "ignored" and not detail.startswith("dropped"):
@@ -390,17 +233,18 @@ def convert_rxlm_checkpoint(
         "dropped": len(report.data["dropped_keys"]),
         "conflicts": len(report.data["conflicts"]),
     }
-    report.data["config"] = {
-        "memory_attention_variant": variant,
-        "rope_layout": layout,
-        "learned_stm_init": bool(import_stm),
-        "use_mlm_head": mlm_view is not None,
-    }
-    state_dict = {k: v.contiguous() for k, v in b.sd.items()}
-    result = (config, state_dict, report.data)
-    if output is not None:
-        inputs = [decoder, encoder, memory_attention, mlm_head, whole_model, tokenizer]
-        write_converted_folder(
-            config, state_dict, report.data, output, tokenizer_dir=tok_dir, overwrite=overwrite, inputs=inputs
+
+
+def _import_stm(mem_v: View, shape: tuple[int, ...], b: Builder, report: Report) -> None:
+    """`--import-stm`: the memory attention's stored STM `[L, 1, S, D]` becomes the learned initial STM."""
+    if not mem_v.has_any("stm.memory"):
+        raise ConversionError("--import-stm: the memory attention stores no model.stm.memory.")
+    stm = b.tensor(mem_v, "stm.memory")
+    if tuple(stm.shape) != shape:
+        raise ConversionError(
+            f"--import-stm: {mem_v.src('stm.memory')} has shape {fmt_shape(stm.shape)}; "
+            f"expected [L, 1, S, D] = {fmt_shape(shape)}."
         )
-    return result
+    b.put("model.stm_init.stm", stm.clone(), mem_v.src("stm.memory"))
+    mem_v.consume("stm.memory", "model.stm_init.stm")
+    report.data["stm_import"] = {"source_key": mem_v.src("stm.memory"), "shape": list(stm.shape)}

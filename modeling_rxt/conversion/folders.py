@@ -130,8 +130,12 @@ def count_indexed(keys, prefix: str) -> int:
 def count_layers(view: View, prefix: str, core: str, component: str) -> int:
     """The number of layers `prefix{i}.…` of a component: indices must run 0..L-1 and every layer must hold its `core`
     key (`prefix{i}.{core}`, e.g. the attention's q_proj). Otherwise the keys of the stray or incomplete layers are
-    named (rather than counted as layers)."""
+    named (rather than counted as layers); a component without any is refused."""
     indices = key_indices(view.stored, prefix)
+    if not indices:
+        raise ConversionError(
+            f"{component}: no '{view.prefix}{prefix}{{i}}.*' keys; this is not an RxT {component} checkpoint."
+        )
     complete = [i for i in indices if view.has(f"{prefix}{i}.{core}")]
     count = next((n for n, i in enumerate(complete) if i != n), len(complete))  # the run 0..L-1 of complete layers
     stray = [i for i in indices if i >= count]

@@ -94,8 +94,6 @@ def infer_memory_attention(view: View, fields: Fields, report: Report, opts: dic
     cfg = fields.config
     fact = report.fact
     L = count_layers(view, "attention_layers.", "q_proj.weight", comp)
-    if L == 0:
-        raise ConversionError(f"{comp}: no 'model.attention_layers.{{i}}.*' keys; not a memory-attention checkpoint.")
     fact(comp, "num_layers", L, "key", "count of attention_layers.{i}")
     first_in = next(
         (f"memory_input_norm_layers.{i}.weight" for i in range(L) if view.has(f"memory_input_norm_layers.{i}.weight")),
@@ -264,19 +262,11 @@ def infer_memory_attention(view: View, fields: Fields, report: Report, opts: dic
         raise ConversionError(f"{comp}: cannot recognise the memory norms (memory_norm_layers.{{i}}.*): {norm_info}.")
     norm_type = norm_info["type"]
     fact(comp, "norm_type", norm_type, "key", "memory_norm_layers.{i} keys (§4.6 table)")
-    if "norm_type" in cfg and cfg["norm_type"] != norm_type:
-        report.conflict(comp, "norm_type", cfg["norm_type"], norm_type, "norm type taken from the norm keys")
+    report.compare(comp, cfg, "norm_type", norm_type, "norm type taken from the norm keys")
     if norm_type == "positional":
         norm_per_dim_scale = norm_info["per_dim_scale"]
         fact(comp, "norm_per_dim_scale", norm_per_dim_scale, "shape", "positional scale [D] vs [S, 1]")
-        if "norm_per_dim_scale" in cfg and cfg["norm_per_dim_scale"] != norm_per_dim_scale:
-            report.conflict(
-                comp,
-                "norm_per_dim_scale",
-                cfg["norm_per_dim_scale"],
-                norm_per_dim_scale,
-                "taken from the positional scale shape",
-            )
+        report.compare(comp, cfg, "norm_per_dim_scale", norm_per_dim_scale, "taken from the positional scale shape")
     else:
         norm_per_dim_scale = fields.get("norm_per_dim_scale")
 
@@ -302,22 +292,12 @@ def infer_memory_attention(view: View, fields: Fields, report: Report, opts: dic
     main_gate = gate_infos.get("residual_gate_layers") or gate_infos.get("mean_residual_gate_layers")
     use_gated_residual = bool(main_gate and main_gate["gated"])
     fact(comp, "use_gated_residual", use_gated_residual, "key", "gate / gate.weight in residual_gate_layers.{i}")
-    if "use_gated_residual" in cfg and cfg["use_gated_residual"] != use_gated_residual:
-        report.conflict(
-            comp, "use_gated_residual", cfg["use_gated_residual"], use_gated_residual, "taken from the gate keys"
-        )
+    report.compare(comp, cfg, "use_gated_residual", use_gated_residual, "taken from the gate keys")
     self_gate = gate_infos.get("self_residual_gate_layers")
     use_gate_for_self = bool(self_gate and self_gate["gated"]) if variant == "self" else False
     if variant == "self":
         fact(comp, "use_gate_for_self_attention", use_gate_for_self, "key", "gate keys in self_residual_gate_layers")
-        if "use_gate_for_self_attention" in cfg and cfg["use_gate_for_self_attention"] != use_gate_for_self:
-            report.conflict(
-                comp,
-                "use_gate_for_self_attention",
-                cfg["use_gate_for_self_attention"],
-                use_gate_for_self,
-                "taken from the self gate keys",
-            )
+        report.compare(comp, cfg, "use_gate_for_self_attention", use_gate_for_self, "taken from the self gate keys")
     elif cfg.get("use_gate_for_self_attention"):
         report.note(
             f"{comp}: use_gate_for_self_attention=true has no effect in the {variant!r} variant; written as false."
@@ -327,10 +307,7 @@ def infer_memory_attention(view: View, fields: Fields, report: Report, opts: dic
         if gated_ref["kind"] == "linear":
             gate_type = "linear"
             fact(comp, "residual_gate_type", gate_type, "key", "gate.weight ⇒ linear")
-            if "residual_gate_type" in cfg and cfg["residual_gate_type"] != "linear":
-                report.conflict(
-                    comp, "residual_gate_type", cfg["residual_gate_type"], "linear", "gate.weight keys ⇒ linear gate"
-                )
+            report.compare(comp, cfg, "residual_gate_type", "linear", "gate.weight keys ⇒ linear gate")
         else:
             cfg_type = fields.get("residual_gate_type")
             if cfg_type in ("static", "elementwise"):
@@ -347,10 +324,7 @@ def infer_memory_attention(view: View, fields: Fields, report: Report, opts: dic
                 )
         per_slot = gated_ref["per_slot"]
         fact(comp, "residual_per_slot_gate", per_slot, "shape", "gate shape [S, 1] / [S, S] ⇒ per-slot")
-        if "residual_per_slot_gate" in cfg and cfg["residual_per_slot_gate"] != per_slot:
-            report.conflict(
-                comp, "residual_per_slot_gate", cfg["residual_per_slot_gate"], per_slot, "taken from the gate shapes"
-            )
+        report.compare(comp, cfg, "residual_per_slot_gate", per_slot, "taken from the gate shapes")
     else:
         gate_type = fields.get("residual_gate_type")
         per_slot = fields.get("residual_per_slot_gate")
@@ -365,14 +339,7 @@ def infer_memory_attention(view: View, fields: Fields, report: Report, opts: dic
     else:
         slot_status_type = "mean"
         fact(comp, "residual_gate_slot_status_type", "mean", "key", "no slot_status.* keys")
-    if "residual_gate_slot_status_type" in cfg and cfg["residual_gate_slot_status_type"] != slot_status_type:
-        report.conflict(
-            comp,
-            "residual_gate_slot_status_type",
-            cfg["residual_gate_slot_status_type"],
-            slot_status_type,
-            "taken from the slot_status keys",
-        )
+    report.compare(comp, cfg, "residual_gate_slot_status_type", slot_status_type, "taken from the slot_status keys")
 
     # ---- S ----
     S = fields.get("stm_size")
@@ -409,8 +376,7 @@ def infer_memory_attention(view: View, fields: Fields, report: Report, opts: dic
             "head counts taken from the projection shapes",
         )
     for field, used in (("num_layers", L), ("embed_dim", D)):
-        if field in cfg and cfg[field] != used:
-            report.conflict(comp, field, cfg[field], used, "structural fact taken from the tensors")
+        report.compare(comp, cfg, field, used, "structural fact taken from the tensors")
 
     def heads_of(s):
         return (s or main)["hkv"], (s or main)["hq"]

@@ -93,8 +93,6 @@ def infer_stack(view: View, fields: Fields, role: str, report: Report, opts: dic
 
     # L
     L = count_layers(view, "layers.", "attention.q_proj.weight", comp)
-    if L == 0:
-        raise ConversionError(f"{comp}: no 'model.layers.{{i}}.*' keys; this is not an RxT {role} checkpoint.")
     fact(comp, "num_layers", L, "key", "count of layers.{i}")
     # D, V
     if view.has_any("embedding.weight"):
@@ -313,11 +311,7 @@ def infer_stack(view: View, fields: Fields, role: str, report: Report, opts: dic
                 opts.setdefault("legacy_moe_layers", []).append(f"{comp}.layers.{i}")
 
     # ---- config conflicts (structural facts come from the shapes) ----
-    def cmp(field, used, config_value=None, note="structural fact taken from the tensors"):
-        value = cfg[field] if config_value is None else config_value
-        if value != used:
-            report.conflict(comp, field, value, used, note)
-
+    structural = "structural fact taken from the tensors"
     for field, used in (
         ("num_layers", L),
         ("embed_dim", D),
@@ -327,49 +321,36 @@ def infer_stack(view: View, fields: Fields, role: str, report: Report, opts: dic
         ("use_moe", use_moe),
         ("use_attention_output_bias", self_site["bias"]),
         ("use_gated_attention", self_site["gated"]),
+        ("ff_dim", F),
     ):
-        if field in cfg:
-            cmp(field, used)
-    if "ff_dim" in cfg and cfg["ff_dim"] != F:
-        cmp("ff_dim", F)
+        report.compare(comp, cfg, field, used, structural)
     if role == "decoder":
-        if "use_head_norm" in cfg:
-            cmp("use_head_norm", use_head_norm)
-        if use_head_norm and "head_norm_type" in cfg:
-            cmp("head_norm_type", head_norm_type)
+        report.compare(comp, cfg, "use_head_norm", use_head_norm, structural)
+        if use_head_norm:
+            report.compare(comp, cfg, "head_norm_type", head_norm_type, structural)
         gated_cross_cfg = cfg.get("use_gated_cross_attention")
         if gated_cross_cfg is None and "use_gated_attention" in cfg:
             gated_cross_cfg = cfg["use_gated_attention"]
         if gated_cross_cfg is not None and gated_cross_cfg != cross_site["gated"]:
-            report.conflict(
-                comp,
-                "use_gated_cross_attention",
-                gated_cross_cfg,
-                cross_site["gated"],
-                "structural fact taken from the tensors",
-            )
+            report.conflict(comp, "use_gated_cross_attention", gated_cross_cfg, cross_site["gated"], structural)
         for field in ("stateless_layers_config", "final_stateless_layers_config"):
-            if field in cfg and (cfg[field] or None) != stateless[field]:
-                cmp(field, stateless[field])
-        if dense_widths and "dense_layer_dim" in cfg and cfg["dense_layer_dim"] != dense_layer_dim:
-            cmp("dense_layer_dim", dense_layer_dim)
+            if field in cfg and (cfg[field] or None) != stateless[field]:  # [] states no stateless layers too
+                report.conflict(comp, field, cfg[field], stateless[field], structural)
+        if dense_widths:
+            report.compare(comp, cfg, "dense_layer_dim", dense_layer_dim, structural)
     if use_moe:
-        if "num_experts" in cfg:
-            cmp("num_experts", moe["num_experts"])
-        if "num_shared_experts" in cfg:
-            cmp("num_shared_experts", moe["num_shared_experts"])
-        elif moe["num_shared_experts"] != COMPONENT_DEFAULTS["num_shared_experts"]:
+        for field in ("num_experts", "num_shared_experts", "moe_bias_mode"):
+            report.compare(comp, cfg, field, moe[field], structural)
+        if "num_shared_experts" not in cfg and moe["num_shared_experts"] != COMPONENT_DEFAULTS["num_shared_experts"]:
             report.note(
                 f"{comp}: num_shared_experts={moe['num_shared_experts']} from the keys (the 0.3.80 default "
                 "of 1 would add a randomly initialised shared expert)."
             )
-        if "moe_bias_mode" in cfg:
-            cmp("moe_bias_mode", moe["moe_bias_mode"])
         if moe["num_shared_experts"]:
-            if cfg.get("shared_expert_dim") is not None or "ff_dim" in cfg:
-                cmp("shared_expert_dim", moe["shared_expert_dim"], cfg.get("shared_expert_dim") or cfg.get("ff_dim"))
-            if "moe_shared_experts_bias_mode" in cfg:
-                cmp("moe_shared_experts_bias_mode", moe["moe_shared_experts_bias_mode"])
+            stated = cfg.get("shared_expert_dim") or cfg.get("ff_dim")  # the reference's width when it is None
+            if (cfg.get("shared_expert_dim") is not None or "ff_dim" in cfg) and stated != moe["shared_expert_dim"]:
+                report.conflict(comp, "shared_expert_dim", stated, moe["shared_expert_dim"], structural)
+            report.compare(comp, cfg, "moe_shared_experts_bias_mode", moe["moe_shared_experts_bias_mode"], structural)
     # heads
     if "self_att_type" in cfg:
         report_head_conflict(

@@ -46,5 +46,10 @@ class Report:
             {"component": component, "field": field, "config": config_value, "used": used_value, "note": note}
         )
 
+    def compare(self, component: str, config: dict, field: str, used, note: str) -> None:
+        """A conflict if `config` states `field` with a value other than `used` (the value the tensors decide)."""
+        if field in config and config[field] != used:
+            self.conflict(component, field, config[field], used, note)
+
     def note(self, text: str) -> None:
         self.data["notes"].append(text)

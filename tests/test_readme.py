@@ -1,0 +1,59 @@
+"""README.md: every ```python block runs, in order and in one namespace, against a tiny saved RxT folder.
+
+The README's examples load the quickstart's output, `runs/quickstart/model`; here a tiny untrained model and an RxT
+tokenizer are saved to a temporary folder and that path is substituted, so the test checks the code, not the
+quickstart's training. The test command the README gives is the one CI runs (`.ci/run`), byte for byte.
+"""
+
+import re
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from modeling_rxt import RxTConfig, RxTForCausalLM
+from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
+
+README = REPO_ROOT / "README.md"
+QUICKSTART_MODEL = "runs/quickstart/model"
+TEST_COMMAND = "bash scripts/setup_env.sh && python -m pytest -q tests"
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny RxT folder as the training scripts save it: model (trust_remote_code files) + tokenizer."""
+    texts = [f"my cat is called brindle {i} and what is my cat called number {i * 7}" for i in range(200)]
+    tokenizer = train_rxt_tokenizer(texts, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tokenizer)))
+    folder = tmp_path_factory.mktemp("quickstart") / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_readme_python_blocks_run(model_dir, tmp_path, monkeypatch):
+    blocks = code_blocks(README.read_text(encoding="utf-8"), "python")
+    assert len(blocks) >= 2, "README.md should show the chat example and the generate() example"
+    assert QUICKSTART_MODEL in blocks[0], f"the first example should load {QUICKSTART_MODEL!r}"
+    monkeypatch.chdir(tmp_path)  # files the examples write (the saved STM) land here
+    namespace = {"__name__": "__readme__"}
+    for index, block in enumerate(blocks):
+        code = block.replace(QUICKSTART_MODEL, str(model_dir))
+        exec(compile(code, f"README.md python block {index + 1}", "exec"), namespace)
+    # what the examples promise: a saved conversation, and a session restored from it with the same STM
+    assert (tmp_path / "conversation.safetensors").is_file()
+    restored = namespace["chat"].stm
+    assert restored.shape[0] == namespace["model"].config.stm_shape[0]
+    assert torch.isfinite(restored).all()
+
+
+def test_readme_test_command_is_the_ci_command():
+    bash = code_blocks(README.read_text(encoding="utf-8"), "bash")
+    assert TEST_COMMAND in [block.strip() for block in bash], "README.md must show the test command as one block"
+    assert (REPO_ROOT / ".ci" / "run").read_text().rstrip().splitlines()[-1] == TEST_COMMAND
+    assert "bash scripts/quickstart.sh" in [block.strip() for block in bash]

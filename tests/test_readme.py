@@ -57,3 +57,31 @@ def test_readme_test_command_is_the_ci_command():
     assert TEST_COMMAND in [block.strip() for block in bash], "README.md must show the test command as one block"
     assert (REPO_ROOT / ".ci" / "run").read_text().rstrip().splitlines()[-1] == TEST_COMMAND
     assert "bash scripts/quickstart.sh" in [block.strip() for block in bash]
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_links_in_readme_and_docs_resolve():
+    """Every relative link of README.md and docs/ names a file of the repo and, with `#anchor`, a heading in it."""
+    pages = [README, *sorted((REPO_ROOT / "docs").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)  # code is not links
+        text = re.sub(r"`[^`\n]*`", "", text)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(REPO_ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", file.read_text(encoding="utf-8"),
+                                                          flags=re.S | re.M), flags=re.M)  # fmt: skip
+                if anchor not in {github_anchor(h) for h in headings}:
+                    broken.append(f"{page.relative_to(REPO_ROOT)}: {target} (no heading for #{anchor})")
+    assert not broken, "\n".join(broken)

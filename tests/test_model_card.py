@@ -95,7 +95,8 @@ def test_stage_script_writes_a_card_without_results(tokenizer, tmp_path, monkeyp
     train_smat.main(["--model_config", str(tmp_path / "config.json"), "--tokenizer_name_or_path", str(tmp_path / "tok"),
                      "--train_file", str(tmp_path / "rows.jsonl"), "--output_dir", str(out), "--max_steps", "2",
                      "--report_to", "none", "--save_strategy", "no", "--use_cpu", "True",
-                     "--per_device_train_batch_size", "2", "--disable_tqdm", "True", "--logging_steps", "1"])  # fmt: skip
+                     "--per_device_train_batch_size", "2", "--disable_tqdm", "True",
+                     "--logging_steps", "1"])  # fmt: skip
     meta = front_matter(out / "README.md")
     assert "smat" in meta["tags"] and "model-index" not in meta and "base_model" not in meta
     text = (out / "README.md").read_text()

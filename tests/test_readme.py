@@ -9,8 +9,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT
+
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
 

@@ -61,13 +61,15 @@ print(tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_to
 
 def _is_hub_id(name) -> bool:
     """A Hub repo id (`owner/name`), not a local folder: only those are valid `base_model` / `datasets` metadata."""
-    return isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
+    if not isinstance(name, str) or name.count("/") != 1 or name.startswith((".", "/")):
+        return False
+    return not Path(name).exists()
 
 
 def _architecture(config: dict) -> list[tuple[str, str]]:
     decoder = config.get("decoder_config", {})
-    rows = [("decoder", f"{decoder.get('num_layers')} layers, dim {decoder.get('embed_dim')}, "
-                        f"{decoder.get('att_heads')} heads, self-attention {decoder.get('self_att_type', 'mha')}")]  # fmt: skip
+    heads = f"{decoder.get('att_heads')} heads, self-attention {decoder.get('self_att_type', 'mha')}"
+    rows = [("decoder", f"{decoder.get('num_layers')} layers, dim {decoder.get('embed_dim')}, {heads}")]
     if config.get("model_type") == "rxt":
         encoder = config.get("encoder_config", {})
         memory = config.get("memory_attention_config", {})
@@ -148,14 +150,15 @@ def write_model_card(
     recall, recall_key = _evaluation(config, evaluation)
     dataset = "held-out synthetic dialogues (trainers.synthetic, values disjoint from training)"
     results = [
-        EvalResult(task_type="text-generation", task_name="fact recall across turns", dataset_type="synthetic-dialogues",
-                   dataset_name=dataset, metric_type="recall", metric_name=f"recall at distance {d}",
-                   metric_config=f"distance={d}", metric_value=round(value, 4))
+        EvalResult(task_type="text-generation", task_name="fact recall across turns",
+                   dataset_type="synthetic-dialogues", dataset_name=dataset, metric_type="recall",
+                   metric_name=f"recall at distance {d}", metric_config=f"distance={d}", metric_value=round(value, 4))
         for d, value in sorted(recall.items(), key=lambda item: int(item[0]))
     ]  # fmt: skip
     base = getattr(getattr(trainer, "model", None), "name_or_path", None) if trainer is not None else None
     stage_tag = STAGES.get(type(trainer).__name__, (None, None))[1] if trainer is not None else None
-    tags = BASE_TAGS + (["stateless-baseline"] if stateless else ["short-term-memory"]) + ([stage_tag] if stage_tag else [])
+    tags = BASE_TAGS + (["stateless-baseline"] if stateless else ["short-term-memory"])
+    tags += [stage_tag] if stage_tag else []
     data = ModelCardData(
         library_name="transformers", license=LICENSE, pipeline_tag="text-generation", tags=tags, model_name=name,
         base_model=base if _is_hub_id(base) else None, eval_results=results or None,
@@ -169,7 +172,8 @@ def write_model_card(
     else:
         intro = ("A Reactive Transformer (RxT): a stateful, event-driven language model. The decoder answers each "
                  "query alone, reading a fixed-size Short-Term Memory (STM) through memory cross-attention; after the "
-                 "answer, a memory encoder and a memory-attention network write the interaction into the STM.")  # fmt: skip
+                 "answer, a memory encoder and a memory-attention network write the interaction into the "
+                 "STM.")  # fmt: skip
         usage = RXT_USAGE.format(path=path, fact="My cat is called Brindle.", question="What is my cat called?")
     lines = [f"# {name}", "", MARKER, "", intro, "", "## Usage", "",
              "Loads with `trust_remote_code=True` (the folder carries its modeling files).", "", usage, "",
@@ -184,15 +188,16 @@ def write_model_card(
                   f"Recall of a stated fact in the generated answer, by distance in turns between the fact and the "
                   f"question, on {evaluation.get('n_dialogues', '?')} {dataset} (chance "
                   f"{evaluation.get('chance', float('nan')):.3f}).", "",
-                  "| | " + " | ".join(f"d = {d}" for d in distances) + " |", "|---|" + "---|" * len(distances)]  # fmt: skip
+                  "| | " + " | ".join(f"d = {d}" for d in distances) + " |",
+                  "|---|" + "---|" * len(distances)]  # fmt: skip
         systems = [(recall_key, "this model")]
         if not stateless:
             systems += [("recall_memory_reset", "memory reset every turn"), ("recall_stateless", "stateless baseline")]
         for key, label in systems:
             values = evaluation.get(key) or {}
             if values:
-                lines.append(f"| {label} | " + " | ".join(f"{float(values.get(d, float('nan'))):.2f}" for d in distances)
-                             + " |")  # fmt: skip
+                cells = " | ".join(f"{float(values.get(d, float('nan'))):.2f}" for d in distances)
+                lines.append(f"| {label} | {cells} |")
     lines += ["", "## Citation", "", "```bibtex", "@article{filipek2025rxt,",
               "  title   = {Reactive Transformer (RxT) -- Stateful Real-Time Processing for Event-Driven Reactive "
               "Language Models},", "  author  = {Filipek, Adam},", "  journal = {arXiv preprint arXiv:2510.03561},",

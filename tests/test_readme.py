@@ -85,3 +85,14 @@ def test_links_in_readme_and_docs_resolve():
                 if anchor not in {github_anchor(h) for h in headings}:
                     broken.append(f"{page.relative_to(REPO_ROOT)}: {target} (no heading for #{anchor})")
     assert not broken, "\n".join(broken)
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in (REPO_ROOT / "docs").glob("*.md")))
+def test_docs_python_blocks_run(page, model_dir, tmp_path, monkeypatch):
+    """The guides' ```python blocks run too; a folder they load (`runs/...`) is the tiny saved model."""
+    blocks = code_blocks((REPO_ROOT / "docs" / page).read_text(encoding="utf-8"), "python")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__docs__"}
+    for index, block in enumerate(blocks):
+        code = re.sub(r'"runs/[\w/]+"', repr(str(model_dir)), block)
+        exec(compile(code, f"docs/{page} python block {index + 1}", "exec"), namespace)

@@ -281,6 +281,12 @@ def main(argv=None) -> dict:
     from trainers.memory_eval import plot_recall
 
     plot_recall(result, str(out / "memory_eval.png"))
+    from trainers.model_card import write_model_card
+
+    write_model_card(model_dir, training={"preset": preset_path.stem, "stages": stage_results}, evaluation=result)
+    if baseline_dir is not None:
+        baseline_training = {"preset": preset_path.stem, "steps": num_baseline_steps}
+        write_model_card(baseline_dir, training=baseline_training, evaluation=result)
     timed("memory evaluation")
 
     transcript, probe = scripted_chat(model_dir, preset.get("chat", {}), seed)

@@ -16,6 +16,7 @@ from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import check_rxt_tokenizer
 
 from .data import load_rows, validate_rows
+from .model_card import write_model_card
 
 OUTPUT_MARKER = ".rxt-output-dir"  # written into a folder a script creates: only such a folder is ever cleared
 TOKEN_ID_FIELDS = ("pad_token_id", "unk_token_id", "bos_token_id", "eos_token_id", "mask_token_id", "query_token_id",
@@ -91,11 +92,13 @@ def load_split(data_args: DataArguments, path: str | None, validate, tokenizer, 
 
 
 def train_and_save(trainer, tokenizer, args) -> None:
-    """Train (resuming if asked), then save a trust_remote_code folder with the tokenizer to `output_dir`."""
+    """Train (resuming if asked), then save a trust_remote_code folder with the tokenizer and a model card to
+    `output_dir`."""
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
+        write_model_card(args.output_dir, trainer=trainer)  # README.md: Hub model card with usage code
     trainer.accelerator.wait_for_everyone()
 
 

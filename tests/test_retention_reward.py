@@ -230,7 +230,7 @@ def test_probes_of_held_out_dialogues_value_beats_template(tokenizer, special_id
             paraphrases.append(para / ref)
             wrongs.append(wrong / ref)
     assert len(paraphrases) >= 40
-    assert sum(p > w for p, w in zip(paraphrases, wrongs)) >= 0.95 * len(paraphrases)
+    assert sum(p > w for p, w in zip(paraphrases, wrongs)) == len(paraphrases)
     assert sum(paraphrases) / len(paraphrases) > 0.75
     assert sum(wrongs) / len(wrongs) < 0.3
 

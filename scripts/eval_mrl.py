@@ -42,7 +42,7 @@ from trainers.bootstrap import paired_bootstrap  # noqa: E402
 from trainers.cli import parse_arguments  # noqa: E402
 from trainers.data import load_rows  # noqa: E402
 from trainers.memory_eval import evaluate_system, recalled  # noqa: E402
-from trainers.mrl import MRLCollator, MRLConfig, MRLTrainer, _pad  # noqa: E402
+from trainers.mrl import MRLCollator, MRLConfig, MRLTrainer  # noqa: E402
 from trainers.mrl_reward import MRLReward, episode_idf, retention_context, retention_score  # noqa: E402
 from trainers.synthetic import other_template  # noqa: E402
 
@@ -73,6 +73,12 @@ class MRLEvalArguments:
     bootstrap_seed: int = field(default=0, metadata={"help": "Paired-bootstrap seed."})
 
 
+def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
+    """Id lists -> ``[B, max len]`` right-padded with ``pad``."""
+    return torch.nn.utils.rnn.pad_sequence([torch.tensor(row, dtype=torch.long) for row in rows], batch_first=True,
+                                           padding_value=pad)  # fmt: skip
+
+
 def _other_template_rows(rows: list[dict]) -> list[dict]:
     return [{**row, "answer": other_template(row["answer"]),
              "interactions": [{**turn, "answer": other_template(turn["answer"])} for turn in row["interactions"]]}
@@ -100,7 +106,7 @@ def rollout_scores(trainer: MRLTrainer, rows: list[dict], steps: int | None, bat
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             episodes = collator(chunk)["episodes"]
-            trainer.steps = steps if steps is not None else max(len(e) for e in episodes) - 1
+            trainer.steps = steps if steps is not None else max(1, max(len(e) for e in episodes) - 1)
             fixed = None
             if answers is not None:
                 source = episodes if answers == "references" else collator(_other_template_rows(chunk))["episodes"]
@@ -113,8 +119,8 @@ def rollout_scores(trainer: MRLTrainer, rows: list[dict], steps: int | None, bat
             positions = torch.arange(qa.shape[-1], device=qa.device)
             generated = qa.masked_fill(~action | (qa == eos), pad).flatten(0, 1)  # the answers without [EOS]
             query = qa.masked_fill(positions >= rollout["prompt_len"][..., None], pad).flatten(0, 1)
-            reference = _pad([e[s + 1][1] if len(e) > s + 1 else [] for e in episodes for s in range(n_steps)], pad)[0]
-            context = _pad([row for s in range(n_steps) for row in retention_context(episodes, s, pad)], pad)[0]
+            reference = _padded([e[s + 1][1] if len(e) > s + 1 else [] for e in episodes for s in range(n_steps)], pad)
+            context = _padded([row for s in range(n_steps) for row in retention_context(episodes, s, pad)], pad)
             context = context.view(n_steps, batch, -1).transpose(0, 1).flatten(0, 1)  # episode-major like the rest
             retention = retention_score(generated, reference.to(qa.device), context.to(qa.device), reward_fn.idf, pad,
                                         trainer.args.retention_max_n, query).view(batch, n_steps)  # fmt: skip

@@ -134,6 +134,22 @@ def test_retention_agrees_with_the_python_reference_on_random_cases(max_n, with_
         assert got.tolist() == pytest.approx(expected, abs=1e-6), trial
 
 
+def test_large_vocabulary_orders_take_the_row_wise_unique_and_agree():
+    """With V = 70 000, 4-grams no longer fit one int64 code per (row, n-gram): that order takes `unique(dim=0)`."""
+    rng = random.Random(5)
+    gens, refs, ctxs, queries = random_case(rng, batch=16, vocab=9)
+    idf = [0.0] + [rng.uniform(0.0, 3.0) for _ in range(69_999)]
+    assert 16 * 70_000**3 < 2**62 <= 16 * 70_000**4
+    got = retention_score(padded(gens), padded(refs), padded(ctxs), torch.tensor(idf), PAD, 4, padded(queries))
+    expected = [reference_retention(g, r, c, idf, 4, q) for g, r, c, q in zip(gens, refs, ctxs, queries)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_token_ids_outside_the_idf_table_are_an_error():
+    with pytest.raises(ValueError, match=r"context holds token ids outside the IDF table's vocabulary \[0, 5\)"):
+        retention_score(padded([[1, 2]]), padded([[1, 2]]), padded([[1, 7]]), torch.ones(5), PAD)
+
+
 def test_batched_retention_equals_per_row():
     rng = random.Random(7)
     gens, refs, ctxs, queries = random_case(rng, batch=24, vocab=20)

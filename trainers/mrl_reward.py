@@ -285,8 +285,9 @@ def retention_score(generated: Tensor, reference: Tensor, context: Tensor, idf: 
     """``RET`` (module docstring) float32 ``[B]`` of ``generated [B, Tg]`` vs ``reference [B, Tr]``, the saved
     ``context [B, Tc]`` and optionally the current ``query [B, Tq]`` (special tokens in it do no harm), with IDF
     weights ``idf [V]``. Pads anywhere are ignored (n-grams across them are not counted). All rows are scored
-    together: per n-gram order one ``torch.unique`` over the (row, n-gram) keys of the inputs and one ``bincount``
-    per input."""
+    together: per n-gram order each (row, n-gram) becomes one int64 code ``row·V^n + Σ token_i·V^(n-i)``, the codes
+    of the reference's n-grams select the others' (``isin``), then one ``torch.unique`` and one ``bincount`` per
+    input (a row-wise ``unique(dim=0)`` where ``B·V^n`` would overflow)."""
     inputs = (("generated", generated), ("reference", reference), ("context", context))
     if query is not None:
         inputs += (("query", query),)
@@ -294,15 +295,28 @@ def retention_score(generated: Tensor, reference: Tensor, context: Tensor, idf: 
         if x.dim() != 2 or x.shape[0] != generated.shape[0]:
             raise ValueError(f"{name} must be [B, T] token ids with B = {generated.shape[0]}, got {tuple(x.shape)}")
     device = generated.device
-    batch = generated.shape[0]
+    batch, vocab = generated.shape[0], idf.shape[0]
     idf = idf.to(device=device, dtype=torch.float64)
     matched = torch.zeros(batch, dtype=torch.float64, device=device)
     total = torch.zeros(batch, dtype=torch.float64, device=device)
     sources = [x.to(device).long() for _, x in inputs]
+    for (name, _), x in zip(inputs, sources):
+        if x.numel() and (x.min() < 0 or x.max() >= vocab):
+            raise ValueError(f"{name} holds token ids outside the IDF table's vocabulary [0, {vocab})")
     for n in range(1, max_n + 1):
-        keys = [_ngram_keys(x, n, pad_token_id) for x in sources]
-        unique, inverse = torch.unique(torch.cat(keys), dim=0, return_inverse=True)  # [U, 1 + n], [M]
-        counts = [torch.bincount(part, minlength=unique.shape[0]) for part in inverse.split([k.shape[0] for k in keys])]
+        keys = [_ngram_keys(x, n, pad_token_id) for x in sources]  # [M_i, 1 + n] each
+        if batch * vocab**n < 2**62:  # one int64 code per (row, n-gram): a 1-D unique (a sort), far faster
+            scale = torch.tensor([vocab ** (n - i) for i in range(n + 1)], device=device)  # [1 + n]
+            codes = [(k * scale).sum(-1) for k in keys]
+            ref_codes = codes[1].unique()
+            codes = [c[torch.isin(c, ref_codes)] for c in codes]  # only n-grams of the reference can count
+            unique, inverse = torch.unique(torch.cat(codes), return_inverse=True)  # [U], [M]
+            unique = torch.stack([unique // scale[i] % (vocab if i else batch + 1) for i in range(n + 1)], -1)
+            sizes = [c.shape[0] for c in codes]
+        else:
+            unique, inverse = torch.unique(torch.cat(keys), dim=0, return_inverse=True)  # [U, 1 + n], [M]
+            sizes = [k.shape[0] for k in keys]
+        counts = [torch.bincount(part, minlength=unique.shape[0]) for part in inverse.split(sizes)]
         c_gen, c_ref, c_ctx = counts[:3]  # [U] each
         weight = idf[unique[:, 1:]].mean(-1)  # [U]: mean IDF of the n-gram's tokens
         hit = torch.minimum(torch.minimum(c_gen, c_ref), c_ctx)

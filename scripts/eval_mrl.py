@@ -151,7 +151,8 @@ def probe_hits(rows: list[dict], texts: list[list[str]]) -> list[dict[int, list[
     for row, answers in zip(rows, texts):
         by_distance: dict[int, list[bool]] = {}
         for probe in row["probes"]:
-            by_distance.setdefault(probe["distance"], []).append(recalled(probe["expected"], answers[probe["turn"] - 1]))
+            hit = recalled(probe["expected"], answers[probe["turn"] - 1])
+            by_distance.setdefault(probe["distance"], []).append(hit)
         hits.append(by_distance)
     return hits
 

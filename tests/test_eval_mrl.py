@@ -69,7 +69,8 @@ def test_reward_retention_ceilings_and_gain_shares(setup):
         assert result[f"{term}_ceiling"] == pytest.approx((references + other) / 2)
         room = result[f"{term}_ceiling"] - result[f"{term}_before"]
         assert room > 0
-        assert result[f"{term}_gain_share"] == pytest.approx((result[f"{term}_after"] - result[f"{term}_before"]) / room)
+        gain = result[f"{term}_after"] - result[f"{term}_before"]
+        assert result[f"{term}_gain_share"] == pytest.approx(gain / room)
     # the references score every turn's whole room: no answer retains more
     assert result["retention_references"] >= max(result["retention_other_template"], result["retention_before"],
                                                  result["retention_after"])  # fmt: skip
@@ -94,7 +95,8 @@ def test_paired_block_counts_probes_and_its_changes_are_paired_differences(setup
     assert paired["recall_d2_8_change"]["n"] == with_far
     for term in ("reward", "retention"):
         room = paired[f"{term}_ceiling"] - paired[f"{term}_before"]
-        assert paired[f"{term}_gain_share"] == pytest.approx((paired[f"{term}_after"] - paired[f"{term}_before"]) / room)
+        gain = paired[f"{term}_after"] - paired[f"{term}_before"]
+        assert paired[f"{term}_gain_share"] == pytest.approx(gain / room)
 
 
 def test_same_model_twice_gives_zero_changes_and_teacher_forcing_is_off(setup):
@@ -111,7 +113,8 @@ def test_same_model_twice_gives_zero_changes_and_teacher_forcing_is_off(setup):
 
 
 def test_probe_hits_read_the_answer_of_the_probe_turn():
-    rows = [{"probes": [{"turn": 1, "distance": 1, "expected": "Stubax"}, {"turn": 3, "distance": 2, "expected": "6943"}]},
+    rows = [{"probes": [{"turn": 1, "distance": 1, "expected": "Stubax"},
+                        {"turn": 3, "distance": 2, "expected": "6943"}]},
             {"probes": [{"turn": 2, "distance": 2, "expected": "dusty plum"}]}]  # fmt: skip
     texts = [["Your sister is Stubax.", "Noted.", "The code is 6944."], ["Hi.", "You like Dusty plum!"]]
     assert eval_mrl.probe_hits(rows, texts) == [{1: [True], 2: [False]}, {2: [True]}]

@@ -296,7 +296,8 @@ def test_rewards_carry_no_gradient():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"retention_factor": 1.5, "allow_not_summing_factors": True}, "retention_factor must be a number in [0, 1], got 1.5"),
+    ({"retention_factor": 1.5, "allow_not_summing_factors": True},
+     "retention_factor must be a number in [0, 1], got 1.5"),
     ({"retention_factor": -0.1, "allow_not_summing_factors": True}, "retention_factor must be a number in [0, 1]"),
     ({"retention_factor": 0.2}, "bleu_factor + cos_factor + len_factor + retention_factor must sum to 1, got 1.2"),
     ({"retention_max_n": 0}, "retention_max_n must be an integer in [1, 4], got 0"),

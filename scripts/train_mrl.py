@@ -3,6 +3,10 @@
 
     python scripts/train_mrl.py --model_name_or_path runs/smat --train_file dialogues.jsonl --output_dir runs/mrl \
         [--curriculum 1,2,4 --advantage_estimator group --num_generations 4] [any MRLConfig / GRPOConfig flag]
+        [--bleu_factor 0.25 --cos_factor 0.25 --retention_factor 0.5]
+
+The retention term (`--retention_factor`, docs/training.md "Retention reward and paired evaluation") takes its IDF
+from the training episodes.
 
 Works unchanged under `torchrun` and `accelerate launch`. Saves the policy as a trust_remote_code folder (and the
 critic to `critic/` when `advantage_estimator=critic`).

@@ -244,10 +244,11 @@ class RecordingReward:
     def __init__(self, reward_fn):
         self.reward_fn, self.calls = reward_fn, []
 
-    def __call__(self, generated, reference, saved, mode="standard", running_mean=None, first_step=False):
-        out = self.reward_fn(generated, reference, saved, mode=mode, running_mean=running_mean, first_step=first_step)
+    def __call__(self, generated, reference, saved, mode="standard", running_mean=None, first_step=False, **retention):
+        out = self.reward_fn(generated, reference, saved, mode=mode, running_mean=running_mean, first_step=first_step,
+                             **retention)  # fmt: skip
         self.calls.append({"generated": generated, "reference": reference, "saved": saved, "mode": mode,
-                           "running_mean": running_mean, "first_step": first_step, "out": out})  # fmt: skip
+                           "running_mean": running_mean, "first_step": first_step, **retention, "out": out})  # fmt: skip
         return out
 
     def __getattr__(self, name):

@@ -1,4 +1,4 @@
-"""MRL reward: BLEU-2 + embedding cosine (+ length) per generated answer (docs/training.md, section 6.3).
+"""MRL reward: BLEU-2 + embedding cosine (+ length) (+ retention) per generated answer (docs/training.md, section 6.3).
 
 Per sample: ``gen`` (generated answer), ``ref`` (this turn's reference answer), ``saved`` (the saved interaction:
 the previous one, or the first one at the LONG_RANGE step) and an optional running mean ``m`` of past embeddings.
@@ -26,14 +26,36 @@ negative    ``nb_ref*BLEU(gen,ref) + nb_saved*(1 - BLEU(gen,saved))``       ``nc
 (``target_len_as_ref``) or ``max_rewarded_len``; ``LEN = len/target`` if ``len < target`` else ``1`` (``target/len``
 with ``neg_reward_len``); ``len == 0`` gives ``0``.
 
-``r = bleu_factor*BLEU + cos_factor*COS + len_factor*LEN`` -> ``2r - 1`` if ``tanh_reward_scale`` ->
-``* rewards_scale``. Everything is batched tensor ops on the inputs' device; rewards are float32 ``[B]``.
+``RET`` (retention, only when ``retention_factor > 0``): how much of the information that the reference answer takes
+from memory the generated answer carries, on token ids. ``ctx`` = the saved context (the trainer passes every query
+and reference answer of the episode before the current query, joined by pads; without ``context`` the ``saved``
+ids), ``q`` = the current query (optional; its n-grams are not memory's to credit), ``c_x(g)`` = how often the
+n-gram ``g`` occurs in ``x`` (n-grams containing a pad are not counted), ``w(g)`` = the mean IDF weight of ``g``'s
+tokens, ``[.]`` = 1 if true else 0::
+
+    RET = sum_{n=1..N} sum_g w(g) * min(c_gen(g), c_ref(g), c_ctx(g)) * [c_q(g) = 0]
+          / sum_{n=1..N} sum_g w(g) * c_ref(g)
+
+with ``N = retention_max_n`` (2: unigrams and bigrams), and ``RET = 0`` where the denominator is 0. So ``RET`` is the
+IDF-weighted share of the reference's n-grams that stand in the saved context, not in the query, *and* in the
+generated answer: the reference itself scores the share of its information that only memory can supply (its room,
+< 1), an answer carrying the remembered value in another template scores most of that, the reference's template with
+a wrong value little, and echoing a saved interaction that the reference does not use earns nothing.
+IDF (``inverse_document_frequency``, built once from the training episodes, one document per query and per answer):
+``idf[v] = log((1 + N_docs) / (1 + df[v]))``, ``df[v]`` = documents containing token ``v``; pad and special tokens
+weigh 0, a token in every document 0, a token seen nowhere ``log(1 + N_docs)``.
+
+``r = bleu_factor*BLEU + cos_factor*COS + len_factor*LEN + retention_factor*RET`` -> ``2r - 1`` if
+``tanh_reward_scale`` -> ``* rewards_scale``. Everything is batched tensor ops on the inputs' device; rewards are
+float32 ``[B]`` and never carry gradients.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +63,16 @@ from torch import Tensor, nn
 
 from .tensorbleu import tensor_sentence_bleu
 
-__all__ = ["BLEU_MODES", "REWARD_MODES", "MRLReward", "MRLRewardArguments"]
+__all__ = [
+    "BLEU_MODES",
+    "REWARD_MODES",
+    "MRLReward",
+    "MRLRewardArguments",
+    "episode_idf",
+    "inverse_document_frequency",
+    "retention_context",
+    "retention_score",
+]
 
 REWARD_MODES = ("standard", "long_range", "negative")
 BLEU_MODES = ("separate", "combined")
@@ -118,6 +149,14 @@ class MRLRewardArguments:
     allow_not_summing_factors: bool = field(
         default=False, metadata={"help": "Skip the check that each factor group sums to 1."}
     )
+    retention_factor: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the retention term RET (IDF-weighted n-gram recall of the reference's remembered "
+                  "information, in [0, 1]; it joins bleu/cos/len_factor in summing to 1). 0 = the reference reward."},
+    )  # fmt: skip
+    retention_max_n: int = field(
+        default=2, metadata={"help": "Longest n-gram of the retention term (1 = unigrams, 2 = + bigrams)."}
+    )
 
     def resolved_neg_cos_factors(self) -> tuple[float, float]:
         """``(neg_cos_ref_factor, neg_cos_saved_factor)`` with ``None`` replaced by the positive cos factors."""
@@ -127,6 +166,12 @@ class MRLRewardArguments:
 
     def validate_reward_arguments(self) -> None:
         """Raise ``ValueError`` naming the offending field(s), the value and what was expected."""
+        ret = self.retention_factor
+        if isinstance(ret, bool) or not isinstance(ret, (int, float)) or not 0.0 <= ret <= 1.0:
+            raise ValueError(f"retention_factor must be a number in [0, 1], got {ret!r}")
+        max_n = self.retention_max_n
+        if isinstance(max_n, bool) or not isinstance(max_n, int) or not 1 <= max_n <= 4:
+            raise ValueError(f"retention_max_n must be an integer in [1, 4], got {max_n!r}")
         neg_cos_ref, neg_cos_saved = self.resolved_neg_cos_factors()
         factors = {
             "bleu_factor": self.bleu_factor,
@@ -145,6 +190,7 @@ class MRLRewardArguments:
             "neg_bleu_saved_factor": self.neg_bleu_saved_factor,
             "neg_cos_ref_factor": neg_cos_ref,
             "neg_cos_saved_factor": neg_cos_saved,
+            "retention_factor": self.retention_factor,
         }
         for name, value in factors.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -163,7 +209,7 @@ class MRLRewardArguments:
         if self.allow_not_summing_factors:
             return
         groups = (
-            ("bleu_factor", "cos_factor", "len_factor"),
+            ("bleu_factor", "cos_factor", "len_factor", "retention_factor"),
             ("bleu_ref_factor", "bleu_saved_factor"),
             ("bleu_first_ref_factor", "bleu_first_saved_factor"),
             ("cos_ref_factor", "cos_saved_factor"),
@@ -181,6 +227,106 @@ class MRLRewardArguments:
                 )
 
 
+# -- retention term (module docstring, RET) --------------------------------------------------------------------------
+def inverse_document_frequency(
+    rows: Sequence[Sequence[int]], vocab_size: int, zero_ids: Iterable[int] = ()
+) -> Tensor:
+    """IDF table float32 ``[vocab_size]`` of token-id documents ``rows``: ``log((1 + N) / (1 + df[v]))``, ``N`` =
+    number of rows, ``df[v]`` = rows containing ``v`` at least once; ``zero_ids`` (pad and special tokens) weigh 0."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+    if len(rows) == 0:
+        raise ValueError("inverse_document_frequency needs at least one document (row of token ids), got none")
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    tokens = torch.tensor(list(chain.from_iterable(rows)), dtype=torch.long)
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0].item()
+        raise ValueError(f"token id {bad} outside the vocabulary [0, {vocab_size})")
+    document = torch.repeat_interleave(torch.arange(len(rows)), lengths)
+    present = torch.unique(document * vocab_size + tokens) % vocab_size  # each (document, token) pair once
+    df = torch.bincount(present, minlength=vocab_size).double()
+    idf = torch.log((1.0 + len(rows)) / (1.0 + df))
+    zero = torch.tensor(sorted(set(zero_ids)), dtype=torch.long)
+    if zero.numel() and (zero.min() < 0 or zero.max() >= vocab_size):
+        raise ValueError(f"zero_ids must lie in [0, {vocab_size}), got {zero.tolist()}")
+    idf[zero] = 0.0
+    return idf.float()
+
+
+def episode_idf(episodes: Sequence[Sequence[tuple[list[int], list[int]]]], vocab_size: int,
+                zero_ids: Iterable[int] = ()) -> Tensor:  # fmt: skip
+    """IDF table of episodes in `MRLCollator` form (``[[(query_ids, answer_ids), ...], ...]``): one document per query
+    and one per answer."""
+    rows = [part for episode in episodes for turn in episode for part in turn]
+    return inverse_document_frequency(rows, vocab_size, zero_ids)
+
+
+def retention_context(episodes: Sequence[Sequence[tuple[list[int], list[int]]]], step: int, pad_token_id: int):
+    """The retention term's saved context at rollout ``step`` (the query of turn ``step + 1`` is being answered): every
+    query and reference answer of turns ``0 .. step``, joined by ``pad_token_id`` so no n-gram spans two of them.
+    One id list per episode (an episode without turn ``step + 1`` still gets its turns up to ``step``)."""
+    return [list(chain.from_iterable([*part, pad_token_id] for turn in episode[: step + 1] for part in turn))
+            for episode in episodes]  # fmt: skip
+
+
+def _ngram_keys(ids: Tensor, n: int, pad_token_id: int) -> Tensor:
+    """``ids [B, T]`` -> ``[M, 1 + n]`` rows ``(batch row, token_1 .. token_n)`` of every n-gram without a pad."""
+    if ids.shape[1] < n:
+        ids = F.pad(ids, (0, n - ids.shape[1]), value=pad_token_id)
+    grams = ids.unfold(1, n, 1)  # [B, T - n + 1, n]
+    valid = (grams != pad_token_id).all(-1)  # [B, T - n + 1]
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(valid)
+    return torch.cat([rows[valid][:, None], grams[valid]], dim=1)
+
+
+@torch.no_grad()
+def retention_score(generated: Tensor, reference: Tensor, context: Tensor, idf: Tensor, pad_token_id: int,
+                    max_n: int = 2, query: Tensor | None = None) -> Tensor:  # fmt: skip
+    """``RET`` (module docstring) float32 ``[B]`` of ``generated [B, Tg]`` vs ``reference [B, Tr]``, the saved
+    ``context [B, Tc]`` and optionally the current ``query [B, Tq]`` (special tokens in it do no harm), with IDF
+    weights ``idf [V]``. Pads anywhere are ignored (n-grams across them are not counted). All rows are scored
+    together: per n-gram order each (row, n-gram) becomes one int64 code ``row·V^n + Σ token_i·V^(n-i)``, the codes
+    of the reference's n-grams select the others' (``isin``), then one ``torch.unique`` and one ``bincount`` per
+    input (a row-wise ``unique(dim=0)`` where ``B·V^n`` would overflow)."""
+    inputs = (("generated", generated), ("reference", reference), ("context", context))
+    if query is not None:
+        inputs += (("query", query),)
+    for name, x in inputs:
+        if x.dim() != 2 or x.shape[0] != generated.shape[0]:
+            raise ValueError(f"{name} must be [B, T] token ids with B = {generated.shape[0]}, got {tuple(x.shape)}")
+    device = generated.device
+    batch, vocab = generated.shape[0], idf.shape[0]
+    idf = idf.to(device=device, dtype=torch.float64)
+    matched = torch.zeros(batch, dtype=torch.float64, device=device)
+    total = torch.zeros(batch, dtype=torch.float64, device=device)
+    sources = [x.to(device).long() for _, x in inputs]
+    for (name, _), x in zip(inputs, sources):
+        if x.numel() and (x.min() < 0 or x.max() >= vocab):
+            raise ValueError(f"{name} holds token ids outside the IDF table's vocabulary [0, {vocab})")
+    for n in range(1, max_n + 1):
+        keys = [_ngram_keys(x, n, pad_token_id) for x in sources]  # [M_i, 1 + n] each
+        if batch * vocab**n < 2**62:  # one int64 code per (row, n-gram): a 1-D unique (a sort), far faster
+            scale = torch.tensor([vocab ** (n - i) for i in range(n + 1)], device=device)  # [1 + n]
+            codes = [(k * scale).sum(-1) for k in keys]
+            ref_codes = codes[1].unique()
+            codes = [c[torch.isin(c, ref_codes)] for c in codes]  # only n-grams of the reference can count
+            unique, inverse = torch.unique(torch.cat(codes), return_inverse=True)  # [U], [M]
+            unique = torch.stack([unique // scale[i] % (vocab if i else batch + 1) for i in range(n + 1)], -1)
+            sizes = [c.shape[0] for c in codes]
+        else:
+            unique, inverse = torch.unique(torch.cat(keys), dim=0, return_inverse=True)  # [U, 1 + n], [M]
+            sizes = [k.shape[0] for k in keys]
+        counts = [torch.bincount(part, minlength=unique.shape[0]) for part in inverse.split(sizes)]
+        c_gen, c_ref, c_ctx = counts[:3]  # [U] each
+        weight = idf[unique[:, 1:]].mean(-1)  # [U]: mean IDF of the n-gram's tokens
+        hit = torch.minimum(torch.minimum(c_gen, c_ref), c_ctx)
+        if query is not None:
+            hit = hit * (counts[3] == 0)
+        matched.index_add_(0, unique[:, 0], weight * hit)
+        total.index_add_(0, unique[:, 0], weight * c_ref)
+    return torch.where(total > 0, matched / total.clamp_min(1e-300), torch.zeros_like(total)).float()
+
+
 class MRLReward:
     """Batched MRL reward (§6.3): ``reward(generated, reference, saved, mode=...)`` -> float32 ``[B]``.
 
@@ -190,9 +336,12 @@ class MRLReward:
             weights) or ``nn.Embedding`` (its weight read at each call, so the reward follows the embedding as it
             trains, also when FSDP2 swaps the parameter for a shard and, inside a forward, for the gathered tensor).
         pad_token_id: padding id of all id tensors (right-padded; pads anywhere are ignored).
+        idf: IDF table float ``[V]`` of the retention term (`episode_idf` of the training episodes); needed when
+            ``args.retention_factor > 0``.
     """
 
-    def __init__(self, args: MRLRewardArguments, embedding: Tensor | nn.Embedding, pad_token_id: int):
+    def __init__(self, args: MRLRewardArguments, embedding: Tensor | nn.Embedding, pad_token_id: int,
+                 idf: Tensor | None = None):  # fmt: skip
         args.validate_reward_arguments()
         weight = embedding.weight if isinstance(embedding, nn.Embedding) else embedding
         if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
@@ -202,7 +351,19 @@ class MRLReward:
             )
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
             raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
+        if idf is not None and (not isinstance(idf, Tensor) or idf.dim() != 1 or idf.shape[0] != weight.shape[0]
+                                or not idf.is_floating_point()):  # fmt: skip
+            raise ValueError(
+                f"idf must be a floating [V] tensor with V = {weight.shape[0]} (the embedding's rows), got "
+                f"{type(idf).__name__} of shape {tuple(getattr(idf, 'shape', ()))}"
+            )
+        if args.retention_factor > 0 and idf is None:
+            raise ValueError(
+                f"retention_factor={args.retention_factor} needs an IDF table: MRLReward(..., idf=episode_idf(...)) "
+                "built from the training episodes"
+            )
         self.args = args
+        self.idf = None if idf is None else idf.detach().float()
         self._embedding = embedding if isinstance(embedding, nn.Embedding) else None
         self._weight = weight.detach()
         self.pad_token_id = pad_token_id
@@ -269,11 +430,15 @@ class MRLReward:
         mode: str = "standard",
         running_mean: Tensor | None = None,
         first_step: bool = False,
+        context: Tensor | None = None,
+        query: Tensor | None = None,
     ) -> Tensor:
         """Rewards float32 ``[B]`` for ``generated [B, Tg]`` vs ``reference [B, Tr]`` and ``saved [B, Ts]``.
 
         ``mode``: ``"standard"``, ``"long_range"`` or ``"negative"``; ``running_mean [B, D]`` enables the
-        running-mean cosine term (standard/long_range); ``first_step`` selects the ``bleu_first_*`` factors.
+        running-mean cosine term (standard/long_range); ``first_step`` selects the ``bleu_first_*`` factors;
+        ``context [B, Tc]``: the retention term's saved context (`retention_context`; None = ``saved``);
+        ``query [B, Tq]``: the current query, whose n-grams the retention term does not credit (None: none).
         """
         if mode not in REWARD_MODES:
             raise ValueError(f"mode must be one of {REWARD_MODES}, got {mode!r}")
@@ -327,9 +492,19 @@ class MRLReward:
         reward = a.bleu_factor * bleu.float() + a.cos_factor * cos
         if a.len_factor > 0:
             reward = reward + a.len_factor * self._length_reward(generated, reference)
+        if a.retention_factor > 0:
+            context = saved if context is None else context
+            reward = reward + a.retention_factor * self.retention(generated, reference, context, query)
         if a.tanh_reward_scale:
             reward = 2.0 * reward - 1.0
         return (reward * a.rewards_scale).float()
+
+    def retention(self, generated: Tensor, reference: Tensor, context: Tensor, query: Tensor | None = None) -> Tensor:
+        """The retention term ``RET`` float32 ``[B]`` alone (`retention_score` with this reward's IDF table)."""
+        if self.idf is None:
+            raise ValueError("MRLReward.retention needs an IDF table: MRLReward(..., idf=episode_idf(...))")
+        return retention_score(generated, reference, context, self.idf, self.pad_token_id, self.args.retention_max_n,
+                               query)  # fmt: skip
 
     def _length_reward(self, generated: Tensor, reference: Tensor) -> Tensor:
         """``LEN [B]``: ``len/target`` below the target, else 1 (``target/len`` with ``neg_reward_len``); len 0 -> 0."""

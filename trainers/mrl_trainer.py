@@ -67,7 +67,7 @@ from .data import episode_turns, tokenize_texts
 from .mrl_config import MRLConfig, freeze_stage
 from .mrl_critic import RxTCritic, write_critic_folder
 from .mrl_replay import MrlReplayBuffer, concat_padded
-from .mrl_reward import MRLReward
+from .mrl_reward import MRLReward, episode_idf, retention_context
 
 
 class MRLModel(nn.Module):
@@ -249,7 +249,11 @@ class MRLTrainer(RxTTrainer):
         if tokenizer is None:
             raise ValueError("MRLTrainer needs processing_class=<the RxT tokenizer>.")
         self.ids = check_rxt_tokenizer(tokenizer)
-        self.reward_fn = MRLReward(args, model.get_input_embeddings(), self.ids["pad_token_id"])
+        idf, rows = None, self.train_dataset if self.train_dataset is not None else self.eval_dataset
+        if args.retention_factor > 0 and rows is not None:  # IDF of the training (else evaluation) episodes
+            idf = episode_idf(self.data_collator(list(rows))["episodes"], model.get_input_embeddings().num_embeddings,
+                              [i for i in self.ids.values() if i is not None])  # fmt: skip
+        self.reward_fn = MRLReward(args, model.get_input_embeddings(), self.ids["pad_token_id"], idf=idf)
         self.ref_model = None
         if args.beta > 0:
             ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
@@ -575,11 +579,13 @@ class MRLTrainer(RxTTrainer):
             else:
                 saved_body = _pad([e[step][0] + e[step][1] if len(e) > step else [] for e in episodes], pad)[0]
                 saved_body = saved_body.to(device)
+            context = _pad(retention_context(episodes, step, pad), pad)[0].to(device) if args.retention_factor else None
             reward = self.reward_fn(gen_ids, ref_ids, saved_body, mode=mode, running_mean=running_mean,
-                                    first_step=step == 0)  # fmt: skip
+                                    first_step=step == 0, context=context, query=prompt_ids)  # fmt: skip
             if last and self.args.delayed_final_reward and self.strategy != "long_range":
                 reward = reward + self.reward_fn(gen_ids, ref_ids, first_body, mode="long_range",
-                                                 running_mean=running_mean)  # fmt: skip
+                                                 running_mean=running_mean, context=context,
+                                                 query=prompt_ids)  # fmt: skip
             running_mean = self.reward_fn.update_running_mean(running_mean, saved_body)
             # critic input: saved interaction + next query (last critic_max_len tokens)
             critic_rows = [(s + self._interaction(q, [], eos=False)[1:])[-args.critic_max_len :]

@@ -357,7 +357,7 @@ def _probe_problem(probe, num_turns: int, need_expected: bool) -> tuple[str, str
         return ".distance", (f"{what}; expected the turns between the fact and this question, an integer in "
                              f"[1, turn={turn}]")  # fmt: skip
     if need_expected:
-        reason = _text_problem(probe, "expected")
+        reason = text_problem(probe, "expected")
         if reason:
             return ".expected", f"{reason}; expected the value the answer must contain"
     return None

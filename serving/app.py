@@ -1,0 +1,470 @@
+"""The FastAPI app: OpenAI-compatible Responses, Conversations and Chat Completions endpoints over `Service`."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Engine, Generation, RxTBackend
+from .metrics import Metrics
+from .protocol import (
+    ApiError,
+    ChatCompletionCreate,
+    ConversationCreate,
+    ConversationUpdate,
+    ItemsCreate,
+    ResponseCreate,
+    chat_chunk,
+    chat_completion,
+    conversation_object,
+    item_list,
+    message_item,
+    new_id,
+    not_found,
+    response_object,
+    response_usage,
+)
+from .service import Interaction, Limits, Service
+from .store import ConversationRow, Store, TurnRecord
+
+CONVERSATION_HEADER = "X-Conversation-Id"
+
+
+class _Feed:
+    """Tokens of one turn, handed from the engine thread to the event loop, decoded incrementally."""
+
+    def __init__(self, service: Service, started: float, endpoint: str):
+        self.loop, self.service, self.started, self.endpoint = asyncio.get_running_loop(), service, started, endpoint
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def on_token(self, token: int) -> None:  # engine thread
+        if not self.ids and self.queue.empty():
+            self.service.metrics.ttft.labels(self.endpoint).observe(time.perf_counter() - self.started)
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, token)
+
+    def delta(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.service.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):  # an incomplete UTF-8 character: wait
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def flush(self, final_text: str) -> str:
+        delta = final_text[len(self.sent) :] if final_text.startswith(self.sent) else ""
+        self.sent = final_text
+        return delta
+
+    async def deltas(self, task: asyncio.Task) -> AsyncIterator[str]:
+        """Text deltas until `task` (the turn) is done."""
+        waiter = asyncio.ensure_future(self.queue.get())
+        while True:
+            done, _ = await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                if delta := self.delta(waiter.result()):
+                    yield delta
+                waiter = asyncio.ensure_future(self.queue.get())
+            elif self.queue.empty():
+                waiter.cancel()
+                return
+
+
+def _sse(event: dict) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = None, limits: Limits | None = None,
+               model_name: str | None = None, update_delay: float = 0.0) -> FastAPI:  # fmt: skip
+    """Build the app. `api_keys`: accepted Bearer keys (none: no authentication); each key owns what it creates."""
+    limits = limits or Limits()
+    metrics = Metrics()
+    engine = Engine(backend, limits.max_batch_size, update_delay, metrics)
+    model_name = model_name or "rxt"
+    service = Service(backend, engine, store, metrics, limits, model_name)
+    owners = {key: hashlib.sha256(key.encode()).hexdigest()[:32] for key in api_keys or []}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.recovered = await service.recover()
+        yield
+        await service.wait_idle()
+        engine.close()
+        store.close()
+
+    app = FastAPI(title="RxT server", lifespan=lifespan)
+    app.state.service = service
+
+    # -- errors, limits, authentication ------------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        first = error.errors()[0]
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(location) or None
+        message = f"Invalid request: {first.get('msg')}" + (f" (at '{param}')" if param else "")
+        if first.get("type") == "json_invalid":
+            message = f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        return JSONResponse(ApiError(400, message, param=param, code="invalid_request").body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):
+        body = ApiError(500, f"Internal server error: {type(error).__name__}: {error}", type="server_error",
+                        code="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        message = f"{error.detail}: {request.method} {request.url.path}"
+        return JSONResponse(ApiError(error.status_code, message, code=code).body(), status_code=error.status_code)
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            error = ApiError(400, f"The request body is {int(length)} bytes; this server's limit is "
+                             f"{limits.max_body_bytes} bytes.", code="body_too_large")  # fmt: skip
+            return JSONResponse(error.body(), status_code=400)
+        return await call_next(request)
+
+    def owner_of(request: Request) -> str:
+        if not owners:
+            return ""
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else None
+        if key not in owners:
+            raise ApiError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>' with a key this "
+                           "server accepts.", code="invalid_api_key")  # fmt: skip
+        return owners[key]
+
+    async def owned_conversation(conversation_id: str, owner: str, param: str | None = None) -> ConversationRow:
+        conversation = await service.db("get_conversation", store.get_conversation, conversation_id)
+        if conversation is None or conversation.owner != owner:
+            raise not_found("conversation", conversation_id, param)
+        return conversation
+
+    def check_items(count: int, what: str) -> None:
+        if count > limits.max_input_items:
+            raise ApiError(400, f"{what} has {count} items; this server's limit is {limits.max_input_items}.",
+                           param=what, code="too_many_items")  # fmt: skip
+
+    # -- health, metrics, models ------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "model_id": backend.model_id,
+                "pending_memory_updates": len(service._pending), "turns_in_flight": service.in_flight}  # fmt: skip
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(owner: str = Depends(owner_of)):
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "rxt"}]}
+
+    # -- responses --------------------------------------------------------------------------------------------
+    async def run_turn(conversation: ConversationRow | None, writes: list[Interaction], prompt: list[int], params,
+                       feed: _Feed, finish, state=None) -> asyncio.Task:  # fmt: skip
+        service.enter()
+
+        async def run():
+            try:
+                generation = await service.turn(conversation.id if conversation else None, writes, prompt, params,
+                                                feed.on_token, finish, state)  # fmt: skip
+                metrics.turn_latency.labels(feed.endpoint).observe(time.perf_counter() - feed.started)
+                return generation
+            finally:
+                service.leave()
+
+        return asyncio.get_running_loop().create_task(run())
+
+    async def resolve(owner: str, previous_response_id: str | None, conversation_id: str | None, store_turn: bool,
+                      metadata: dict) -> tuple[ConversationRow | None, bool, object]:  # fmt: skip
+        """→ (conversation to continue or None for a new one, whether it is new, an unrecorded start state)."""
+        if previous_response_id and conversation_id:
+            raise ApiError(400, "Pass either previous_response_id or conversation, not both.",
+                           param="previous_response_id", code="invalid_request")  # fmt: skip
+        if previous_response_id:
+            found = await service.db("get_response", store.get_response, previous_response_id)
+            if found is None or found[0] != owner:
+                raise not_found("response", previous_response_id, "previous_response_id")
+            _, parent_id, turn_index, _ = found
+            parent = await service.db("get_conversation", store.get_conversation, parent_id)
+            if parent is None:
+                raise ApiError(404, f"The conversation of response '{previous_response_id}' was deleted.",
+                               param="previous_response_id", code="not_found")  # fmt: skip
+            service.check_model(parent)
+            latest = parent.head_response_id == previous_response_id and parent.turn_count == turn_index + 1
+            if latest:
+                return parent, False, None
+            if store_turn:
+                return await service.fork(owner, parent, turn_index, metadata), True, None
+            data = await service.db("get_snapshot", store.get_snapshot, parent.id, turn_index + 1)
+            if data is None:
+                raise ApiError(409, f"The memory after response '{previous_response_id}' is no longer stored.",
+                               param="previous_response_id", code="snapshot_unavailable")  # fmt: skip
+            return None, True, await asyncio.to_thread(backend.deserialize, data)
+        if conversation_id:
+            conversation = await owned_conversation(conversation_id, owner, "conversation")
+            service.check_model(conversation)
+            return conversation, False, None
+        if store_turn:
+            return await service.create_conversation(owner, metadata), True, None
+        return None, True, None
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponseCreate, owner: str = Depends(owner_of)):
+        started = time.perf_counter()
+        messages = [("user", body.input)] if isinstance(body.input, str) else [(m.role, m.text()) for m in body.input]
+        check_items(len(messages), "input")
+        if not messages or messages[-1][0] != "user" or not messages[-1][1]:
+            raise ApiError(400, "The last input item must be a non-empty user message (the query of this turn).",
+                           param="input", code="invalid_input")  # fmt: skip
+        prompt_text = messages[-1][1]
+        conversation, is_new, state = await resolve(owner, body.previous_response_id, body.conversation_id(),
+                                                    body.store, body.metadata or {})  # fmt: skip
+        writes = service.interactions(messages[:-1])
+        internal = None
+        if body.instructions:
+            if is_new and state is None:
+                writes = service.interactions([("system", body.instructions)]) + writes
+            else:
+                internal = body.instructions
+        prompt = service.prompt_ids(prompt_text, internal)
+        params = service.sampling(body.max_output_tokens, body.temperature, body.top_p, len(prompt))
+        response_id, output_id, created = new_id("resp"), new_id("msg"), time.time()
+        conversation_id = conversation.id if conversation and body.store else None
+
+        def build(status: str, output_text: str | None, usage=None, reason=None, error=None) -> dict:
+            item = message_item(output_id, "assistant", output_text, status) if output_text is not None else None
+            return response_object(response_id, model_name, created, status, item, body, conversation_id, usage,
+                                   params.max_new_tokens, params.temperature, params.top_p, reason, error)  # fmt: skip
+
+        def final(generation: Generation) -> dict:
+            text = service.decode(generation.answer_ids)
+            incomplete = generation.finish_reason == "length"
+            return build("incomplete" if incomplete else "completed", text,
+                         response_usage(len(prompt), len(generation.answer_ids)),
+                         "max_output_tokens" if incomplete else None)  # fmt: skip
+
+        def finish(generation: Generation, turn_index: int) -> TurnRecord:
+            text = service.decode(generation.answer_ids)
+            return TurnRecord(b"", [(new_id("msg"), "user", prompt_text), (output_id, "assistant", text)],
+                              response_id, final(generation), owner)  # fmt: skip
+
+        feed = _Feed(service, started, "responses")
+        task = await run_turn(conversation, writes, prompt, params, feed,
+                              finish if body.store else None, state)  # fmt: skip
+        if not body.stream:
+            generation = await task
+            return JSONResponse(final(generation))
+
+        async def events() -> AsyncIterator[bytes]:
+            sequence = 0
+
+            def event(kind: str, **fields) -> bytes:
+                nonlocal sequence
+                sequence += 1
+                return _sse({"type": kind, "sequence_number": sequence - 1, **fields})
+
+            yield event("response.created", response=build("in_progress", None))
+            yield event("response.in_progress", response=build("in_progress", None))
+            yield event("response.output_item.added", output_index=0,
+                        item=message_item(output_id, "assistant", "", "in_progress") | {"content": []})  # fmt: skip
+            part = {"type": "output_text", "text": "", "annotations": []}
+            yield event("response.content_part.added", item_id=output_id, output_index=0, content_index=0, part=part)
+            async for delta in feed.deltas(task):
+                yield event("response.output_text.delta", item_id=output_id, output_index=0, content_index=0,
+                            delta=delta, logprobs=[])  # fmt: skip
+            try:
+                generation = task.result()
+            except ApiError as error:
+                yield event("response.failed", response=build("failed", None, error={"code": error.code,
+                                                                                   "message": error.message}))
+                return
+            except Exception as error:  # noqa: BLE001 - reported to the client in the stream
+                yield event("response.failed", response=build("failed", None, error={"code": "server_error",
+                                                                                   "message": str(error)}))
+                return
+            body_final = final(generation)
+            text = body_final["output"][0]["content"][0]["text"]
+            if delta := feed.flush(text):
+                yield event("response.output_text.delta", item_id=output_id, output_index=0, content_index=0,
+                            delta=delta, logprobs=[])  # fmt: skip
+            yield event("response.output_text.done", item_id=output_id, output_index=0, content_index=0, text=text,
+                        logprobs=[])  # fmt: skip
+            yield event("response.content_part.done", item_id=output_id, output_index=0, content_index=0,
+                        part=body_final["output"][0]["content"][0])  # fmt: skip
+            yield event("response.output_item.done", output_index=0, item=body_final["output"][0])
+            kind = "response.completed" if body_final["status"] == "completed" else "response.incomplete"
+            yield event(kind, response=body_final)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, owner: str = Depends(owner_of)):
+        found = await service.db("get_response", store.get_response, response_id)
+        if found is None or found[0] != owner:
+            raise not_found("response", response_id)
+        return found[3]
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, owner: str = Depends(owner_of)):
+        found = await service.db("get_response", store.get_response, response_id)
+        if found is None or found[0] != owner:
+            raise not_found("response", response_id)
+        await service.db("delete_response", store.delete_response, response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+    # -- conversations ----------------------------------------------------------------------------------------
+    def item_json(item) -> dict:
+        return message_item(item.id, item.role, item.content)
+
+    @app.post("/v1/conversations")
+    async def create_conversation(body: ConversationCreate | None = Body(default=None),
+                                  owner: str = Depends(owner_of)):  # fmt: skip
+        body = body or ConversationCreate()
+        items = [(m.role, m.text()) for m in body.items or []]
+        check_items(len(items), "items")
+        writes = service.interactions(items)
+        conversation = await service.create_conversation(owner, body.metadata or {})
+        if writes:
+            await service.write(conversation.id, writes)
+        return conversation_object(conversation.id, conversation.created_at, conversation.metadata)
+
+    @app.get("/v1/conversations/{conversation_id}")
+    async def get_conversation(conversation_id: str, owner: str = Depends(owner_of)):
+        conversation = await owned_conversation(conversation_id, owner)
+        return conversation_object(conversation.id, conversation.created_at, conversation.metadata)
+
+    @app.post("/v1/conversations/{conversation_id}")
+    async def update_conversation(conversation_id: str, body: ConversationUpdate, owner: str = Depends(owner_of)):
+        await owned_conversation(conversation_id, owner)
+        conversation = await service.db("set_metadata", store.set_metadata, conversation_id, body.metadata)
+        if conversation is None:
+            raise not_found("conversation", conversation_id)
+        return conversation_object(conversation.id, conversation.created_at, conversation.metadata)
+
+    @app.delete("/v1/conversations/{conversation_id}")
+    async def delete_conversation(conversation_id: str, owner: str = Depends(owner_of)):
+        await owned_conversation(conversation_id, owner)
+        await service.db("delete_conversation", store.delete_conversation, conversation_id)
+        return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+    @app.post("/v1/conversations/{conversation_id}/items")
+    async def add_items(conversation_id: str, body: ItemsCreate, owner: str = Depends(owner_of)):
+        conversation = await owned_conversation(conversation_id, owner)
+        service.check_model(conversation)
+        check_items(len(body.items), "items")
+        if not body.items:
+            raise ApiError(400, "items is empty: expected at least one message.", param="items", code="invalid_input")
+        writes = service.interactions([(m.role, m.text()) for m in body.items])
+        service.enter()
+        try:
+            await service.write(conversation_id, writes)
+        finally:
+            service.leave()
+        created = [message_item(i, role, text) for write in writes for i, role, text in write.items]
+        return item_list(created, False)
+
+    @app.get("/v1/conversations/{conversation_id}/items")
+    async def list_items(conversation_id: str, owner: str = Depends(owner_of), after: str | None = None,
+                         limit: int = Query(default=20, ge=1, le=100), order: str = Query(default="desc",
+                                                                                           pattern="^(asc|desc)$")):  # fmt: skip
+        await owned_conversation(conversation_id, owner)
+        after_seq = None
+        if after is not None:
+            item = await service.db("get_item", store.get_item, after)
+            if item is None or item.conversation_id != conversation_id:
+                raise not_found("item", after, "after")
+            after_seq = item.seq
+        rows = await service.db("list_items", store.list_items, conversation_id, after_seq, limit + 1,
+                                order == "desc")  # fmt: skip
+        return item_list([item_json(row) for row in rows[:limit]], len(rows) > limit)
+
+    @app.get("/v1/conversations/{conversation_id}/memory")
+    async def get_memory(conversation_id: str, owner: str = Depends(owner_of)):
+        """Extension: the conversation's current STM as safetensors bytes (after its pending updates)."""
+        conversation = await owned_conversation(conversation_id, owner)
+        service.check_model(conversation)
+        version, stm = await service.current_state(conversation_id)
+        data = await asyncio.to_thread(backend.serialize, stm)
+        return Response(data, media_type="application/octet-stream", headers={"X-Memory-Turn": str(version)})
+
+    # -- chat completions -------------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionCreate, request: Request, owner: str = Depends(owner_of)):
+        started = time.perf_counter()
+        messages = [(m.role, m.text()) for m in body.messages]
+        check_items(len(messages), "messages")
+        for index, (role, _) in enumerate(messages):
+            if role == "tool":
+                raise ApiError(400, "messages with role 'tool' are not supported by this server.",
+                               param=f"messages.{index}.role", code="unsupported_parameter")  # fmt: skip
+        if messages[-1][0] != "user" or not messages[-1][1]:
+            raise ApiError(400, "The last message must be a non-empty user message.", param="messages",
+                           code="invalid_input")  # fmt: skip
+        named = request.headers.get(CONVERSATION_HEADER) or body.conversation
+        if named:
+            conversation, writes, state = await owned_conversation(named, owner, "conversation"), [], None
+            service.check_model(conversation)
+        else:
+            conversation, _, state = await resolve(owner, None, None, body.store, body.metadata or {})
+            writes = service.interactions(messages[:-1])
+        prompt = service.prompt_ids(messages[-1][1])
+        params = service.sampling(body.max_completion_tokens or body.max_tokens, body.temperature, body.top_p,
+                                  len(prompt), "max_completion_tokens" if body.max_completion_tokens else "max_tokens")  # fmt: skip
+        completion_id, created = new_id("chatcmpl"), time.time()
+        conversation_id = conversation.id if conversation and body.store else None
+        headers = {CONVERSATION_HEADER: conversation_id} if conversation_id else {}
+
+        def finish(generation: Generation, turn_index: int) -> TurnRecord:
+            text = service.decode(generation.answer_ids)
+            return TurnRecord(b"", [(new_id("msg"), "user", messages[-1][1]), (new_id("msg"), "assistant", text)])
+
+        feed = _Feed(service, started, "chat.completions")
+        task = await run_turn(conversation, writes, prompt, params, feed, finish if body.store else None, state)
+        if not body.stream:
+            generation = await task
+            return JSONResponse(chat_completion(completion_id, model_name, created, service.decode(generation.answer_ids),
+                                                generation.finish_reason, len(prompt), len(generation.answer_ids),
+                                                conversation_id), headers=headers)  # fmt: skip
+
+        async def chunks() -> AsyncIterator[bytes]:
+            def chunk(**fields) -> bytes:
+                return f"data: {json.dumps(chat_chunk(completion_id, model_name, created, conversation_id=conversation_id, **fields))}\n\n".encode()
+
+            yield chunk(delta={"role": "assistant", "content": ""}, finish_reason=None)
+            async for delta in feed.deltas(task):
+                yield chunk(delta={"content": delta}, finish_reason=None)
+            try:
+                generation = task.result()
+            except ApiError as error:
+                yield f"data: {json.dumps(error.body())}\n\n".encode()
+                return
+            if delta := feed.flush(service.decode(generation.answer_ids)):
+                yield chunk(delta={"content": delta}, finish_reason=None)
+            yield chunk(delta={}, finish_reason=generation.finish_reason)
+            if body.stream_options and body.stream_options.include_usage:
+                usage = {"prompt_tokens": len(prompt), "completion_tokens": len(generation.answer_ids),
+                         "total_tokens": len(prompt) + len(generation.answer_ids)}  # fmt: skip
+                yield chunk(delta={}, finish_reason=None, usage=usage, choices=False)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream", headers=headers)
+
+    return app

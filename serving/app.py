@@ -113,10 +113,13 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
         first = error.errors()[0]
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        type_tags = {"str", "int", "float", "bool", "dict", "list", "none", "literal"}  # union branches in `loc`
+        location = [str(part) for part in first.get("loc", ())[1:]
+                    if not (isinstance(part, str) and (part.lower() in type_tags or "[" in part))]  # fmt: skip
         param = ".".join(location) or None
         message = f"Invalid request: {first.get('msg')}" + (f" (at '{param}')" if param else "")
         if first.get("type") == "json_invalid":
+            param = None
             message = f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
         return JSONResponse(ApiError(400, message, param=param, code="invalid_request").body(), status_code=400)
 

@@ -153,12 +153,17 @@ class RxTBackend:
 
     # -- state <-> bytes (safetensors; dtype kept; no pickle) -----------------------------------------------------
     def serialize(self, state: torch.Tensor) -> bytes:
-        return save_safetensors({"stm": state.detach().contiguous().cpu()},
-                                metadata={"format": "rxt-stm", "model_id": self.model_id})  # fmt: skip
+        identity = json.dumps({"format": "rxt-stm", "model_id": self.model_id}, sort_keys=True)
+        # one metadata key: safetensors writes a metadata map in no fixed order, and the bytes must be reproducible
+        return save_safetensors({"stm": state.detach().contiguous().cpu()}, metadata={"rxt": identity})
 
     def deserialize(self, data: bytes) -> torch.Tensor:
         header_length = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
+        try:
+            metadata = json.loads(json.loads(data[8 : 8 + header_length])["__metadata__"]["rxt"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise StateMismatchError("the stored state is not an RxT STM written by this server (no 'rxt' "
+                                     "metadata in its safetensors header).") from error
         if metadata.get("model_id") != self.model_id:
             raise StateMismatchError(
                 f"the stored STM was written by model {metadata.get('model_id')!r}, but this server runs model "

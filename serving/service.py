@@ -188,7 +188,9 @@ class Service:
         return len(pending)
 
     async def wait_idle(self) -> None:
+        """Finish every pending memory update of this process (graceful shutdown)."""
         while self._pending:
+            self.engine.expedite()
             await asyncio.gather(*list(self._pending.values()), return_exceptions=True)
 
     async def current_state(self, conversation_id: str) -> tuple[int, object]:

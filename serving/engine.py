@@ -324,13 +324,13 @@ class Engine:
                  or time.monotonic() - self._update[0].enqueued_at >= self.update_delay)  # fmt: skip
         )
         if self._update and (self._expedite or updates_due and not self._generate):
-            self._expedite = False
             queue, kind = self._update, "update"
         elif self._generate:
             queue, kind = self._generate, "generate"
         else:
             return None
         batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch_size))]
+        self._expedite = self._expedite and bool(self._update)  # expedited until the waiting updates have run
         self._report_depth()
         return kind, batch
 

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-input-items", type=int, default=256, help="most messages / items per request")
     parser.add_argument("--update-delay", type=float, default=0.0, help="seconds a memory update may wait to join "
                         "a larger batch while replies are generated (a turn that needs it runs it at once)")  # fmt: skip
+    parser.add_argument("--state-cache-mb", type=float, default=1024, help="STMs kept in memory besides the store "
+                        "(the latest of recently active conversations), in MiB")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
                     max_input_items=args.max_input_items, max_turns_in_flight=args.max_turns_in_flight,
                     max_batch_size=args.max_batch_size)  # fmt: skip
     app = create_app(backend, store, keys, limits, args.model_name or Path(args.model_dir).resolve().name,
-                     args.update_delay)  # fmt: skip
+                     args.update_delay, int(args.state_cache_mb * (1 << 20)))  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,10 +34,23 @@ from .protocol import (
     response_object,
     response_usage,
 )
-from .service import Interaction, Limits, Service
+from .service import Interaction, Limits, Service, StaleTurn
 from .store import ConversationRow, Store, TurnRecord
 
 CONVERSATION_HEADER = "X-Conversation-Id"
+
+
+@dataclass
+class Target:
+    """Where a turn runs: a conversation to record it in (None: unrecorded, from `state` or the initial STM);
+    `parent` = (conversation, turn index) when it continues a previous_response_id at the head of its conversation
+    (if another request continues that response first, this turn forks from it); `fresh`: a new conversation."""
+
+    conversation: ConversationRow | None
+    metadata: dict
+    state: object = None
+    parent: tuple[ConversationRow, int] | None = None
+    fresh: bool = False
 
 
 class _Feed:
@@ -47,9 +61,11 @@ class _Feed:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids: list[int] = []
         self.sent = ""
+        self.first = True
 
     def on_token(self, token: int) -> None:  # engine thread
-        if not self.ids and self.queue.empty():
+        if self.first:
+            self.first = False
             self.service.metrics.ttft.labels(self.endpoint).observe(time.perf_counter() - self.started)
         self.loop.call_soon_threadsafe(self.queue.put_nowait, token)
 
@@ -80,18 +96,56 @@ class _Feed:
                 return
 
 
+class BodyLimit:
+    """ASGI middleware: a request body above `limit` bytes → 400 `body_too_large`, by its Content-Length up front or
+    while a chunked body is read (the body is read here, at most `limit` bytes, and handed on)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        size = int(length) if length.isdigit() else 0
+        chunks, more = [], not length.isdigit() or size > 0
+        while more and size <= self.limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, receive, send)  # disconnected
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            size = max(size, sum(map(len, chunks)))
+        if size > self.limit:
+            error = ApiError(400, f"The request body is {'over ' if more else ''}{size} bytes; this server's limit "
+                             f"is {self.limit} bytes.", code="body_too_large")  # fmt: skip
+            return await JSONResponse(error.body(), status_code=400)(scope, receive, send)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def _sse(event: dict) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
 
 def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = None, limits: Limits | None = None,
-               model_name: str | None = None, update_delay: float = 0.0) -> FastAPI:  # fmt: skip
-    """Build the app. `api_keys`: accepted Bearer keys (none: no authentication); each key owns what it creates."""
+               model_name: str | None = None, update_delay: float = 0.0, state_cache_bytes: int = 1 << 30) -> FastAPI:  # fmt: skip
+    """Build the app. `api_keys`: accepted Bearer keys (none: no authentication); each key owns what it creates.
+    `update_delay`: see `Engine`; `state_cache_bytes`: STMs kept in memory besides the store."""
     limits = limits or Limits()
     metrics = Metrics()
     engine = Engine(backend, limits.max_batch_size, update_delay, metrics)
     model_name = model_name or "rxt"
-    service = Service(backend, engine, store, metrics, limits, model_name)
+    service = Service(backend, engine, store, metrics, limits, model_name, state_cache_bytes)
     owners = {key: hashlib.sha256(key.encode()).hexdigest()[:32] for key in api_keys or []}
 
     @asynccontextmanager
@@ -135,14 +189,7 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
         message = f"{error.detail}: {request.method} {request.url.path}"
         return JSONResponse(ApiError(error.status_code, message, code=code).body(), status_code=error.status_code)
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            error = ApiError(400, f"The request body is {int(length)} bytes; this server's limit is "
-                             f"{limits.max_body_bytes} bytes.", code="body_too_large")  # fmt: skip
-            return JSONResponse(error.body(), status_code=400)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
 
     def owner_of(request: Request) -> str:
         if not owners:
@@ -180,14 +227,23 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "rxt"}]}
 
     # -- responses --------------------------------------------------------------------------------------------
-    async def run_turn(conversation: ConversationRow | None, writes: list[Interaction], prompt: list[int], params,
-                       feed: _Feed, finish, state=None) -> asyncio.Task:  # fmt: skip
+    async def run_turn(owner: str, target: Target, writes: list[Interaction], prompt: list[int], params, feed: _Feed,
+                       finish) -> asyncio.Task:  # fmt: skip
+        """Start the turn as its own task (it finishes, and is recorded, even if the client goes away)."""
         service.enter()
 
         async def run():
             try:
-                generation = await service.turn(conversation.id if conversation else None, writes, prompt, params,
-                                                feed.on_token, finish, state)  # fmt: skip
+                conversation_id = target.conversation.id if target.conversation else None
+                expected = target.parent[1] + 1 if target.parent and finish is not None else None
+                try:
+                    generation = await service.turn(conversation_id, writes, prompt, params, feed.on_token, finish,
+                                                    target.state, expected)  # fmt: skip
+                except StaleTurn:  # another request continued that response first: this one forks from it
+                    parent, turn_index = target.parent
+                    target.conversation = await service.fork(owner, parent, turn_index, target.metadata)
+                    generation = await service.turn(target.conversation.id, writes, prompt, params, feed.on_token,
+                                                    finish, None)  # fmt: skip
                 metrics.turn_latency.labels(feed.endpoint).observe(time.perf_counter() - feed.started)
                 return generation
             finally:
@@ -196,8 +252,7 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
         return asyncio.get_running_loop().create_task(run())
 
     async def resolve(owner: str, previous_response_id: str | None, conversation_id: str | None, store_turn: bool,
-                      metadata: dict) -> tuple[ConversationRow | None, bool, object]:  # fmt: skip
-        """→ (conversation to continue or None for a new one, whether it is new, an unrecorded start state)."""
+                      metadata: dict) -> Target:  # fmt: skip
         if previous_response_id and conversation_id:
             raise ApiError(400, "Pass either previous_response_id or conversation, not both.",
                            param="previous_response_id", code="invalid_request")  # fmt: skip
@@ -213,21 +268,21 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
             service.check_model(parent)
             latest = parent.head_response_id == previous_response_id and parent.turn_count == turn_index + 1
             if latest:
-                return parent, False, None
+                return Target(parent, metadata, parent=(parent, turn_index))
             if store_turn:
-                return await service.fork(owner, parent, turn_index, metadata), True, None
+                return Target(await service.fork(owner, parent, turn_index, metadata), metadata)
             data = await service.db("get_snapshot", store.get_snapshot, parent.id, turn_index + 1)
             if data is None:
                 raise ApiError(409, f"The memory after response '{previous_response_id}' is no longer stored.",
                                param="previous_response_id", code="snapshot_unavailable")  # fmt: skip
-            return None, True, await asyncio.to_thread(backend.deserialize, data)
+            return Target(None, metadata, state=await asyncio.to_thread(backend.deserialize, data))
         if conversation_id:
             conversation = await owned_conversation(conversation_id, owner, "conversation")
             service.check_model(conversation)
-            return conversation, False, None
+            return Target(conversation, metadata)
         if store_turn:
-            return await service.create_conversation(owner, metadata), True, None
-        return None, True, None
+            return Target(await service.create_conversation(owner, metadata), metadata, fresh=True)
+        return Target(None, metadata, fresh=True)
 
     @app.post("/v1/responses")
     async def create_response(body: ResponseCreate, owner: str = Depends(owner_of)):
@@ -238,22 +293,22 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
             raise ApiError(400, "The last input item must be a non-empty user message (the query of this turn).",
                            param="input", code="invalid_input")  # fmt: skip
         prompt_text = messages[-1][1]
-        conversation, is_new, state = await resolve(owner, body.previous_response_id, body.conversation_id(),
-                                                    body.store, body.metadata or {})  # fmt: skip
+        target = await resolve(owner, body.previous_response_id, body.conversation_id(), body.store,
+                               body.metadata or {})  # fmt: skip
         writes = service.interactions(messages[:-1])
         internal = None
         if body.instructions:
-            if is_new and state is None:
+            if target.fresh:  # a new conversation: the instructions initialise its memory
                 writes = service.interactions([("system", body.instructions)]) + writes
             else:
                 internal = body.instructions
         prompt = service.prompt_ids(prompt_text, internal)
         params = service.sampling(body.max_output_tokens, body.temperature, body.top_p, len(prompt))
         response_id, output_id, created = new_id("resp"), new_id("msg"), time.time()
-        conversation_id = conversation.id if conversation and body.store else None
 
         def build(status: str, output_text: str | None, usage=None, reason=None, error=None) -> dict:
             item = message_item(output_id, "assistant", output_text, status) if output_text is not None else None
+            conversation_id = target.conversation.id if target.conversation and body.store else None
             return response_object(response_id, model_name, created, status, item, body, conversation_id, usage,
                                    params.max_new_tokens, params.temperature, params.top_p, reason, error)  # fmt: skip
 
@@ -270,8 +325,7 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
                               response_id, final(generation), owner)  # fmt: skip
 
         feed = _Feed(service, started, "responses")
-        task = await run_turn(conversation, writes, prompt, params, feed,
-                              finish if body.store else None, state)  # fmt: skip
+        task = await run_turn(owner, target, writes, prompt, params, feed, finish if body.store else None)
         if not body.stream:
             generation = await task
             return JSONResponse(final(generation))
@@ -338,7 +392,7 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
         return message_item(item.id, item.role, item.content)
 
     @app.post("/v1/conversations")
-    async def create_conversation(body: ConversationCreate | None = Body(default=None),
+    async def create_conversation(body: ConversationCreate | None = Body(default=None),  # noqa: B008 - FastAPI idiom
                                   owner: str = Depends(owner_of)):  # fmt: skip
         body = body or ConversationCreate()
         items = [(m.role, m.text()) for m in body.items or []]
@@ -346,7 +400,11 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
         writes = service.interactions(items)
         conversation = await service.create_conversation(owner, body.metadata or {})
         if writes:
-            await service.write(conversation.id, writes)
+            service.enter()
+            try:
+                await service.write(conversation.id, writes)
+            finally:
+                service.leave()
         return conversation_object(conversation.id, conversation.created_at, conversation.metadata)
 
     @app.get("/v1/conversations/{conversation_id}")
@@ -423,16 +481,16 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
                            code="invalid_input")  # fmt: skip
         named = request.headers.get(CONVERSATION_HEADER) or body.conversation
         if named:
-            conversation, writes, state = await owned_conversation(named, owner, "conversation"), [], None
-            service.check_model(conversation)
+            target, writes = Target(await owned_conversation(named, owner, "conversation"), {}), []
+            service.check_model(target.conversation)
         else:
-            conversation, _, state = await resolve(owner, None, None, body.store, body.metadata or {})
+            target = await resolve(owner, None, None, body.store, body.metadata or {})
             writes = service.interactions(messages[:-1])
         prompt = service.prompt_ids(messages[-1][1])
         params = service.sampling(body.max_completion_tokens or body.max_tokens, body.temperature, body.top_p,
                                   len(prompt), "max_completion_tokens" if body.max_completion_tokens else "max_tokens")  # fmt: skip
         completion_id, created = new_id("chatcmpl"), time.time()
-        conversation_id = conversation.id if conversation and body.store else None
+        conversation_id = target.conversation.id if target.conversation and body.store else None
         headers = {CONVERSATION_HEADER: conversation_id} if conversation_id else {}
 
         def finish(generation: Generation, turn_index: int) -> TurnRecord:
@@ -440,7 +498,7 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
             return TurnRecord(b"", [(new_id("msg"), "user", messages[-1][1]), (new_id("msg"), "assistant", text)])
 
         feed = _Feed(service, started, "chat.completions")
-        task = await run_turn(conversation, writes, prompt, params, feed, finish if body.store else None, state)
+        task = await run_turn(owner, target, writes, prompt, params, feed, finish if body.store else None)
         if not body.stream:
             generation = await task
             return JSONResponse(chat_completion(completion_id, model_name, created, service.decode(generation.answer_ids),

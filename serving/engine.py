@@ -15,15 +15,21 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -229,8 +235,9 @@ class RxTBackend:
 
 def load_rxt_backend(model_dir: str, device: str = "cpu", dtype: str | None = None) -> RxTBackend:
     """Load an RxT checkpoint folder (model + tokenizer) for serving."""
-    import modeling_rxt  # noqa: F401  (registers the RxT Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modeling_rxt  # noqa: F401  (registers the RxT Auto classes)
 
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
@@ -315,15 +322,13 @@ class Engine:
             self.metrics.queue_depth.labels("generate").set(len(self._generate))
             self.metrics.queue_depth.labels("update").set(len(self._update))
 
+    def _updates_due(self) -> bool:
+        waited = time.monotonic() - self._update[0].enqueued_at
+        return self.update_delay <= 0 or len(self._update) >= self.max_batch_size or waited >= self.update_delay
+
     def _take(self) -> tuple[str, list[_Job]] | None:
-        """Under the lock: the next batch to run, or None and how long to wait."""
-        updates_due = bool(self._update) and (
-            self._expedite
-            or not self._generate
-            and (self.update_delay <= 0 or len(self._update) >= self.max_batch_size
-                 or time.monotonic() - self._update[0].enqueued_at >= self.update_delay)  # fmt: skip
-        )
-        if self._update and (self._expedite or updates_due and not self._generate):
+        """Under the lock: the next batch to run (replies first), or None."""
+        if self._update and (self._expedite or not self._generate and self._updates_due()):
             queue, kind = self._update, "update"
         elif self._generate:
             queue, kind = self._generate, "generate"
@@ -353,10 +358,10 @@ class Engine:
                 if kind == "generate":
                     results = self.backend.generate([j.state for j in batch], [j.ids for j in batch],
                                                     [j.params for j in batch],
-                                                    lambda row, token: batch[row].on_token(token))  # fmt: skip
+                                                    lambda row, token, jobs=batch: jobs[row].on_token(token))  # fmt: skip
                 else:
                     results = self.backend.update([j.state for j in batch], [j.ids for j in batch])
-            except BaseException as error:  # every job of the batch fails with the error; the worker goes on
+            except Exception as error:  # noqa: BLE001 - every job of the batch fails with it; the worker goes on
                 for job in batch:
                     job.future.set_exception(error)
                 continue

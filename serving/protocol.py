@@ -181,9 +181,9 @@ def chat_completion(completion_id: str, model: str, created: float, text: str, f
         "created": int(created),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                     "logprobs": None, "finish_reason": finish_reason}],  # fmt: skip
+                     "logprobs": None, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},  # fmt: skip
+                  "total_tokens": prompt_tokens + completion_tokens},
         "conversation": conversation_id,
     }
 

@@ -20,7 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modeling_rxt.tokenization_rxt import render_interaction, render_query, render_system, render_turn_prompt
+from modeling_rxt.tokenization_rxt import (
+    render_interaction,
+    render_query,
+    render_system,
+    render_turn_prompt,
+)
 
 from .engine import Engine, Generation, RxTBackend, SamplingParams, StateMismatchError
 from .metrics import Metrics
@@ -49,6 +54,14 @@ class Interaction:
     items: list[tuple[str, str, str]]
 
 
+class StaleTurn(Exception):
+    """The conversation moved past the turn a request continues from (it is at `turn` now)."""
+
+    def __init__(self, turn: int):
+        super().__init__(f"the conversation is at turn {turn}")
+        self.turn = turn
+
+
 def ids_to_bytes(ids: list[int]) -> bytes:
     return np.asarray(ids, dtype="<i4").tobytes()
 
@@ -59,7 +72,7 @@ def bytes_to_ids(data: bytes) -> list[int]:
 
 class Service:
     def __init__(self, backend: RxTBackend, engine: Engine, store: Store, metrics: Metrics, limits: Limits,
-                 model_name: str, state_cache_size: int = 4096):  # fmt: skip
+                 model_name: str, state_cache_bytes: int = 1 << 30):  # fmt: skip
         self.backend, self.engine, self.store, self.metrics, self.limits = backend, engine, store, metrics, limits
         self.model_name = model_name
         self.tokenizer = backend.tokenizer
@@ -69,7 +82,8 @@ class Service:
         self._locks: dict[str, list] = {}  # conversation id → [lock, users]
         self._pending: dict[str, asyncio.Task] = {}
         self._states: OrderedDict[str, tuple[int, object]] = OrderedDict()  # conversation → (version, STM) LRU
-        self._state_cache_size = state_cache_size
+        self._state_cache_bytes = state_cache_bytes  # STMs kept in memory (saves reading the latest from the store)
+        self._cached_bytes = 0
         self.in_flight = 0
         self._initial_bytes = backend.serialize(backend.initial_state())
 
@@ -115,10 +129,13 @@ class Service:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _remember(self, conversation_id: str, version: int, stm) -> None:
+        previous = self._states.pop(conversation_id, None)
+        if previous is not None:
+            self._cached_bytes -= previous[1].nbytes
         self._states[conversation_id] = (version, stm)
-        self._states.move_to_end(conversation_id)
-        while len(self._states) > self._state_cache_size:
-            self._states.popitem(last=False)
+        self._cached_bytes += stm.nbytes
+        while self._cached_bytes > self._state_cache_bytes and self._states:
+            self._cached_bytes -= self._states.popitem(last=False)[1][1].nbytes
 
     def check_model(self, conversation: ConversationRow) -> None:
         if conversation.model_id != self.backend.model_id:
@@ -284,24 +301,30 @@ class Service:
         copies = [ItemRow(new_id("msg"), "", 0, -1, item.role, item.content, item.created_at) for item in items]
         return await self.create_conversation(owner, metadata, copies, data)
 
+    async def _record(self, conversation_id: str, version: int, turns: list[TurnRecord], kind: str) -> None:
+        try:
+            await self.db("record_turns", self.store.record_turns, conversation_id, version, turns)
+        except ConflictError as error:
+            raise ApiError(409, str(error), code="conflict") from error
+        self.metrics.turns.labels(kind).inc(len(turns))
+        self._schedule(conversation_id)
+
     async def write(self, conversation_id: str, interactions: list[Interaction]) -> None:
-        """Record memory writes (no generation) and update the memory in the background."""
+        """Record memory writes (no generation); the memory is updated in the background."""
         async with self._lock(conversation_id):
             version, _ = await self.current_state(conversation_id)
-            turns = [TurnRecord(ids_to_bytes(i.ids), i.items) for i in interactions]
-            try:
-                await self.db("record_turns", self.store.record_turns, conversation_id, version, turns)
-            except ConflictError as error:
-                raise ApiError(409, str(error), code="conflict") from error
-            self.metrics.turns.labels("write").inc(len(turns))
-            self._schedule(conversation_id)
+            await self._record(conversation_id, version, [TurnRecord(ids_to_bytes(i.ids), i.items) for i in interactions],
+                               "write")  # fmt: skip
 
     async def turn(self, conversation_id: str | None, writes: list[Interaction], prompt: list[int],
                    params: SamplingParams, on_token: Callable[[int], None],
-                   finish: Callable[[Generation, int], TurnRecord] | None, state=None) -> Generation:  # fmt: skip
+                   finish: Callable[[Generation, int], TurnRecord] | None, state=None,
+                   expected_turn: int | None = None) -> Generation:  # fmt: skip
         """One generated turn. `conversation_id` None: an unrecorded turn from `state` (default: the initial STM);
-        otherwise `writes` are recorded into the conversation first, then the reply is generated from its memory,
-        and `finish(generation, turn_index)` builds the record (response + items) stored before the memory update."""
+        with `finish` None: an unrecorded turn from the conversation's memory. Otherwise `writes` are recorded into
+        the conversation first, the reply is generated from its memory, and `finish(generation, turn_index)` builds
+        the record (response + items) stored before the memory update. `expected_turn`: raise `StaleTurn` unless the
+        conversation is at that turn (a previous_response_id that another request has continued meanwhile)."""
         if conversation_id is None or finish is None:
             if conversation_id is not None:
                 _, state = await self.current_state(conversation_id)
@@ -309,18 +332,17 @@ class Service:
             for write in writes:
                 stm = await asyncio.wrap_future(self.engine.submit_update(stm, write.ids))
             return await asyncio.wrap_future(self.engine.submit_generate(stm, prompt, params, on_token))
-        if writes:
-            await self.write(conversation_id, writes)
         async with self._lock(conversation_id):
             version, stm = await self.current_state(conversation_id)
+            if expected_turn is not None and version != expected_turn:
+                raise StaleTurn(version)
+            if writes:
+                await self._record(conversation_id, version, [TurnRecord(ids_to_bytes(w.ids), w.items) for w in writes],
+                                   "write")  # fmt: skip
+                version, stm = await self.current_state(conversation_id)
             generation = await asyncio.wrap_future(self.engine.submit_generate(stm, prompt, params, on_token))
             self.metrics.tokens.inc(len(generation.answer_ids))
             record = finish(generation, version)
             record.interaction = ids_to_bytes(generation.update_ids)
-            try:
-                await self.db("record_turns", self.store.record_turns, conversation_id, version, [record])
-            except ConflictError as error:
-                raise ApiError(409, str(error), code="conflict") from error
-            self.metrics.turns.labels("generate").inc()
-            self._schedule(conversation_id)
+            await self._record(conversation_id, version, [record], "generate")
         return generation

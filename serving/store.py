@@ -140,6 +140,7 @@ class Store:
     """The state store. Backends provide `_connect()`/`_transaction()`; all SQL is shared (`?` placeholders)."""
 
     blob_type = "BLOB"
+    row_lock = ""  # appended to the SELECT of a conversation row inside a write transaction
 
     def __init__(self, keep_snapshots: int = 4):
         if keep_snapshots < 1:
@@ -190,7 +191,7 @@ class Store:
     def delete_conversation(self, conversation_id: str) -> bool:
         """Delete the conversation, its snapshots, turns and transcript (its responses stay retrievable)."""
         with self._transaction(write=True) as execute:
-            found = execute("SELECT id FROM rxt_conversations WHERE id = ?", (conversation_id,))
+            found = execute(f"SELECT id FROM rxt_conversations WHERE id = ?{self.row_lock}", (conversation_id,))
             for table in ("rxt_snapshots", "rxt_turns", "rxt_items"):
                 execute(f"DELETE FROM {table} WHERE conversation_id = ?", (conversation_id,))
             execute("DELETE FROM rxt_conversations WHERE id = ?", (conversation_id,))
@@ -223,7 +224,7 @@ class Store:
         applied (so the new turns were computed from its current STM)."""
         now = time.time()
         with self._transaction(write=True) as execute:
-            rows = execute("SELECT version, turn_count, item_count FROM rxt_conversations WHERE id = ?",
+            rows = execute(f"SELECT version, turn_count, item_count FROM rxt_conversations WHERE id = ?{self.row_lock}",
                            (conversation_id,))  # fmt: skip
             if not rows:
                 raise ConflictError(f"conversation {conversation_id} no longer exists.")
@@ -271,7 +272,8 @@ class Store:
         it first — which makes re-applying a pending turn idempotent."""
         now = time.time()
         with self._transaction(write=True) as execute:
-            rows = execute("SELECT version, turn_count FROM rxt_conversations WHERE id = ?", (conversation_id,))
+            rows = execute(f"SELECT version, turn_count FROM rxt_conversations WHERE id = ?{self.row_lock}",
+                           (conversation_id,))  # fmt: skip
             if not rows or rows[0][0] != turn_index or rows[0][1] <= turn_index:
                 return False
             new_version = turn_index + 1
@@ -325,7 +327,8 @@ class Store:
 
 
 class SQLiteStore(Store):
-    """Embedded default: one file in WAL mode (readers never block the writer). One connection per thread."""
+    """Embedded default: one file in WAL mode (readers never block the writer). One connection per thread; a write
+    transaction (`BEGIN IMMEDIATE`) holds the database's write lock, which serialises the compare-and-set checks."""
 
     def __init__(self, path: str, keep_snapshots: int = 4):
         super().__init__(keep_snapshots)
@@ -375,6 +378,7 @@ class PostgresStore(Store):
     `apply_turn` run serialised per conversation only."""
 
     blob_type = "BYTEA"
+    row_lock = " FOR UPDATE"
 
     def __init__(self, url: str, keep_snapshots: int = 4, pool_size: int = 4):
         import psycopg
@@ -403,10 +407,7 @@ class PostgresStore(Store):
             with connection.transaction(), connection.cursor() as cursor:
 
                 def execute(sql: str, params: tuple = ()) -> list:
-                    sql = sql.replace("?", "%s")
-                    if write and sql.startswith("SELECT") and "FROM rxt_conversations WHERE id" in sql:
-                        sql += " FOR UPDATE"  # row lock: one writer per conversation at a time
-                    cursor.execute(sql, params)
+                    cursor.execute(sql.replace("?", "%s"), params)
                     return cursor.fetchall() if cursor.description is not None else []
 
                 yield execute

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import httpx
 import torch
-from safetensors.torch import load as load_safetensors
-
 from pg_fixture import free_port
+from safetensors.torch import load as load_safetensors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,10 +66,10 @@ class ProcessServer:
         command = [sys.executable, "-m", "serving", str(model_dir), "--db", db, "--port", str(self.port),
                    "--threads", "1", "--log-level", "warning", *args]  # fmt: skip
         self.log = log
-        self.output = open(log, "ab") if log else subprocess.DEVNULL
+        self.output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - open for the process lifetime
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=self.output, stderr=self.output)
 
-    def wait_ready(self, timeout: float = 120) -> "ProcessServer":
+    def wait_ready(self, timeout: float = 120) -> ProcessServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -14,7 +14,11 @@ import pytest
 import torch
 from serving_support import ThreadServer, make_model_dir, read_memory, stm_of
 
-from modeling_rxt.tokenization_rxt import render_interaction, render_query, render_system
+from modeling_rxt.tokenization_rxt import (
+    render_interaction,
+    render_query,
+    render_system,
+)
 from serving import Limits, SQLiteStore, create_app, load_rxt_backend
 from serving.engine import SamplingParams, StateMismatchError
 
@@ -81,7 +85,7 @@ QUERIES = ["my name is alice", "i live in paris", "what is my name"]
 def test_multi_turn_previous_response_id_stream_and_not(server, client, ref):
     results = {}
     for stream in (False, True):
-        previous, texts = None, []
+        previous, texts, conversation_id = None, [], None
         for query in QUERIES:
             if stream:
                 events = list(client.responses.create(model="tiny-rxt", input=query, previous_response_id=previous,
@@ -140,6 +144,27 @@ def test_fork_from_an_older_response_and_snapshot_limit(server, client, ref):
         previous = client.responses.create(model="tiny-rxt", input=query, previous_response_id=previous, **GREEDY).id
     with pytest.raises(openai.ConflictError, match="keeps the last 4 snapshots"):
         client.responses.create(model="tiny-rxt", input="x", previous_response_id=first.id, **GREEDY)
+
+
+def test_two_requests_continuing_one_response_at_once_fork(server, client, ref):
+    first = client.responses.create(model="tiny-rxt", input=QUERIES[0], **GREEDY)
+    results = {}
+
+    def ask(query):
+        results[query] = client.responses.create(model="tiny-rxt", input=query, previous_response_id=first.id,
+                                                 **GREEDY)  # fmt: skip
+
+    threads = [threading.Thread(target=ask, args=(query,)) for query in QUERIES[1:]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    conversations = {query: response.conversation.id for query, response in results.items()}
+    assert sorted(c == first.conversation.id for c in conversations.values()) == [False, True]  # one continues
+    for query, conversation_id in conversations.items():  # each answered from the memory after `first` only
+        texts, stm = reference_turns(ref, [QUERIES[0], query])
+        assert results[query].output_text == texts[1]
+        assert torch.equal(memory(server, conversation_id), stm)
 
 
 def test_conversations_endpoints_write_memory_without_generating(server, client, ref):
@@ -261,6 +286,20 @@ BAD_INPUTS = [
      "max_output_tokens_exceeded", "max_tokens", "limit of 256"),
     ("GET", "/v1/nothing", None, 404, "not_found", None, "/v1/nothing"),
 ]
+
+
+def test_chunked_body_over_the_limit(server):
+    def chunks():
+        yield b'{"input": "'
+        for _ in range(30):
+            yield b"x" * 10_000
+        yield b'"}'
+
+    response = httpx.post(server.url + "/v1/responses", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in response.request.headers  # sent chunked: the limit is checked while reading
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "body_too_large" and "limit is 200000 bytes" in error["message"], error
 
 
 @pytest.mark.parametrize("method,path,body,status,code,param,fragment", BAD_INPUTS)

@@ -129,16 +129,16 @@ def test_two_replicas_on_postgresql_share_a_conversation(model_dir, ref, tmp_pat
         for round_ in range(3):
             outcomes = []
 
-            def ask(client, tag):
+            def ask(client, text, outcomes):
                 try:
-                    r = client.responses.create(model="m", input=f"race {round_} {tag}", conversation=conversation_id,
-                                                **GREEDY)  # fmt: skip
+                    r = client.responses.create(model="m", input=text, conversation=conversation_id, **GREEDY)
                     outcomes.append(("ok", r.id))
                 except openai.ConflictError as error:
                     assert error.body["code"] == "conflict"
                     outcomes.append(("conflict", None))
 
-            threads = [threading.Thread(target=ask, args=(client, tag)) for tag, client in enumerate(clients)]
+            threads = [threading.Thread(target=ask, args=(client, f"race {round_} {tag}", outcomes))
+                       for tag, client in enumerate(clients)]  # fmt: skip
             for thread in threads:
                 thread.start()
             for thread in threads:

@@ -442,3 +442,30 @@ def test_load_64_conversations_8_turns_zero_errors(server):
         counts = [len(http.get(f"{server.url}/v1/conversations/{c}/items", params={"limit": 100}).json()["data"])
                   for c in conversation_ids]  # fmt: skip
     assert counts == [16] * 64
+
+
+def test_terminal_chat_local_and_against_the_server(server, model_dir, ref, tmp_path):
+    import io
+
+    import chat as chat_script  # scripts/chat.py
+
+    for chat in (chat_script.LocalChat(str(model_dir), 6, 0.0), chat_script.RemoteChat(server.url, None, 6, 0.0)):
+        out = io.StringIO()
+        saved = tmp_path / f"{type(chat).__name__}.safetensors"
+        stats = chat_script.run(chat, [QUERIES[0], QUERIES[1], "/stats", f"/save {saved}", "/reset", "/nope", "/quit",
+                                       "never read"], out)  # fmt: skip
+        texts, stm = reference_turns(ref, QUERIES[:2])
+        lines = out.getvalue().splitlines()
+        assert lines[:2] == texts  # streamed replies, one line per turn
+        assert len(stats) == 2 and all(turn["latency_s"] >= turn["ttft_s"] > 0 for turn in stats)
+        assert lines[2].startswith("turn 1: ") and lines[4] == f"STM norm: {float(stm.norm()):.4f}"
+        assert lines[5] == f"(saved to {saved})" and lines[6] == "(memory reset)"
+        assert lines[7].startswith("unknown command /nope") and len(lines) == 8
+        torch.testing.assert_close(stm_of(saved.read_bytes()), stm, rtol=0, atol=0)
+        after_reset = io.StringIO()
+        chat_script.run(chat, [QUERIES[1]], after_reset)
+        assert after_reset.getvalue().splitlines() == reference_turns(ref, [QUERIES[1]])[0]
+    # /load restores a saved conversation (local model)
+    out = io.StringIO()
+    chat_script.run(chat_script.LocalChat(str(model_dir), 6, 0.0), [f"/load {saved}", QUERIES[2]], out)
+    assert out.getvalue().splitlines()[1] == reference_turns(ref, [QUERIES[2]], stm)[0][0]

@@ -3,11 +3,19 @@ PostgreSQL) and a turn processes only the new message. Start it with `python -m 
 docs/serving.md."""
 
 from .app import create_app
-from .engine import Engine, RxTBackend, SamplingParams, load_rxt_backend
+from .engine import (
+    CausalLMBackend,
+    Engine,
+    RxTBackend,
+    SamplingParams,
+    load_backend,
+    load_rxt_backend,
+)
 from .service import Limits
 from .store import PostgresStore, SQLiteStore, Store, open_store
 
 __all__ = [
+    "CausalLMBackend",
     "Engine",
     "Limits",
     "PostgresStore",
@@ -16,6 +24,7 @@ __all__ = [
     "SamplingParams",
     "Store",
     "create_app",
+    "load_backend",
     "load_rxt_backend",
     "open_store",
 ]

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a larger batch while replies are generated (a turn that needs it runs it at once)")  # fmt: skip
     parser.add_argument("--state-cache-mb", type=float, default=1024, help="STMs kept in memory besides the store "
                         "(the latest of recently active conversations), in MiB")  # fmt: skip
+    parser.add_argument("--baseline-mode", default="kv", choices=["kv", "history"], help="for a non-RxT causal LM "
+                        "(benchmark baselines): keep each conversation's KV cache (kv) or re-read the resent history "
+                        "every turn (history)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from .app import create_app
-    from .engine import load_rxt_backend
+    from .engine import load_backend
     from .service import Limits
     from .store import open_store
 
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     keys = list(args.api_key or [])
     keys += [k.strip() for k in os.environ.get("RXT_SERVE_API_KEYS", "").split(",") if k.strip()]
-    backend = load_rxt_backend(args.model_dir, args.device, args.dtype)
+    backend = load_backend(args.model_dir, args.device, args.dtype, args.baseline_mode)
     store = open_store(args.db or "rxt_state.sqlite3", args.keep_snapshots)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_output_tokens=args.max_output_tokens,
                     max_input_items=args.max_input_items, max_turns_in_flight=args.max_turns_in_flight,

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Generation, RxTBackend
+from .engine import Backend, Engine, Generation
 from .metrics import Metrics
 from .protocol import (
     ApiError,
@@ -137,7 +137,7 @@ def _sse(event: dict) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
 
-def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = None, limits: Limits | None = None,
+def create_app(backend: Backend, store: Store, api_keys: list[str] | None = None, limits: Limits | None = None,
                model_name: str | None = None, update_delay: float = 0.0, state_cache_bytes: int = 1 << 30) -> FastAPI:  # fmt: skip
     """Build the app. `api_keys`: accepted Bearer keys (none: no authentication); each key owns what it creates.
     `update_delay`: see `Engine`; `state_cache_bytes`: STMs kept in memory besides the store."""
@@ -293,16 +293,22 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
             raise ApiError(400, "The last input item must be a non-empty user message (the query of this turn).",
                            param="input", code="invalid_input")  # fmt: skip
         prompt_text = messages[-1][1]
+        if backend.reads_history:
+            if body.previous_response_id or body.conversation_id():
+                raise service.stateless_request("previous_response_id" if body.previous_response_id else "conversation")
+            if body.instructions:
+                messages = [("system", body.instructions), *messages]
+            body.store = False
         target = await resolve(owner, body.previous_response_id, body.conversation_id(), body.store,
                                body.metadata or {})  # fmt: skip
-        writes = service.interactions(messages[:-1])
+        writes = service.interactions(messages[:-1]) if not backend.reads_history else []
         internal = None
-        if body.instructions:
+        if body.instructions and not backend.reads_history:
             if target.fresh:  # a new conversation: the instructions initialise its memory
                 writes = service.interactions([("system", body.instructions)]) + writes
             else:
                 internal = body.instructions
-        prompt = service.prompt_ids(prompt_text, internal)
+        prompt = service.history_prompt(messages) if backend.reads_history else service.prompt_ids(prompt_text, internal)
         params = service.sampling(body.max_output_tokens, body.temperature, body.top_p, len(prompt))
         response_id, output_id, created = new_id("resp"), new_id("msg"), time.time()
 
@@ -480,13 +486,20 @@ def create_app(backend: RxTBackend, store: Store, api_keys: list[str] | None = N
             raise ApiError(400, "The last message must be a non-empty user message.", param="messages",
                            code="invalid_input")  # fmt: skip
         named = request.headers.get(CONVERSATION_HEADER) or body.conversation
-        if named:
+        if backend.reads_history:
+            if named:
+                raise service.stateless_request("conversation")
+            target, writes = Target(None, {}), []
+            prompt = service.history_prompt(messages)
+            body.store = False
+        elif named:
             target, writes = Target(await owned_conversation(named, owner, "conversation"), {}), []
             service.check_model(target.conversation)
         else:
             target = await resolve(owner, None, None, body.store, body.metadata or {})
             writes = service.interactions(messages[:-1])
-        prompt = service.prompt_ids(messages[-1][1])
+        if not backend.reads_history:
+            prompt = service.prompt_ids(messages[-1][1])
         params = service.sampling(body.max_completion_tokens or body.max_tokens, body.temperature, body.top_p,
                                   len(prompt), "max_completion_tokens" if body.max_completion_tokens else "max_tokens")  # fmt: skip
         completion_id, created = new_id("chatcmpl"), time.time()

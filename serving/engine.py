@@ -32,6 +32,8 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from modeling_rxt import CACHE_KWARG
+
 
 class StateMismatchError(ValueError):
     """A stored state was written by another model or config than the one this server runs."""
@@ -56,7 +58,15 @@ class Generation:
 
 
 class Backend(Protocol):
+    """What the engine and the server need from a model: its identity, tokenizer, per-interaction token limit,
+    whether a turn reads the whole resent history (`reads_history`, stateless) or only the new prompt against the
+    conversation's state; the state ↔ bytes; batched generation from several states; batched state updates."""
+
+    model: object
+    tokenizer: object
     model_id: str
+    reads_history: bool
+    max_tokens: int
 
     def initial_state(self) -> torch.Tensor: ...
 
@@ -81,6 +91,73 @@ def model_fingerprint(config_dict: dict, weight_files: list[Path]) -> str:
             while chunk := handle.read(1 << 22):
                 digest.update(chunk)
     return digest.hexdigest()[:32]
+
+
+def pack_state(state: torch.Tensor, name: str, model_id: str) -> bytes:
+    """A conversation's state as safetensors bytes, with the model identity in the header (no pickle)."""
+    identity = json.dumps({"format": f"rxt-serving-{name}", "model_id": model_id}, sort_keys=True)
+    # one metadata key: safetensors writes a metadata map in no fixed order, and the bytes must be reproducible
+    return save_safetensors({name: state.detach().contiguous().cpu()}, metadata={"rxt": identity})
+
+
+def unpack_state(data: bytes, name: str, model_id: str) -> torch.Tensor:
+    """The inverse of `pack_state`; a StateMismatchError names both models when another model wrote it."""
+    try:
+        header_length = int.from_bytes(data[:8], "little")
+        metadata = json.loads(json.loads(data[8 : 8 + header_length])["__metadata__"]["rxt"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise StateMismatchError(f"the stored state is not a '{name}' written by this server (no 'rxt' metadata in "
+                                 "its safetensors header).") from error  # fmt: skip
+    if metadata.get("model_id") != model_id:
+        raise StateMismatchError(
+            f"the stored state was written by model {metadata.get('model_id')!r}, but this server runs model "
+            f"{model_id!r} (another checkpoint or config); it cannot be used with this model."
+        )
+    tensors = load_safetensors(data)
+    if name not in tensors:
+        raise StateMismatchError(f"the stored state holds {sorted(tensors)}, expected a '{name}' tensor.")
+    return tensors[name]
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows → `ids [B, T]`, `mask [B, T]`, padded on the left or the right with `pad_id`."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):  # one copy per conversation, not per token
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = torch.tensor(row, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
+def split_generations(prompts, output: torch.Tensor, prompt_width: int, limits, eos_ids) -> list[Generation]:
+    """Per row: the answer ids (up to the first [EOS], or `limit` tokens), why it stopped, prompt + answer + [EOS]."""
+    results = []
+    for prompt, row, limit in zip(prompts, output[:, prompt_width:].tolist(), limits):
+        row = row[:limit]
+        stop = next((i for i, token in enumerate(row) if token in eos_ids), None)
+        answer = row if stop is None else row[:stop]
+        results.append(Generation(answer, "length" if stop is None else "stop",
+                                  prompt + (row if stop is None else row[: stop + 1])))  # fmt: skip
+    return results
+
+
+def generate_kwargs(params: list[SamplingParams], prompt_width: int, on_token, eos_ids: set[int], pad_id: int,
+                    device) -> dict:  # fmt: skip
+    """`generate()` arguments for rows with their own sampling, length limit and token callback."""
+    limits = [p.max_new_tokens for p in params]
+    kwargs = {"do_sample": False}
+    if any(p.temperature > 0 for p in params):
+        kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0,
+                  "logits_processor": LogitsProcessorList([_PerRowSampling(params, device)])}  # fmt: skip
+    return {
+        **kwargs,
+        "max_new_tokens": max(limits),
+        "stopping_criteria": StoppingCriteriaList([_PerRowLength(prompt_width, limits, device)]),
+        "eos_token_id": sorted(eos_ids),
+        "pad_token_id": pad_id,
+        "streamer": _RowStreamer(on_token, limits, eos_ids),
+    }
 
 
 class _PerRowSampling(LogitsProcessor):
@@ -139,6 +216,8 @@ class _RowStreamer(BaseStreamer):
 class RxTBackend:
     """RxT: the state is the conversation's STM `[L, 1, S, D]`; a turn decodes only the new prompt against it."""
 
+    reads_history = False
+
     def __init__(self, model, tokenizer, model_id: str):
         self.model, self.tokenizer, self.model_id = model.eval(), tokenizer, model_id
         config = model.config
@@ -159,23 +238,10 @@ class RxTBackend:
 
     # -- state <-> bytes (safetensors; dtype kept; no pickle) -----------------------------------------------------
     def serialize(self, state: torch.Tensor) -> bytes:
-        identity = json.dumps({"format": "rxt-stm", "model_id": self.model_id}, sort_keys=True)
-        # one metadata key: safetensors writes a metadata map in no fixed order, and the bytes must be reproducible
-        return save_safetensors({"stm": state.detach().contiguous().cpu()}, metadata={"rxt": identity})
+        return pack_state(state, "stm", self.model_id)
 
     def deserialize(self, data: bytes) -> torch.Tensor:
-        header_length = int.from_bytes(data[:8], "little")
-        try:
-            metadata = json.loads(json.loads(data[8 : 8 + header_length])["__metadata__"]["rxt"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise StateMismatchError("the stored state is not an RxT STM written by this server (no 'rxt' "
-                                     "metadata in its safetensors header).") from error
-        if metadata.get("model_id") != self.model_id:
-            raise StateMismatchError(
-                f"the stored STM was written by model {metadata.get('model_id')!r}, but this server runs model "
-                f"{self.model_id!r} (another checkpoint or config); it cannot be used with this model."
-            )
-        stm = load_safetensors(data)["stm"]
+        stm = unpack_state(data, "stm", self.model_id)
         if stm.dim() != 4 or (stm.shape[0], stm.shape[2], stm.shape[3]) != self.stm_shape or stm.shape[1] != 1:
             raise StateMismatchError(
                 f"the stored STM has shape {tuple(stm.shape)}, expected [L, 1, S, D] = "
@@ -184,57 +250,123 @@ class RxTBackend:
         return stm.to(device=self.device, dtype=self.dtype)
 
     # -- batched work -------------------------------------------------------------------------------------------
-    def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # one copy per conversation, not per token
-            span = slice(width - len(row), width) if left else slice(0, len(row))
-            ids[i, span], mask[i, span] = torch.tensor(row), 1
-        return ids.to(self.device), mask.to(self.device)
-
     @torch.no_grad()
     def generate(self, states, prompts, params, on_token) -> list[Generation]:
         from modeling_rxt import RxTCache
 
-        input_ids, attention_mask = self._pad(prompts, left=True)  # [B, P], left-padded
-        limits = [p.max_new_tokens for p in params]
-        sample = any(p.temperature > 0 for p in params)
-        kwargs = {"do_sample": False}
-        if sample:
-            kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0,
-                      "logits_processor": LogitsProcessorList([_PerRowSampling(params, self.device)])}  # fmt: skip
-        streamer = _RowStreamer(on_token, limits, self.eos_ids)
+        input_ids, attention_mask = pad_rows(prompts, self.pad_id, left=True, device=self.device)  # [B, P]
+        width = input_ids.shape[1]
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             cache=RxTCache(stm=torch.cat(states, dim=1)),  # [L, B, S, D]: one STM per row
-            max_new_tokens=max(limits),
-            stopping_criteria=StoppingCriteriaList([_PerRowLength(input_ids.shape[1], limits, self.device)]),
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=self.pad_id,
-            streamer=streamer,
-            **kwargs,
+            **generate_kwargs(params, width, on_token, self.eos_ids, self.pad_id, self.device),
         )
-        generated = output[:, input_ids.shape[1] :].tolist()
-        results = []
-        for prompt, row, limit in zip(prompts, generated, limits):
-            row = row[:limit]
-            stop = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
-            answer = row if stop is None else row[:stop]
-            update = prompt + (row if stop is None else row[: stop + 1])
-            results.append(Generation(answer, "length" if stop is None else "stop", update))
-        return results
+        return split_generations(prompts, output, width, [p.max_new_tokens for p in params], self.eos_ids)
 
     @torch.no_grad()
     def update(self, states, interactions) -> list[torch.Tensor]:
-        input_ids, attention_mask = self._pad(interactions, left=False)  # [B, T], right-padded
+        input_ids, attention_mask = pad_rows(interactions, self.pad_id, left=False, device=self.device)  # [B, T]
         new = self.model.update_memory(input_ids, attention_mask, torch.cat(states, dim=1))  # [L, B, S, D]
         return [new[:, i : i + 1].clone() for i in range(new.shape[1])]
 
 
-def load_rxt_backend(model_dir: str, device: str = "cpu", dtype: str | None = None) -> RxTBackend:
-    """Load an RxT checkpoint folder (model + tokenizer) for serving."""
+class CausalLMBackend:
+    """A stock decoder-only model (e.g. `LlamaForCausalLM`) served through the same engine, as the baselines of
+    `scripts/bench_serve.py`.
+
+    - `mode="history"`: stateless. The client resends the conversation and the prompt of every turn is all of it
+      (`reads_history`), re-read from scratch — how `transformers serve` serves a chat model.
+    - `mode="kv"`: the state of a conversation is its KV cache `[layers, 2, Hkv, T, hd]` (what prefix caching keeps
+      at best). A turn decodes the new prompt after the cached KV; the state update after the reply extends the
+      cache with the turn's prompt + answer (one forward over them against the cache, off the latency path).
+    """
+
+    def __init__(self, model, tokenizer, model_id: str, mode: str):
+        if mode not in ("history", "kv"):
+            raise ValueError(f"mode={mode!r}: expected 'history' or 'kv'.")
+        self.model, self.tokenizer, self.model_id, self.mode = model.eval(), tokenizer, model_id, mode
+        self.reads_history = mode == "history"
+        config = model.config
+        self.pad_id = config.pad_token_id or 0
+        eos = config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.device = model.get_input_embeddings().weight.device
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.layers = config.num_hidden_layers
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    @property
+    def max_tokens(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def initial_state(self) -> torch.Tensor:
+        return torch.zeros(self.layers, 2, self.kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+
+    def serialize(self, state: torch.Tensor) -> bytes:
+        return pack_state(state, "kv", self.model_id)
+
+    def deserialize(self, data: bytes) -> torch.Tensor:
+        kv = unpack_state(data, "kv", self.model_id)
+        expected = (self.layers, 2, self.kv_heads, self.head_dim)
+        if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != expected:
+            raise StateMismatchError(f"the stored KV cache has shape {tuple(kv.shape)}, expected [layers, 2, Hkv, T, "
+                                     f"hd] = [{self.layers}, 2, {self.kv_heads}, T, {self.head_dim}].")  # fmt: skip
+        return kv.to(device=self.device, dtype=self.dtype)
+
+    def _cache(self, states: list[torch.Tensor]):
+        """The rows' KV caches left-padded to the longest → (DynamicCache or None, past mask `[B, T]`)."""
+        from transformers import DynamicCache
+
+        width = max(state.shape[3] for state in states)
+        mask = torch.zeros(len(states), width, dtype=torch.long, device=self.device)
+        if width == 0:
+            return None, mask
+        padded = torch.zeros(self.layers, 2, len(states), self.kv_heads, width, self.head_dim, dtype=self.dtype,
+                             device=self.device)  # fmt: skip
+        for row, state in enumerate(states):  # one copy per conversation
+            length = state.shape[3]
+            padded[:, :, row, :, width - length :] = state
+            mask[row, width - length :] = 1
+        cache = DynamicCache()
+        for layer in range(self.layers):
+            cache.update(padded[layer, 0], padded[layer, 1], layer)  # [B, Hkv, T, hd]
+        return cache, mask
+
+    @torch.no_grad()
+    def generate(self, states, prompts, params, on_token) -> list[Generation]:
+        cache, past_mask = self._cache(states)
+        prompt_ids, prompt_mask = pad_rows(prompts, self.pad_id, left=True, device=self.device)  # [B, P]
+        past_ids = torch.full_like(past_mask, self.pad_id)  # stand-ins for the cached tokens (not read)
+        input_ids = torch.cat([past_ids, prompt_ids], dim=1)  # [B, T + P]
+        attention_mask = torch.cat([past_mask, prompt_mask], dim=1)
+        width = input_ids.shape[1]
+        kwargs = {CACHE_KWARG: cache} if cache is not None else {}
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     **generate_kwargs(params, width, on_token, self.eos_ids, self.pad_id, self.device),
+                                     **kwargs)  # fmt: skip
+        return split_generations(prompts, output, width, [p.max_new_tokens for p in params], self.eos_ids)
+
+    @torch.no_grad()
+    def update(self, states, interactions) -> list[torch.Tensor]:
+        if self.reads_history:
+            return states
+        cache, past_mask = self._cache(states)
+        new_ids, new_mask = pad_rows(interactions, self.pad_id, left=True, device=self.device)  # [B, N]
+        mask = torch.cat([past_mask, new_mask], dim=1)  # [B, T + N]
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, past_mask.shape[1] :]  # [B, N]
+        output = self.model(input_ids=new_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            **({CACHE_KWARG: cache} if cache is not None else {}))  # fmt: skip
+        layers = getattr(output, CACHE_KWARG).layers
+        kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in layers])  # [layers, 2, B, H, T+N, hd]
+        keep = mask.bool()
+        return [kv[:, :, row][:, :, :, keep[row]].contiguous() for row in range(len(states))]
+
+
+def load_backend(model_dir: str, device: str = "cpu", dtype: str | None = None, baseline_mode: str = "kv"):
+    """Load a checkpoint folder (model + tokenizer) for serving: an RxT model → `RxTBackend`; another causal LM
+    (e.g. Llama, the benchmark baselines) → `CausalLMBackend(mode=baseline_mode)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import modeling_rxt  # noqa: F401  (registers the RxT Auto classes)
@@ -244,7 +376,17 @@ def load_rxt_backend(model_dir: str, device: str = "cpu", dtype: str | None = No
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     weights = sorted(Path(model_dir).glob("*.safetensors"))
     identity = model_fingerprint(model.config.to_dict(), weights)
-    return RxTBackend(model, tokenizer, identity)
+    if model.config.model_type == "rxt":
+        return RxTBackend(model, tokenizer, identity)
+    return CausalLMBackend(model, tokenizer, identity, baseline_mode)
+
+
+def load_rxt_backend(model_dir: str, device: str = "cpu", dtype: str | None = None) -> RxTBackend:
+    """Load an RxT checkpoint folder (model + tokenizer) for serving."""
+    backend = load_backend(model_dir, device, dtype)
+    if not isinstance(backend, RxTBackend):
+        raise TypeError(f"{model_dir} holds a {type(backend.model).__name__}, expected an RxT model.")
+    return backend
 
 
 # ---------------------------------------------------------------------------------------------------------------------

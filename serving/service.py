@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from modeling_rxt.tokenization_rxt import (
+    RXT_TEMPLATES,
     render_interaction,
     render_query,
     render_system,
@@ -77,8 +78,9 @@ class Service:
         self.model_name = model_name
         self.tokenizer = backend.tokenizer
         config = backend.model.config
-        self.system_template, self.system_title = config.system_template, config.system_prompt_title
-        self.has_internal = config.internal_token_id is not None
+        self.system_template = getattr(config, "system_template", None) or RXT_TEMPLATES["system_alpha"]
+        self.system_title = getattr(config, "system_prompt_title", None) or "SYSTEM INSTRUCTIONS"
+        self.has_internal = getattr(config, "internal_token_id", None) is not None
         self._locks: dict[str, list] = {}  # conversation id → [lock, users]
         self._pending: dict[str, asyncio.Task] = {}
         self._states: OrderedDict[str, tuple[int, object]] = OrderedDict()  # conversation → (version, STM) LRU
@@ -259,6 +261,17 @@ class Service:
                                code="unsupported_parameter")  # fmt: skip
             return self.tokenize(render_turn_prompt(text, "query", internal) + "[A]")
         return self.tokenize(render_query(text))
+
+    def history_prompt(self, messages: list[tuple[str, str]]) -> list[int]:
+        """A stateless backend's prompt: the whole conversation with the tokenizer's chat template."""
+        text = self.tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in messages],
+                                                  add_generation_prompt=True, tokenize=False)  # fmt: skip
+        return self.tokenize(text)
+
+    def stateless_request(self, param: str) -> ApiError:
+        return ApiError(400, "This server's model keeps no conversation state (it re-reads the history): send the "
+                        "whole conversation instead of a conversation or previous_response_id.", param=param,
+                        code="unsupported_parameter")  # fmt: skip
 
     def check_length(self, prompt_tokens: int, max_output_tokens: int, param: str) -> None:
         limit = self.backend.max_tokens

@@ -469,3 +469,47 @@ def test_terminal_chat_local_and_against_the_server(server, model_dir, ref, tmp_
     out = io.StringIO()
     chat_script.run(chat_script.LocalChat(str(model_dir), 6, 0.0), [f"/load {saved}", QUERIES[2]], out)
     assert out.getvalue().splitlines()[1] == reference_turns(ref, [QUERIES[2]], stm)[0][0]
+
+
+def test_llama_baselines_run_through_the_same_server(model_dir, tmp_path):
+    """The benchmark baselines: a Llama keeping each conversation's KV cache (kv) answers exactly like one re-reading
+    the resent history (history), through the same endpoints, engine and store."""
+    from bench_common import llama_like  # scripts/bench_common.py
+    from transformers import AutoTokenizer
+
+    from modeling_rxt import RxTConfig
+    from serving import load_backend
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    llama_dir = tmp_path / "llama"
+    llama_like(RxTConfig.tiny(vocab_size=len(tokenizer)), max_positions=1024).save_pretrained(llama_dir)
+    tokenizer.save_pretrained(llama_dir)
+    servers = {mode: ThreadServer(create_app(load_backend(str(llama_dir), baseline_mode=mode),
+                                             SQLiteStore(str(tmp_path / f"{mode}.sqlite3"))))
+               for mode in ("kv", "history")}  # fmt: skip
+    try:
+        kv, history = (openai.OpenAI(base_url=servers[m].url + "/v1", api_key="x", max_retries=0) for m in servers)
+        previous, messages, lengths = None, [], []
+        for query in QUERIES:
+            response = kv.responses.create(model="m", input=query, previous_response_id=previous, **GREEDY)
+            previous = response.id
+            messages.append({"role": "user", "content": query})
+            resent = history.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=6)
+            assert resent.choices[0].message.content == response.output_text
+            assert resent.usage.prompt_tokens > response.usage.input_tokens or len(messages) == 1
+            messages.append({"role": "assistant", "content": resent.choices[0].message.content})
+            data, turn = read_memory(servers["kv"].url, response.conversation.id)
+            lengths.append(load_safetensors_kv(data).shape[3])
+        assert lengths == sorted(lengths) and len(set(lengths)) == len(QUERIES)  # the KV cache grows every turn
+        with pytest.raises(openai.BadRequestError, match="keeps no conversation state"):
+            history.responses.create(model="m", input="hi", previous_response_id=previous)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def load_safetensors_kv(data: bytes) -> torch.Tensor:
+    from safetensors.torch import load
+
+    return load(data)["kv"]

@@ -30,6 +30,9 @@ class Metrics:
                                     registry=r)  # fmt: skip
         self.update_lag = Histogram("rxt_memory_update_lag_seconds", "Turn recorded to its memory update stored.",
                                     buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.update_wait = Histogram("rxt_memory_update_wait_seconds", "Time a turn waited for its conversation's "
+                                     "previous memory update (0 when it was done).", buckets=LATENCY_BUCKETS,
+                                     registry=r)  # fmt: skip
         self.store_latency = Histogram("rxt_store_latency_seconds", "State-store operations.", ["op"],
                                        buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.turns = Counter("rxt_turns_total", "Turns recorded.", ["kind"], registry=r)

@@ -214,6 +214,7 @@ class Service:
 
     async def current_state(self, conversation_id: str) -> tuple[int, object]:
         """(turn number, STM) once every recorded turn of the conversation is in memory."""
+        started = time.perf_counter()
         task = self._pending.get(conversation_id)
         if task is not None:
             self.engine.expedite()
@@ -221,10 +222,12 @@ class Service:
         conversation = await self.db("get_conversation", self.store.get_conversation, conversation_id)
         if conversation is None:
             raise not_found("conversation", conversation_id)
+        waited = task is not None or conversation.pending > 0
         if conversation.pending:  # recorded by another replica, or before a crash
             self.engine.expedite()
             await self.apply_pending(conversation_id)
             conversation = await self.db("get_conversation", self.store.get_conversation, conversation_id)
+        self.metrics.update_wait.observe(time.perf_counter() - started if waited else 0.0)
         return conversation.version, await self._load_state(conversation_id, conversation.version)
 
     # -- rendering ------------------------------------------------------------------------------------------------

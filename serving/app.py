@@ -299,9 +299,15 @@ def create_app(backend: Backend, store: Store, api_keys: list[str] | None = None
             if body.instructions:
                 messages = [("system", body.instructions), *messages]
             body.store = False
+        writes = service.interactions(messages[:-1]) if not backend.reads_history else []
+        # every check before `resolve`, which may create a conversation (or a fork)
+        continued = bool(body.previous_response_id or body.conversation_id())
+        if body.instructions and continued and not backend.reads_history:
+            service.prompt_ids(prompt_text, body.instructions)  # 400 without an [I] token
+        checked = service.history_prompt(messages) if backend.reads_history else service.prompt_ids(prompt_text)
+        service.sampling(body.max_output_tokens, body.temperature, body.top_p, len(checked))
         target = await resolve(owner, body.previous_response_id, body.conversation_id(), body.store,
                                body.metadata or {})  # fmt: skip
-        writes = service.interactions(messages[:-1]) if not backend.reads_history else []
         internal = None
         if body.instructions and not backend.reads_history:
             if target.fresh:  # a new conversation: the instructions initialise its memory
@@ -496,12 +502,13 @@ def create_app(backend: Backend, store: Store, api_keys: list[str] | None = None
             target, writes = Target(await owned_conversation(named, owner, "conversation"), {}), []
             service.check_model(target.conversation)
         else:
-            target = await resolve(owner, None, None, body.store, body.metadata or {})
             writes = service.interactions(messages[:-1])
         if not backend.reads_history:
             prompt = service.prompt_ids(messages[-1][1])
         params = service.sampling(body.max_completion_tokens or body.max_tokens, body.temperature, body.top_p,
                                   len(prompt), "max_completion_tokens" if body.max_completion_tokens else "max_tokens")  # fmt: skip
+        if not named and not backend.reads_history:  # after the checks: this creates the conversation
+            target = await resolve(owner, None, None, body.store, body.metadata or {})
         completion_id, created = new_id("chatcmpl"), time.time()
         conversation_id = target.conversation.id if target.conversation and body.store else None
         headers = {CONVERSATION_HEADER: conversation_id} if conversation_id else {}

@@ -313,6 +313,23 @@ def test_bad_inputs_get_documented_status_and_error_body(server, method, path, b
     assert fragment in error["message"], error
 
 
+def test_refused_requests_create_no_conversation(server):
+    import sqlite3
+
+    def conversations():
+        path = server.server.config.app.state.service.store.path
+        with sqlite3.connect(path) as connection:
+            return connection.execute("SELECT COUNT(*) FROM rxt_conversations").fetchone()[0]
+
+    before = conversations()
+    for body, path in (({"input": "alice " * 300}, "/v1/responses"),
+                       ({"input": "hi", "max_output_tokens": 255}, "/v1/responses"),
+                       ({"input": "hi", "instructions": "x", "previous_response_id": "resp_x"}, "/v1/responses"),
+                       ({"messages": [{"role": "user", "content": "alice " * 300}]}, "/v1/chat/completions")):
+        assert httpx.post(server.url + path, json=body).status_code in (400, 404)
+    assert conversations() == before
+
+
 def test_instructions_and_model_mismatch(server, client, ref, model_dir):
     # instructions of a new conversation initialise its memory from text (the system template)
     response = client.responses.create(model="tiny-rxt", input="hi", instructions="be brief", **GREEDY)

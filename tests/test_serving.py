@@ -518,6 +518,7 @@ def test_llama_baselines_run_through_the_same_server(model_dir, tmp_path):
             messages.append({"role": "assistant", "content": resent.choices[0].message.content})
             data, turn = read_memory(servers["kv"].url, response.conversation.id)
             lengths.append(load_safetensors_kv(data).shape[3])
+            assert turn == len(lengths)
         assert lengths == sorted(lengths) and len(set(lengths)) == len(QUERIES)  # the KV cache grows every turn
         with pytest.raises(openai.BadRequestError, match="keeps no conversation state"):
             history.responses.create(model="m", input="hi", previous_response_id=previous)

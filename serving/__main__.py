@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
         "database and every turn processes only the new message. See docs/serving.md."))  # fmt: skip
     parser.add_argument("model_dir", help="RxT checkpoint folder (model + tokenizer, as save_pretrained writes it)")
     parser.add_argument("--db", default=None, help="state store: postgresql://user@host:port/db, sqlite:///PATH or a "
-                        "file path (default: MODEL_DIR-independent ./rxt_state.sqlite3)")  # fmt: skip
+                        "file path (default: rxt_state.sqlite3 in the working directory)")  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY",

@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_rxt", "modeling_rxt.conversion", "trainers"],
+    packages=["modeling_rxt", "modeling_rxt.conversion", "trainers", "serving"],
     install_requires=[
         "torch>=2.5",
         "transformers>=5.23,<6",
@@ -27,7 +27,23 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={
-        "dev": ["pytest>=8", "nltk>=3.9", "tensorboard>=2.15", "parameterized>=0.9"],  # parameterized: transformers' test mixins
+        "serve": [
+            "fastapi>=0.115,<1",
+            "uvicorn>=0.30,<1",
+            "pydantic>=2.7,<3",
+            "psycopg[binary]>=3.2,<4",
+            "prometheus-client>=0.20,<1",
+        ],
+        # the serving tests also need the "serve" extra: scripts/setup_env.sh installs .[dev,serve]
+        "dev": [
+            "pytest>=8",
+            "nltk>=3.9",
+            "tensorboard>=2.15",
+            "parameterized>=0.9",  # transformers' common test mixins
+            "openai>=1.66,<3",
+            "httpx>=0.27,<1",
+        ],
         "flash": ["flash-attn>=2.6"],
     },
+    entry_points={"console_scripts": ["rxt-serve=serving.__main__:main"]},
 )

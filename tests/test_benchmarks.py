@@ -27,6 +27,13 @@ SCRIPTS = {
     "decode": ("decode_ratio_rxt_vs_llama", "memory_kv_cache_speedup"),
     "memory_update": ("update_ms_per_1k_tokens",),
     "batch": ("throughput_ratio_rxt_vs_llama_b32_turn16",),
+    "serve": (
+        "rxt_ttft_p50_ratio_last_vs_turn1",
+        "throughput_ratio_rxt_vs_llama_history_last_turn",
+        "throughput_ratio_rxt_vs_llama_kv_last_turn",
+        "state_bytes_ratio_llama_kv_vs_rxt",
+        "rxt_memory_update_wait_ms_per_turn_think",
+    ),
 }
 MEMORY_VARIANTS = {"simple", "self", "interlayer", "self-interlayer", "grouped-self-interlayer"}
 
@@ -105,6 +112,13 @@ def test_bench_quick(name, bench_runs):
         assert [r["batch"] for r in results] == config["batch_sizes"]
         for row in results:
             assert row["rxt"]["tokens_per_s"] > 0 and row["llama_kvcache"]["tokens_per_s"] > 0
+    elif name == "serve":
+        assert [r["system"] for r in results] == ["rxt", "llama_history", "llama_kv", "rxt_think"]
+        for row in results[:3]:
+            assert [t["turn"] for t in row["turns"]] == list(range(1, config["turns"] + 1))
+            assert all(t["ttft"]["p50_ms"] > 0 and t["throughput_turns_per_s"] > 0 for t in row["turns"])
+            assert row["turn_after_restart"]["latency"]["p50_ms"] > 0
+        assert results[0]["state_bytes"] > 0 and results[2]["state_bytes"] > 0
 
 
 def test_bench_all_runs_every_script():

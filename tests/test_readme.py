@@ -11,12 +11,16 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
+from serving_support import ThreadServer
+
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
+from serving import SQLiteStore, create_app, load_rxt_backend
 
 README = REPO_ROOT / "README.md"
 QUICKSTART_MODEL = "runs/quickstart/model"
 TEST_COMMAND = "bash scripts/setup_env.sh && python -m pytest -q tests"
+SERVER_URL = "http://127.0.0.1:8000"  # where the docs' client examples expect `python -m serving`
 
 
 def code_blocks(text: str, language: str) -> list[str]:
@@ -93,6 +97,16 @@ def test_docs_python_blocks_run(page, model_dir, tmp_path, monkeypatch):
     blocks = code_blocks((REPO_ROOT / "docs" / page).read_text(encoding="utf-8"), "python")
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__docs__"}
-    for index, block in enumerate(blocks):
-        code = re.sub(r'"runs/[\w/]+"', repr(str(model_dir)), block)
-        exec(compile(code, f"docs/{page} python block {index + 1}", "exec"), namespace)
+    server = None
+    if any(SERVER_URL in block for block in blocks):  # client examples talk to a live server on the tiny folder
+        server = ThreadServer(create_app(load_rxt_backend(str(model_dir)), SQLiteStore(str(tmp_path / "state.db")),
+                                         api_keys=["KEY"]))  # fmt: skip
+    try:
+        for index, block in enumerate(blocks):
+            code = re.sub(r'"runs/[\w/]+"', repr(str(model_dir)), block)
+            if server is not None:
+                code = code.replace(SERVER_URL, server.url)
+            exec(compile(code, f"docs/{page} python block {index + 1}", "exec"), namespace)
+    finally:
+        if server is not None:
+            server.stop()

@@ -113,7 +113,7 @@ def test_bad_inputs_are_refused_before_compute(model, no_compute):
         (dict(input_ids=ids, labels=ids[:, :4]), r"labels has shape \(2, 4\), expected \(2, 5\)"),
         (dict(input_ids=ids, labels=ids.float()), "labels must be integer token ids"),
         (dict(input_ids=ids, cache=(torch.zeros(1), torch.zeros(1))), "legacy tuple-of-tensors cache"),
-        (dict(input_ids=ids, cache=RxTCache(), past_key_values=RxTCache()), "both `cache` and `past_key_values`"),
+        (dict(input_ids=ids, cache=RxTCache(), past_key_values=RxTCache()), "Both `past_key_values` and `cache` are set"),
     ]  # fmt: skip
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -1395,7 +1395,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"cache must be an RxTCache (self-attention KV + STM), got {type(cache).__name__}."
             )
-        elif cache is not None and cache.get_seq_length() > 0:
+        elif cache is not None and cache.get_seq_length() > 0 and not generation_config.is_assistant:
+            # (an assistant model drafting for assisted decoding continues its cache from round to round of one turn)
             raise ValueError(
                 f"The RxTCache still holds {cache.get_seq_length()} tokens of the previous turn. Each generate() call "
                 "is one turn: call model.update_memory(interaction_ids, mask, cache) (or cache.start_new_turn()) first."

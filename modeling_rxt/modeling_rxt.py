@@ -947,13 +947,31 @@ MODES = ("decode", "encode", "memory_update", "mlm")
 class _StrictFromPretrained:
     """`from_pretrained` for every RxT model class (stateful and stateless)."""
 
+    _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+    @classmethod
+    def _check_model_type(cls, path, kwargs: dict) -> None:
+        from transformers import PreTrainedConfig
+
+        hub = {k: kwargs[k] for k in cls._HUB_KWARGS if k in kwargs}
+        config_dict, _ = PreTrainedConfig.get_config_dict(path, **hub)
+        expected, got = cls.config_class.model_type, config_dict.get("model_type")
+        if got != expected:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({path!s}): the folder's config.json has model_type={got!r}, expected "
+                f"{expected!r} ({cls.config_class.__name__}). Load it with its own model class (or AutoModel)"
+                + (", or build the baseline with RxTStatelessConfig.from_rxt_config(config)." if got == "rxt" else ".")
+            )
+
     @classmethod
     def from_pretrained(cls, *args, strict: bool = False, **kwargs):
         """`PreTrainedModel.from_pretrained`: missing weights are initialised and reported (warning, and
         `output_loading_info`), as for every transformers model; a base-model folder loads into the LM class and
         back. `strict=True` raises a ValueError listing every missing, unexpected or mismatched weight instead
         (checkpoints.md §6.10); keys of a head this class does not have (`lm_head.*`, `mlm_head.*` loaded into
-        `RxTModel`) are not counted."""
+        `RxTModel`) are not counted. A folder of another model type is refused before anything is built."""
+        if args and args[0] is not None and kwargs.get("config") is None:
+            cls._check_model_type(args[0], kwargs)
         if not strict:
             return super().from_pretrained(*args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)

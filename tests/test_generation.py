@@ -167,12 +167,12 @@ def test_batched_pipelines(tokenizer, family):
     texts = ["hello world", "number 3 from the reactive transformer", "hello"]
     tokenizer.padding_side = "right"
     extractor = pipeline("feature-extraction", model=model.model, tokenizer=tokenizer)
-    batched = extractor(texts, batch_size=2)  # rows padded (on the right) to their batch's longest
+    batched = extractor(texts, batch_size=3)  # rows padded (on the right) to the longest; 3 rows > 2 STM layers
     for text, features in zip(texts, batched):
         alone = torch.tensor(extractor(text)[0])  # [T, D]
         torch.testing.assert_close(torch.tensor(features[0])[: len(alone)], alone, rtol=1e-5, atol=1e-5)
     tokenizer.padding_side = "left"
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    answers = generator(texts, batch_size=2, max_new_tokens=3, do_sample=False)
+    answers = generator(texts, batch_size=3, max_new_tokens=3, do_sample=False)
     one_by_one = [generator(t, max_new_tokens=3, do_sample=False) for t in texts]
     assert [b[0]["generated_text"] for b in answers] == [o[0]["generated_text"] for o in one_by_one]

@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
             def run():
                 attention.train()
                 pe = decoder.rotary(position_ids, x.dtype)
-                attention(xr, pe, None, None).square().mean().backward()
+                attention(xr, pe, None, None)[0].square().mean().backward()
                 attention.zero_grad(set_to_none=True)
                 xr.grad = None
                 attention.eval()

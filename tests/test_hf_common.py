@@ -26,8 +26,8 @@ from modeling_rxt import (
 import transformers_test_suite
 
 try:
-    modeling_common, configuration_common = transformers_test_suite.load(
-        "test_modeling_common", "test_configuration_common"
+    modeling_common, configuration_common, training_mixin = transformers_test_suite.load(
+        "test_modeling_common", "test_configuration_common", "test_training_mixin"
     )
 except transformers_test_suite.Unavailable as error:  # offline and not cached
     pytest.skip(str(error), allow_module_level=True)
@@ -35,6 +35,7 @@ except transformers_test_suite.Unavailable as error:  # offline and not cached
 ModelTesterMixin = modeling_common.ModelTesterMixin
 GenerationTesterMixin = modeling_common.GenerationTesterMixin
 ConfigTester = configuration_common.ConfigTester
+TrainingTesterMixin = training_mixin.TrainingTesterMixin
 ids_tensor, random_attention_mask = modeling_common.ids_tensor, modeling_common.random_attention_mask
 
 
@@ -66,6 +67,8 @@ class RxTModelTester:
         self.is_training, self.use_labels = True, True
         self.vocab_size, self.hidden_size = 99, 32
         self.num_hidden_layers, self.att_heads, self.stm_size = 2, 4, 8
+        self.causal_lm_class = RxTStatelessForCausalLM if stateless else RxTForCausalLM  # TrainingTesterMixin
+        self.base_model_class = RxTStatelessModel if stateless else RxTModel
         config = self.get_config()
         # sSQA: head dim 32 / 4 = 8, and 2 query / 2 key-value heads (the config's standard fields say so)
         self.num_attention_heads, self.num_key_value_heads = config.num_attention_heads, config.num_key_value_heads
@@ -91,7 +94,9 @@ class RxTModelTester:
         return config, {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-class RxTModelTest(ListedInTransformersNameTables, ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
+class RxTModelTest(
+    ListedInTransformersNameTables, ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase
+):
     all_model_classes = (RxTModel, RxTForCausalLM)
     # Design difference: a plain forward (one decoder step of a turn) never runs the memory encoder or the
     # memory-attention network (they write the STM after the answer, in `update_memory` / `mode="memory_update"`),
@@ -108,7 +113,9 @@ class RxTModelTest(ListedInTransformersNameTables, ModelTesterMixin, GenerationT
         self.config_tester.run_common_tests()
 
 
-class RxTStatelessModelTest(ListedInTransformersNameTables, ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
+class RxTStatelessModelTest(
+    ListedInTransformersNameTables, ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase
+):
     all_model_classes = (RxTStatelessModel, RxTStatelessForCausalLM)
 
     def setUp(self):

@@ -1009,7 +1009,7 @@ class RxTPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttention"]
-    _skip_keys_device_placement = ["cache"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # either name reaches forward (see CACHE_KWARG)
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True

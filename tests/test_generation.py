@@ -66,8 +66,9 @@ def test_forward_returns_memory_cross_attentions_over_the_stm_slots():
     assert torch.equal(as_tuple[0], out.logits) and not any(t is out.stm for t in as_tuple)
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_beams=3), dict(num_return_sequences=3, do_sample=True, top_k=5)],
-                         ids=["beams", "return_sequences"])  # fmt: skip
+@pytest.mark.parametrize("kwargs", [dict(num_beams=3), dict(num_return_sequences=3, do_sample=True, top_k=5),
+                                    dict(num_beams=3, cache_implementation="static")],
+                         ids=["beams", "return_sequences", "beams_static"])  # fmt: skip
 def test_beams_and_return_sequences_leave_a_conversation_that_continues(kwargs):
     """After generate with n rows per conversation, the cache's STM is the conversation's [L, B, S, D] (every row of
     a conversation reads the same STM); update_memory and the next turn work on it."""

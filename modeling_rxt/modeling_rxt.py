@@ -898,10 +898,11 @@ class RxTModelOutput(ModelOutput):
     `[B, Hout, T, T]` per decoder layer), `cross_attentions` (memory cross-attention weights `[B, Hout, T, S]` per
     memory layer; the keys are the STM slots), `aux_loss` (MoE router loss, training).
 
-    Layer-first tensors are fields only in the modes that compute them: `encoder_hidden_states` = ED `[L, B, T, D]`
-    (`encode`, `memory_update`) and `stm [L, B, S, D]` (the new STM in `memory_update`). In `decode` the STM the
-    decoder read is `output.stm`, an attribute outside the output's fields, so that generic code splitting outputs
-    by batch (pipelines, `to_tuple`) sees batch-first tensors only; it is also `cache.stm`."""
+    Layer-first tensors: `encoder_hidden_states` = ED `[L, B, T, D]` (`encode`, `memory_update`) and `stm
+    [L, B, S, D]` (the new STM in `memory_update`). In `decode`, `output.stm` is the STM the decoder read: a field
+    without a cache (training, `use_cache=False`: trainers read it, also through DDP / FSDP), and with a cache
+    (inference) an attribute outside the output's fields — it is `cache.stm` — so that generic code splitting
+    outputs by batch row (pipelines, `to_tuple`) sees batch-first tensors only."""
 
     last_hidden_state: torch.Tensor | None = None
     cache: RxTCache | None = None
@@ -932,9 +933,12 @@ class RxTCausalLMOutput(ModelOutput):
 
 
 def with_read_stm(output: ModelOutput, stm: torch.Tensor | None) -> ModelOutput:
-    """`output.stm = stm` as a plain attribute, not an output field (layer-first `[L, B, S, D]`, see
-    `RxTModelOutput`)."""
-    object.__setattr__(output, "stm", stm)
+    """`output.stm = stm` (the STM `[L, B, S, D]` the decoder read): an output field when the output has no cache,
+    else a plain attribute outside the fields (the STM is `output.cache.stm`; see `RxTModelOutput`)."""
+    if output.cache is None:
+        output["stm"] = stm
+    else:
+        object.__setattr__(output, "stm", stm)
     return output
 
 

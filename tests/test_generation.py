@@ -61,7 +61,15 @@ def test_forward_returns_memory_cross_attentions_over_the_stm_slots():
     ids, stm = ids_and_stm()
     out = model(ids, stm=stm, output_attentions=True, output_hidden_states=True)
     assert [a.shape for a in out.cross_attentions] == [(2, 2, 5, 8)] * LAYERS  # [B, heads, T, S]
-    assert "stm" not in out.keys() and out.stm.shape == (LAYERS, 2, 8, 32)  # attribute, not a field
+    assert "stm" not in out.keys() and out.stm is out.cache.stm and out.stm.shape == (LAYERS, 2, 8, 32)
+    model.train()  # no cache: a field, which survives pytree round trips (DDP / FSDP output handling)
+    trained = model(ids, stm=stm)
+    assert trained.cache is None and torch.equal(trained["stm"], stm)
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    leaves, spec = tree_flatten(trained)
+    assert torch.equal(tree_unflatten(leaves, spec).stm, stm)
+    model.eval()
     as_tuple = model(ids, stm=stm, output_attentions=True, return_dict=False)
     assert torch.equal(as_tuple[0], out.logits) and not any(t is out.stm for t in as_tuple)
 

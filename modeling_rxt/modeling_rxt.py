@@ -46,7 +46,7 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parame
 
 # `forward(past_key_values=...)` is the pre-5.24 name of `cache`: renamed, with a FutureWarning; both at once is an error
 # (PEFT prefix tuning / P-tuning / CPT add their own virtual-token cache, which would drop the STM).
-accept_past_key_values = deprecate_kwarg(
+_rename_past_key_values = deprecate_kwarg(
     "past_key_values",
     version="5.40.0",
     new_name="cache",
@@ -54,6 +54,14 @@ accept_past_key_values = deprecate_kwarg(
     additional_message="Pass the RxTCache once, as `cache` (PEFT prefix tuning / P-tuning / CPT replace the KV cache "
     "and would drop the STM: use a LoRA-family adapter instead).",
 )
+
+
+def accept_past_key_values(forward: Callable) -> Callable:
+    """`deprecate_kwarg("past_key_values", new_name="cache")` on `forward`, its signature computed once (generate()
+    inspects forward's signature on every step for remote-code models)."""
+    renamed = _rename_past_key_values(forward)
+    renamed.__signature__ = inspect.signature(forward)
+    return renamed
 
 
 # ---------------------------------------------------------------------------------------------------------------------

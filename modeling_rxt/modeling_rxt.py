@@ -49,7 +49,7 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parame
 
 # `forward(past_key_values=...)` is the pre-5.24 name of `cache`: renamed, with a FutureWarning; both at once is an error
 # (PEFT prefix tuning / P-tuning / CPT add their own virtual-token cache, which would drop the STM).
-accept_past_key_values = deprecate_kwarg(
+_rename_past_key_values = deprecate_kwarg(
     "past_key_values",
     version="5.40.0",
     new_name="cache",
@@ -57,6 +57,14 @@ accept_past_key_values = deprecate_kwarg(
     additional_message="Pass the RxTCache once, as `cache` (PEFT prefix tuning / P-tuning / CPT replace the KV cache "
     "and would drop the STM: use a LoRA-family adapter instead).",
 )
+
+
+def accept_past_key_values(forward: Callable) -> Callable:
+    """`deprecate_kwarg("past_key_values", new_name="cache")` on `forward`, its signature computed once (generate()
+    inspects forward's signature on every step for remote-code models)."""
+    renamed = _rename_past_key_values(forward)
+    renamed.__signature__ = inspect.signature(forward)
+    return renamed
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -901,10 +909,11 @@ class RxTModelOutput(ModelOutput):
     `[B, Hout, T, T]` per decoder layer), `cross_attentions` (memory cross-attention weights `[B, Hout, T, S]` per
     memory layer; the keys are the STM slots), `aux_loss` (MoE router loss, training).
 
-    Layer-first tensors are fields only in the modes that compute them: `encoder_hidden_states` = ED `[L, B, T, D]`
-    (`encode`, `memory_update`) and `stm [L, B, S, D]` (the new STM in `memory_update`). In `decode` the STM the
-    decoder read is `output.stm`, an attribute outside the output's fields, so that generic code splitting outputs
-    by batch (pipelines, `to_tuple`) sees batch-first tensors only; it is also `cache.stm`."""
+    Layer-first tensors: `encoder_hidden_states` = ED `[L, B, T, D]` (`encode`, `memory_update`) and `stm
+    [L, B, S, D]` (the new STM in `memory_update`). In `decode`, `output.stm` is the STM the decoder read: a field
+    without a cache (training, `use_cache=False`: trainers read it, also through DDP / FSDP), and with a cache
+    (inference) an attribute outside the output's fields — it is `cache.stm` — so that generic code splitting
+    outputs by batch row (pipelines, `to_tuple`) sees batch-first tensors only."""
 
     last_hidden_state: torch.Tensor | None = None
     cache: RxTCache | None = None
@@ -935,9 +944,12 @@ class RxTCausalLMOutput(ModelOutput):
 
 
 def with_read_stm(output: ModelOutput, stm: torch.Tensor | None) -> ModelOutput:
-    """`output.stm = stm` as a plain attribute, not an output field (layer-first `[L, B, S, D]`, see
-    `RxTModelOutput`)."""
-    object.__setattr__(output, "stm", stm)
+    """`output.stm = stm` (the STM `[L, B, S, D]` the decoder read): an output field when the output has no cache,
+    else a plain attribute outside the fields (the STM is `output.cache.stm`; see `RxTModelOutput`)."""
+    if output.cache is None:
+        output["stm"] = stm
+    else:
+        object.__setattr__(output, "stm", stm)
     return output
 
 
@@ -977,13 +989,31 @@ def _unreadable_weights(cls, path, error: Exception) -> ValueError | None:
 class _StrictFromPretrained:
     """`from_pretrained` for every RxT model class (stateful and stateless)."""
 
+    _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+    @classmethod
+    def _check_model_type(cls, path, kwargs: dict) -> None:
+        from transformers import PreTrainedConfig
+
+        hub = {k: kwargs[k] for k in cls._HUB_KWARGS if k in kwargs}
+        config_dict, _ = PreTrainedConfig.get_config_dict(path, **hub)
+        expected, got = cls.config_class.model_type, config_dict.get("model_type")
+        if got != expected:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({path!s}): the folder's config.json has model_type={got!r}, expected "
+                f"{expected!r} ({cls.config_class.__name__}). Load it with its own model class (or AutoModel)"
+                + (", or build the baseline with RxTStatelessConfig.from_rxt_config(config)." if got == "rxt" else ".")
+            )
+
     @classmethod
     def from_pretrained(cls, *args, strict: bool = False, **kwargs):
         """`PreTrainedModel.from_pretrained`: missing weights are initialised and reported (warning, and
         `output_loading_info`), as for every transformers model; a base-model folder loads into the LM class and
         back. `strict=True` raises a ValueError listing every missing, unexpected or mismatched weight instead
         (checkpoints.md §6.10); keys of a head this class does not have (`lm_head.*`, `mlm_head.*` loaded into
-        `RxTModel`) are not counted."""
+        `RxTModel`) are not counted. A folder of another model type is refused before anything is built."""
+        if args and args[0] is not None and kwargs.get("config") is None:
+            cls._check_model_type(args[0], kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -1027,7 +1057,7 @@ class RxTPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RxTDecoderLayer", "RxTEncoderLayer", "RxTMemoryAttention"]
-    _skip_keys_device_placement = ["cache"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # either name reaches forward (see CACHE_KWARG)
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -1493,7 +1523,8 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"cache must be an RxTCache (self-attention KV + STM), got {type(cache).__name__}."
             )
-        elif cache is not None and cache.get_seq_length() > 0:
+        elif cache is not None and cache.get_seq_length() > 0 and not generation_config.is_assistant:
+            # (an assistant model drafting for assisted decoding continues its cache from round to round of one turn)
             raise ValueError(
                 f"The RxTCache still holds {cache.get_seq_length()} tokens of the previous turn. Each generate() call "
                 "is one turn: call model.update_memory(interaction_ids, mask, cache) (or cache.start_new_turn()) first."

@@ -10,6 +10,7 @@ import unittest
 from unittest import mock
 
 import pytest
+import torch
 from transformers.models.auto import modeling_auto
 
 import modeling_rxt  # noqa: F401 - registers the Auto classes
@@ -25,8 +26,8 @@ from modeling_rxt import (
 import transformers_test_suite
 
 try:
-    modeling_common, configuration_common = transformers_test_suite.load(
-        "test_modeling_common", "test_configuration_common"
+    modeling_common, configuration_common, training_mixin = transformers_test_suite.load(
+        "test_modeling_common", "test_configuration_common", "test_training_mixin"
     )
 except transformers_test_suite.Unavailable as error:  # offline and not cached
     pytest.skip(str(error), allow_module_level=True)
@@ -34,6 +35,7 @@ except transformers_test_suite.Unavailable as error:  # offline and not cached
 ModelTesterMixin = modeling_common.ModelTesterMixin
 GenerationTesterMixin = modeling_common.GenerationTesterMixin
 ConfigTester = configuration_common.ConfigTester
+TrainingTesterMixin = training_mixin.TrainingTesterMixin
 ids_tensor, random_attention_mask = modeling_common.ids_tensor, modeling_common.random_attention_mask
 
 
@@ -65,6 +67,8 @@ class RxTModelTester:
         self.is_training, self.use_labels = True, True
         self.vocab_size, self.hidden_size = 99, 32
         self.num_hidden_layers, self.att_heads, self.stm_size = 2, 4, 8
+        self.causal_lm_class = RxTStatelessForCausalLM if stateless else RxTForCausalLM  # TrainingTesterMixin
+        self.base_model_class = RxTStatelessModel if stateless else RxTModel
         config = self.get_config()
         # sSQA: head dim 32 / 4 = 8, and 2 query / 2 key-value heads (the config's standard fields say so)
         self.num_attention_heads, self.num_key_value_heads = config.num_attention_heads, config.num_key_value_heads
@@ -90,7 +94,9 @@ class RxTModelTester:
         return config, {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-class RxTModelTest(ListedInTransformersNameTables, ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
+class RxTModelTest(
+    ListedInTransformersNameTables, ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase
+):
     all_model_classes = (RxTModel, RxTForCausalLM)
     # Design difference: a plain forward (one decoder step of a turn) never runs the memory encoder or the
     # memory-attention network (they write the STM after the answer, in `update_memory` / `mode="memory_update"`),
@@ -107,7 +113,9 @@ class RxTModelTest(ListedInTransformersNameTables, ModelTesterMixin, GenerationT
         self.config_tester.run_common_tests()
 
 
-class RxTStatelessModelTest(ListedInTransformersNameTables, ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
+class RxTStatelessModelTest(
+    ListedInTransformersNameTables, ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase
+):
     all_model_classes = (RxTStatelessModel, RxTStatelessForCausalLM)
 
     def setUp(self):
@@ -117,3 +125,95 @@ class RxTStatelessModelTest(ListedInTransformersNameTables, ModelTesterMixin, Ge
 
     def test_config(self):
         self.config_tester.run_common_tests()
+
+
+# -- the same contracts, checked directly on RxT specifics -----------------------------------------------------------
+def tiny_lm(**kwargs) -> RxTForCausalLM:
+    torch.manual_seed(0)
+    return RxTForCausalLM(RxTConfig.tiny(**kwargs)).eval()
+
+
+def test_base_model_folder_loads_into_the_lm_class_and_back(tmp_path):
+    """Missing weights are initialised and reported (standard contract); shared weights are loaded."""
+    lm = tiny_lm()
+    lm.model.save_pretrained(tmp_path / "base")
+    loaded, info = RxTForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert set(info["missing_keys"]) == {"lm_head.weight", "lm_head.bias"} and not info["unexpected_keys"]
+    assert all(torch.equal(a, b) for a, b in zip(lm.model.state_dict().values(), loaded.model.state_dict().values()))
+    assert torch.isfinite(loaded.lm_head.weight).all() and loaded.lm_head.weight.std() > 0  # initialised
+    with pytest.raises(ValueError, match=r"strict=True\) does not match the checkpoint: missing \(2\): lm_head.bias"):
+        RxTForCausalLM.from_pretrained(tmp_path / "base", strict=True)
+    lm.save_pretrained(tmp_path / "lm")
+    base, info = RxTModel.from_pretrained(tmp_path / "lm", output_loading_info=True)
+    assert not info["missing_keys"]
+    assert all(torch.equal(a, b) for a, b in zip(lm.model.state_dict().values(), base.state_dict().values()))
+    torch.manual_seed(0)
+    stateless = RxTStatelessForCausalLM(RxTStatelessConfig.from_rxt_config(RxTConfig.tiny()))
+    stateless.model.save_pretrained(tmp_path / "stateless_base")  # the baseline's base model saves on its own
+    assert isinstance(RxTStatelessModel.from_pretrained(tmp_path / "stateless_base", strict=True), RxTStatelessModel)
+
+
+def test_a_folder_of_another_model_type_fails_clearly(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")  # fmt: skip
+    for cls, expected in ((RxTForCausalLM, "rxt"), (RxTModel, "rxt"), (RxTStatelessForCausalLM, "rxt_stateless")):
+        with pytest.raises(ValueError, match=rf"model_type='llama', expected '{expected}'"):
+            cls.from_pretrained(tmp_path / "llama")
+    tiny_lm().save_pretrained(tmp_path / "rxt")
+    with pytest.raises(ValueError, match=r"model_type='rxt', expected 'rxt_stateless'.*from_rxt_config"):
+        RxTStatelessForCausalLM.from_pretrained(tmp_path / "rxt")
+
+
+def test_resize_token_embeddings_resizes_every_head_and_the_vocab_fields(tmp_path):
+    lm = tiny_lm(use_mlm_head=True)
+    ids = torch.randint(7, 256, (2, 5))
+    before = lm(ids).logits
+    lm.resize_token_embeddings(300)
+    config = lm.config
+    assert config.vocab_size == config.decoder_config.vocab_size == config.encoder_config.vocab_size == 300
+    assert lm.get_input_embeddings().num_embeddings == 300
+    assert lm.lm_head.out_features == lm.lm_head.bias.shape[0] == lm.mlm_head.decoder.out_features == 300
+    assert lm(ids).logits.shape == (2, 5, 300) and lm.mlm_logits(ids).shape == (2, 5, 300)
+    torch.testing.assert_close(lm(ids).logits[..., :256], before)  # the old rows are kept
+    lm.save_pretrained(tmp_path)
+    reloaded = RxTForCausalLM.from_pretrained(tmp_path, strict=True)
+    torch.testing.assert_close(reloaded.eval()(ids).logits, lm(ids).logits)
+    config.vocab_size = 320  # settable: the decoder's and the encoder's (one shared embedding)
+    assert (config.decoder_config.vocab_size, config.encoder_config.vocab_size) == (320, 320)
+
+
+def test_sub_configs_round_trip_each_as_itself(tmp_path):
+    from modeling_rxt import RxTComponentConfig, RxTEncoderConfig, RxTMemoryAttentionConfig
+
+    config = RxTConfig.tiny()
+    config.save_pretrained(tmp_path)
+    for cls, sub in ((RxTComponentConfig, config.decoder_config), (RxTEncoderConfig, config.encoder_config),
+                     (RxTMemoryAttentionConfig, config.memory_attention_config)):  # fmt: skip
+        loaded = cls.from_pretrained(tmp_path)
+        assert type(loaded) is type(sub) and loaded.to_dict() == sub.to_dict(), cls.__name__
+    assert not RxTEncoderConfig.from_pretrained(tmp_path).has_memory_cross_attention
+    assert RxTComponentConfig.from_pretrained(tmp_path).has_memory_cross_attention
+    reloaded = RxTConfig.from_pretrained(tmp_path)
+    assert type(reloaded.encoder_config) is RxTEncoderConfig and reloaded.to_dict() == config.to_dict()
+
+
+def test_standard_config_fields_and_the_cache_layout():
+    """`num_hidden_layers` counts every decoder layer (stateless ones too), head counts are the attention's."""
+    config = RxTConfig.tiny(decoder={"stateless_layers_config": ["dense"], "final_stateless_layers_config": ["dense"],
+                                     "self_att_type": "gqa", "att_groups": 1})  # fmt: skip
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (4, 4, 1)
+    assert (config.hidden_size, config.head_dim) == (32, 8)
+    torch.manual_seed(0)
+    model = RxTForCausalLM(config).eval()
+    ids = torch.randint(7, 256, (2, 5))
+    out = model(ids)  # use_cache from the config (True)
+    cache = out.cache
+    assert len(cache.layers) == 4 and all(layer.keys.shape == (2, 1, 5, 8) for layer in cache.layers)
+    assert cache.stm is out.stm
+    model.config.use_cache = False
+    assert model(ids).cache is None
+    assert model(ids, use_cache=True).cache is not None
+    hidden = model(ids, output_hidden_states=True).hidden_states
+    assert len(hidden) == config.num_hidden_layers + 1

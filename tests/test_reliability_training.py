@@ -391,11 +391,10 @@ def test_resume_true_without_a_complete_checkpoint_says_what_it_found(smat_check
 
 def test_smat_refuses_dataloader_workers_with_an_episode_schedule(tokenizer, tmp_path):
     """Workers hold copies of the collator: they would never see the schedule's episode length."""
-    from trainers.data import EpisodeCollator
-    from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer
-
     from modeling_rxt import RxTForCausalLM
     from modeling_rxt.tokenization_rxt import check_rxt_tokenizer
+    from trainers.data import EpisodeCollator
+    from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer
 
     ids = {k: v for k, v in check_rxt_tokenizer(tokenizer).items() if v is not None}
     model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tokenizer), **ids))

@@ -257,11 +257,13 @@ def test_train_tokenizer_names_the_bad_file_and_line(name, content, message, tmp
 
 def stage_run(stage, flags, output, extra=()):
     """One run of a stage script: (final parameters, {step: loss})."""
+    import train_dmpo
     import train_joint
     import train_memory_attention
     import train_smat
 
-    main = {"smat": train_smat.main, "joint": train_joint.main, "memory_attention": train_memory_attention.main}[stage]
+    main = {"smat": train_smat.main, "joint": train_joint.main, "memory_attention": train_memory_attention.main,
+            "dmpo": train_dmpo.main}[stage]  # fmt: skip
     trainer = main(flags + ["--output_dir", str(output), "--max_steps", "8", "--save_strategy", "steps",
                             "--save_steps", "3", "--logging_steps", "1", "--learning_rate", "3e-3", *extra])  # fmt: skip
     weights = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
@@ -276,6 +278,8 @@ RESUME_OPTIONS = {  # stage, rows, flags: every option whose batches or steps de
     "smat probe window + schedule + GA 2": ("smat", "episodes", ["--episode_length_start", "2", "--episode_max_turns",
                                             "4", "--episode_ramp_start", "0.2", "--episode_ramp_end", "0.7",
                                             "--gradient_accumulation_steps", "2", "--bptt_turns", "0"]),  # fmt: skip
+    "dmpo episode-length schedule": ("dmpo", "preferences", ["--episode_length_start", "1", "--episode_max_turns",
+                                     "4", "--episode_ramp_start", "0.0", "--episode_ramp_end", "0.5"]),  # fmt: skip
     "joint MLM masks + fake STM noise": ("joint", "texts", ["--fake_stm_noise_level", "0.05",
                                          "--fake_stm_masking_prob", "0.1"]),  # fmt: skip
     "memory attention label jitter + noise": ("memory_attention", "episodes", ["--ed_label_mode", "pool",
@@ -293,8 +297,15 @@ def test_resume_repeats_the_uninterrupted_run(option, checkpoint, stage_files, t
 
     stage, data, options = RESUME_OPTIONS[option]
     # episodes with several questions within 3 turns of their fact: the 'probe' window has a choice to make
-    episodes = data == "episodes"
-    rows = generate_dialogues(12, seed=11, min_turns=6, max_turns=8, max_distance=3) if episodes else generate_pretrain(12, seed=11)
+    if data == "texts":
+        rows = generate_pretrain(12, seed=11)
+    else:
+        rows = generate_dialogues(12, seed=11, min_turns=6, max_turns=8, max_distance=3)
+    if data == "preferences":  # DMPO: the dialogue's answers accepted, a refusal rejected
+        rows = [{"interactions": [{"query": q, "accepted": {"answer": a}, "rejected": {"answer": "I do not know."}}
+                                  for q, a in [(r["query"], r["answer"])] + [(t["query"], t["answer"])
+                                                                             for t in r["interactions"]]]}
+                for r in rows]  # fmt: skip
     write_jsonl(rows, tmp_path / "rows.jsonl")
     flags = stage_files + ["--train_file", str(tmp_path / "rows.jsonl"), *options]
     full_weights, full_losses = stage_run(stage, flags, tmp_path / "full")

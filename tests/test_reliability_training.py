@@ -3,6 +3,7 @@ create, and bad data files stop with the file, the line, the problem and the exp
 evaluation starts."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -256,11 +257,13 @@ def test_train_tokenizer_names_the_bad_file_and_line(name, content, message, tmp
 
 def stage_run(stage, flags, output, extra=()):
     """One run of a stage script: (final parameters, {step: loss})."""
+    import train_dmpo
     import train_joint
     import train_memory_attention
     import train_smat
 
-    main = {"smat": train_smat.main, "joint": train_joint.main, "memory_attention": train_memory_attention.main}[stage]
+    main = {"smat": train_smat.main, "joint": train_joint.main, "memory_attention": train_memory_attention.main,
+            "dmpo": train_dmpo.main}[stage]  # fmt: skip
     trainer = main(flags + ["--output_dir", str(output), "--max_steps", "8", "--save_strategy", "steps",
                             "--save_steps", "3", "--logging_steps", "1", "--learning_rate", "3e-3", *extra])  # fmt: skip
     weights = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
@@ -275,6 +278,8 @@ RESUME_OPTIONS = {  # stage, rows, flags: every option whose batches or steps de
     "smat probe window + schedule + GA 2": ("smat", "episodes", ["--episode_length_start", "2", "--episode_max_turns",
                                             "4", "--episode_ramp_start", "0.2", "--episode_ramp_end", "0.7",
                                             "--gradient_accumulation_steps", "2", "--bptt_turns", "0"]),  # fmt: skip
+    "dmpo episode-length schedule": ("dmpo", "preferences", ["--episode_length_start", "1", "--episode_max_turns",
+                                     "4", "--episode_ramp_start", "0.0", "--episode_ramp_end", "0.5"]),  # fmt: skip
     "joint MLM masks + fake STM noise": ("joint", "texts", ["--fake_stm_noise_level", "0.05",
                                          "--fake_stm_masking_prob", "0.1"]),  # fmt: skip
     "memory attention label jitter + noise": ("memory_attention", "episodes", ["--ed_label_mode", "pool",
@@ -292,8 +297,15 @@ def test_resume_repeats_the_uninterrupted_run(option, checkpoint, stage_files, t
 
     stage, data, options = RESUME_OPTIONS[option]
     # episodes with several questions within 3 turns of their fact: the 'probe' window has a choice to make
-    episodes = data == "episodes"
-    rows = generate_dialogues(12, seed=11, min_turns=6, max_turns=8, max_distance=3) if episodes else generate_pretrain(12, seed=11)
+    if data == "texts":
+        rows = generate_pretrain(12, seed=11)
+    else:
+        rows = generate_dialogues(12, seed=11, min_turns=6, max_turns=8, max_distance=3)
+    if data == "preferences":  # DMPO: the dialogue's answers accepted, a refusal rejected
+        rows = [{"interactions": [{"query": q, "accepted": {"answer": a}, "rejected": {"answer": "I do not know."}}
+                                  for q, a in [(r["query"], r["answer"])] + [(t["query"], t["answer"])
+                                                                             for t in r["interactions"]]]}
+                for r in rows]  # fmt: skip
     write_jsonl(rows, tmp_path / "rows.jsonl")
     flags = stage_files + ["--train_file", str(tmp_path / "rows.jsonl"), *options]
     full_weights, full_losses = stage_run(stage, flags, tmp_path / "full")
@@ -302,3 +314,102 @@ def test_resume_repeats_the_uninterrupted_run(option, checkpoint, stage_files, t
     assert sorted(full_losses) == list(range(1, 9)) and sorted(losses) == list(range(1, 9))
     assert [losses[s] for s in range(checkpoint + 1, 9)] == [full_losses[s] for s in range(checkpoint + 1, 9)]
     assert all(torch.equal(weights[name], full_weights[name]) for name in full_weights)
+
+
+@pytest.fixture(scope="module")
+def smat_checkpoints(tokenizer, tmp_path_factory):
+    """A SMAT run of 8 steps with checkpoints at steps 3 and 6: (flags, output folder, final weights)."""
+    folder = tmp_path_factory.mktemp("smat_run")
+    tokenizer.save_pretrained(folder / "tok")
+    config = RxTConfig.tiny(vocab_size=len(tokenizer)).to_dict()
+    (folder / "config.json").write_text(json.dumps({k: config[k] for k in ("decoder_config", "encoder_config",
+                                                                           "memory_attention_config")}))  # fmt: skip
+    write_jsonl(generate_dialogues(12, seed=11, min_turns=6, max_turns=8, max_distance=3), folder / "rows.jsonl")
+    flags = ["--model_config", str(folder / "config.json"), "--tokenizer_name_or_path", str(folder / "tok"),
+             "--report_to", "none", "--use_cpu", "True", "--disable_tqdm", "True", "--per_device_train_batch_size",
+             "2", "--seed", "0", "--train_file", str(folder / "rows.jsonl"), "--episode_length_start", "2",
+             "--episode_max_turns", "4", "--episode_ramp_start", "0.2", "--episode_ramp_end", "0.7"]  # fmt: skip
+    weights, _ = stage_run("smat", flags, folder / "full")
+    return flags, folder / "full", weights
+
+
+def cut_short(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+BREAKS = {  # how a kill while saving checkpoint-6 leaves it: (damage, what the message names)
+    "optimizer missing": (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+    "trainer state missing": (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+    "trainer state cut": (lambda c: cut_short(c / "trainer_state.json"), "trainer_state.json is not valid JSON"),
+    "weights cut": (lambda c: cut_short(c / "model.safetensors", 0.9), r"model.safetensors is cut short \(\d+ bytes, its "
+                    r"header needs \d+\)"),  # fmt: skip
+    "weights missing": (lambda c: (c / "model.safetensors").unlink(), "no model weights"),
+    "rng state cut": (lambda c: cut_short(c / "rng_state.pth"), r"rng_state.pth is not a complete torch file"),
+    "collation state cut": (lambda c: cut_short(c / "collation_state.pth"), "collation_state.pth is not a complete"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BREAKS))
+def test_resume_true_skips_a_checkpoint_cut_short(damage, smat_checkpoints, tmp_path, caplog):
+    import shutil
+
+    from trainers.common import resolve_checkpoint
+
+    _, full, _ = smat_checkpoints
+    for step in (3, 6):
+        shutil.copytree(full / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
+    breaks, named = BREAKS[damage]
+    breaks(tmp_path / "checkpoint-6")
+    with caplog.at_level("WARNING", logger="trainers.common"):
+        assert resolve_checkpoint("True", tmp_path) == str(tmp_path / "checkpoint-3")
+    assert f"{tmp_path / 'checkpoint-6'} is incomplete" in caplog.text and f"resuming from {tmp_path / 'checkpoint-3'}" in caplog.text
+    assert re.search(named, caplog.text), caplog.text
+    with pytest.raises(ValueError, match=rf"checkpoint-6'?: {named}.* the latest complete checkpoint beside it is .*checkpoint-3"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-6"), tmp_path)
+    assert resolve_checkpoint("False", tmp_path) is None and resolve_checkpoint(None, tmp_path) is None
+
+
+def test_a_resumed_script_run_passes_over_a_checkpoint_cut_short(smat_checkpoints, tmp_path):
+    """The newest checkpoint lost the end of its weights file: `--resume_from_checkpoint True` resumes from the one
+    before and ends with the uninterrupted run's weights."""
+    import shutil
+
+    flags, full, full_weights = smat_checkpoints
+    for step in (3, 6):
+        shutil.copytree(full / f"checkpoint-{step}", tmp_path / "run" / f"checkpoint-{step}")
+    cut_short(tmp_path / "run" / "checkpoint-6" / "model.safetensors", 0.9)
+    weights, losses = stage_run("smat", flags, tmp_path / "run", ["--resume_from_checkpoint", "True"])
+    assert sorted(losses) == list(range(1, 9))
+    assert all(torch.equal(weights[name], full_weights[name]) for name in full_weights)
+
+
+def test_resume_true_without_a_complete_checkpoint_says_what_it_found(smat_checkpoints, tmp_path):
+    import shutil
+
+    from trainers.common import resolve_checkpoint
+
+    with pytest.raises(ValueError, match=r"no complete checkpoint in .* \(no checkpoint-N folder\); expected "
+                                         r"checkpoint-N folders saved with --save_strategy steps or epoch"):  # fmt: skip
+        resolve_checkpoint(True, tmp_path)
+    shutil.copytree(smat_checkpoints[1] / "checkpoint-3", tmp_path / "checkpoint-3")
+    (tmp_path / "checkpoint-3" / "optimizer.pt").unlink()
+    with pytest.raises(ValueError, match=r"no complete checkpoint in .* \(checkpoint-3: optimizer.pt is missing\)"):
+        resolve_checkpoint(True, tmp_path)
+    with pytest.raises(ValueError, match=r"output_dir .*missing.* does not exist"):
+        resolve_checkpoint(True, tmp_path / "missing")
+
+
+def test_smat_refuses_dataloader_workers_with_an_episode_schedule(tokenizer, tmp_path):
+    """Workers hold copies of the collator: they would never see the schedule's episode length."""
+    from modeling_rxt import RxTForCausalLM
+    from modeling_rxt.tokenization_rxt import check_rxt_tokenizer
+    from trainers.data import EpisodeCollator
+    from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer
+
+    ids = {k: v for k, v in check_rxt_tokenizer(tokenizer).items() if v is not None}
+    model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tokenizer), **ids))
+    args = SMATConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, episode_length_start=2,
+                      dataloader_num_workers=2)  # fmt: skip
+    with pytest.raises(ValueError, match="dataloader_num_workers=2 with episode_length_start"):
+        SupervisedMemoryAwareTrainer(model=model, args=args, data_collator=EpisodeCollator(tokenizer))

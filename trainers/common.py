@@ -104,8 +104,11 @@ class RxTTrainer(Trainer):
         latest *complete* checkpoint of `output_dir` (`resolve_checkpoint`), and the collator resumes exactly."""
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         self._rng_restored = False
-        if checkpoint is not None and self._collation is not None:
-            self._restore_collation(checkpoint)
+        if self._collation is not None:
+            self._collation.replay.clear()
+            self._collation.on_replayed = None
+            if checkpoint is not None:
+                self._restore_collation(checkpoint)
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
                              **kwargs)  # fmt: skip
 
@@ -118,6 +121,11 @@ class RxTTrainer(Trainer):
         if not os.path.isfile(path):
             logger.warning("%s not found: the resumed run builds its batches from the collator's initial state, so its "
                            "episode windows, episode lengths or MLM masks can differ from the uninterrupted run's.", path)  # fmt: skip
+            return
+        if self.args.dataloader_num_workers > 0:
+            logger.warning("dataloader_num_workers=%d: the workers build the batches with their own copies of the "
+                           "collator, whose state no checkpoint holds; %s is not restored.", self.args.dataloader_num_workers,
+                           path)  # fmt: skip
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
         collator = self._collation.collator
@@ -135,6 +143,7 @@ class RxTTrainer(Trainer):
     def get_train_dataloader(self):
         if self._collation is None:
             return super().get_train_dataloader()
+        self._collation.pending.clear()  # batches built for an earlier dataloader are never trained
         collator, self.data_collator = self.data_collator, self._collation  # training batches go through the wrapper
         try:
             return super().get_train_dataloader()

@@ -29,6 +29,12 @@ the batch. With `transformers.Trainer` set `remove_unused_columns=False` (hf-int
 `text` / `query` / `answer` / `interactions` columns are dropped before they reach the collator. Collators hold state
 (`torch.Generator`, `max_turns`) that a `DataLoader` with `num_workers > 0` copies into its workers: the workers then
 repeat the same masks and do not see `set_max_turns`; use `num_workers=0` (or seed per worker) where that matters.
+Their `state_dict()` / `load_state_dict()` let `RxTTrainer` store that state in checkpoints, so a resumed run builds
+the batches of the uninterrupted one.
+
+Reading (`read_lines`, `iter_json_rows`, `check_data_file`, used by `load_rows`, the scripts and the tokenizer
+trainer): a file that is not UTF-8, empty or blank, a line that is not a JSON object, a truncated Parquet file or an
+unsupported extension (`.csv`, ...) stops with a `ValueError` naming the file, the line and the expected form.
 """
 
 from __future__ import annotations

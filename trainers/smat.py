@@ -13,6 +13,9 @@ Schedules (callbacks, DDP-safe: nothing flips `requires_grad`; frozen components
   `encoder_unfreeze_epoch`; `None` = never, `0` = from the start; `train_only_decoder` = never both);
 - episode-length schedule: `episode_length_start` turns until `episode_ramp_start` (fraction of training), then a
   linear ramp to `episode_max_turns` at `episode_ramp_end` (the schedule that makes memory learnable, §10.1).
+The episode length and the `"probe"` window RNG live in the collator; checkpoints hold them (`RxTTrainer`), so a
+resumed run builds the episodes of the uninterrupted one. Dataloader workers would hold copies the schedule never
+reaches, so they are refused while either is in use.
 """
 
 from __future__ import annotations

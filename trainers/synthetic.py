@@ -19,6 +19,7 @@ Files (all JSON Lines, UTF-8, one object per line), written by `write_synthetic_
     - `sft_{train,validation}.jsonl`: `{"query": str, "answer": str}` -- single, unconnected turns (stage 2): a
       statement and its acknowledgement, a question and an answer (with a random value: no memory in stage 2), or
       chit-chat.
+    - `dialogues_paraphrase_test.jsonl` (`style="diverse"` only): test episodes in the held-out templates.
     - `dialogues_{train,validation,test}.jsonl` (`dialogues_long_range_*.jsonl` with `--long-range`): episodes for
       stages 3-5 and for the memory evaluation (`scripts/eval_memory.py --data`)::
 

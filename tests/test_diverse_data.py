@@ -474,3 +474,31 @@ def test_training_script_takes_several_weighted_sources_with_a_validation_cut(tm
     assert len(trainer.train_dataset) >= 3  # first_exhausted: until b's 3 training rows ran out
     assert not set(trainer.train_dataset["query"]) & set(trainer.eval_dataset["query"])
     assert trainer.state.global_step == 1
+
+
+def test_quickstart_diverse_preset_is_the_quickstart_on_diverse_data():
+    """The preset differs from `quickstart` only in the data style, the evaluation / chat sets and the max_length cap;
+    its turns fit that cap with the tokenizer the preset trains (sampled episodes of every set it writes)."""
+    import quickstart
+
+    from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
+    from trainers.memory_eval import dialogue_turns
+
+    presets = quickstart.PRESETS
+    base = json.loads((presets / "quickstart.json").read_text())
+    diverse = json.loads((presets / "quickstart_diverse.json").read_text())
+    assert diverse["data"] == {**base["data"], "style": "diverse"}
+    assert diverse["eval"] == {**base["eval"], "style": "diverse"}
+    assert diverse["chat"] == {**base["chat"], "style": "diverse", "templates": "held_out"}
+    assert diverse["extra_dialogues"] == {k: {**v, "style": "diverse"} for k, v in base["extra_dialogues"].items()}
+    assert diverse["model"] == base["model"] and diverse["baseline"]["args"] == base["baseline"]["args"]
+    cap = diverse["stages"][0]["args"]["max_length"]
+    for a, b in zip(base["stages"], diverse["stages"]):
+        assert {**b, "args": {**b["args"], "max_length": 64}} == a
+    assert quickstart.baseline_steps(diverse) == quickstart.baseline_steps(base)
+    texts = [row["text"] for row in generate_pretrain(diverse["data"]["num_pretrain"], seed=0, style="diverse")]
+    tokenizer = train_rxt_tokenizer(texts, **diverse["tokenizer"])
+    rows = [row for spec in diverse["extra_dialogues"].values() for row in quickstart.episode_set({**spec, "num_train": 300}, 0)]
+    rows += generate_dialogues(300, seed=1, split="test", style="diverse", templates="held_out", max_turns=10)
+    longest = max(len(tokenizer(q + a)["input_ids"]) + 4 for row in rows for q, a in dialogue_turns(row))
+    assert longest <= cap, longest

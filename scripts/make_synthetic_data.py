@@ -10,6 +10,7 @@ other files is refused, never overwritten):
     sft_{train,validation}.jsonl                       {"query", "answer"}                        (stage 2)
     dialogues_{train,validation,test}.jsonl            {"query", "answer", "interactions", "probes"} (stages 3-5,
                                                        memory evaluation; `dialogues_long_range_*` with --long-range)
+    dialogues_paraphrase_test.jsonl                    (--style diverse) test episodes in held-out templates
 
 Values come from fixed pools that are disjoint between train, validation and test. The row formats, the episode
 sampling and the chance level are documented in `trainers/synthetic.py`.
@@ -55,6 +56,11 @@ class SyntheticDataArguments:
         metadata={"help": "MRL curriculum subsets, e.g. '1,2,4': dialogues[_long_range]_steps-N_{split}.jsonl with "
                   "exactly N follow-ups per episode."},
     )  # fmt: skip
+    style: str = field(
+        default="basic",
+        metadata={"help": "'basic' or 'diverse' (many paraphrase templates, varied values, more attributes; also "
+                  "writes dialogues_paraphrase_test.jsonl in held-out templates): trainers/synthetic.py."},
+    )  # fmt: skip
     long_range: bool = field(
         default=False,
         metadata={
@@ -75,8 +81,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         with path.open(encoding="utf-8") as handle:
             count = sum(1 for _ in handle)
         print(f"{path}: {count} rows")
-    print(f"chance level: train {chance_level('train'):.4f}, validation {chance_level('validation'):.4f}, "
-          f"test {chance_level('test'):.4f}")  # fmt: skip
+    chances = {split: chance_level(split, args.style) for split in ("train", "validation", "test")}
+    print(f"chance level: train {chances['train']:.4f}, validation {chances['validation']:.4f}, "
+          f"test {chances['test']:.4f}")  # fmt: skip
     return written
 
 

@@ -146,7 +146,8 @@ def scripted_chat(model_dir: Path, chat: dict, seed: int) -> list[tuple[str, str
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     wanted = chat.get("distance", 3)
-    for row in generate_dialogues(200, seed=seed + 99, split="test", max_turns=chat.get("max_turns", 6)):
+    style = {key: chat[key] for key in ("style", "templates") if key in chat}  # e.g. held-out templates
+    for row in generate_dialogues(200, seed=seed + 99, split="test", max_turns=chat.get("max_turns", 6), **style):
         probe = next((p for p in row["probes"] if p["distance"] == wanted), None)
         if probe is not None:
             break
@@ -229,9 +230,13 @@ def main(argv=None) -> dict:
     data_dir = out / "data"
     write_synthetic_data(data_dir, seed=seed, **preset["data"])
     evaluation = preset["eval"]
-    test_rows = generate_dialogues(evaluation["num_dialogues"], seed=seed + 1, split="test",
-                                   max_turns=evaluation["max_turns"], max_distance=evaluation["max_distance"])  # fmt: skip
-    write_jsonl(test_rows, data_dir / "memory_eval_test.jsonl")
+    style = evaluation.get("style", "basic")  # "diverse": also the held-out-template (paraphrase) test set
+    test_sets = {"memory_eval_test": "train"} | ({"memory_eval_paraphrase_test": "held_out"} if style != "basic" else {})
+    for name, templates in test_sets.items():
+        test_rows = generate_dialogues(evaluation["num_dialogues"], seed=seed + 1, split="test",
+                                       max_turns=evaluation["max_turns"], max_distance=evaluation["max_distance"],
+                                       style=style, templates=templates)  # fmt: skip
+        write_jsonl(test_rows, data_dir / f"{name}.jsonl")
     for name, spec in preset.get("extra_dialogues", {}).items():  # more episode sets, e.g. fact->question pairs
         write_jsonl(episode_set(spec, seed), data_dir / f"dialogues_{name}_train.jsonl")
     timed("synthetic data")
@@ -273,10 +278,14 @@ def main(argv=None) -> dict:
                  "--max_new_tokens", str(evaluation.get("max_new_tokens", 24))]  # fmt: skip
     if baseline_dir is not None:
         eval_args += ["--baseline", str(baseline_dir)]
+    if "memory_eval_paraphrase_test" in test_sets:
+        eval_args += ["--paraphrase_data", str(data_dir / "memory_eval_paraphrase_test.jsonl")]
     result = eval_memory.main(eval_args)
     from trainers.synthetic import chance_level
 
-    result["chance"] = chance_level("test")  # the generated test split: uniform guess over the attribute's pool
+    result["chance"] = chance_level("test", style)  # the generated test split: uniform guess over the attribute's pool
+    if "paraphrase" in result:
+        result["paraphrase"]["chance"] = result["chance"]  # the same pools
     (out / "memory_eval.json").write_text(json.dumps(result, indent=2))
     from trainers.memory_eval import plot_recall
 
@@ -302,10 +311,13 @@ def main(argv=None) -> dict:
     lines += ["-" * 78, "Recall of facts in generated answers (memory updated with the model's own answers):"]
     distances = sorted(result["recall"], key=int)
     lines.append("  distance          " + "".join(f"{d:>7s}" for d in distances))
+    paraphrase = result.get("paraphrase") or {}
     for key, label in (("recall", "RxT with memory"), ("recall_memory_reset", "memory reset"),
                        ("recall_stateless", "stateless baseline")):  # fmt: skip
-        if result.get(key):
-            lines.append(f"  {label:<18s}" + "".join(f"{result[key].get(d, float('nan')):>7.2f}" for d in distances))
+        for source, prefix in ((result, ""), (paraphrase, "  held-out tmpl.")):
+            if source.get(key):
+                name = prefix or label
+                lines.append(f"  {name:<18s}" + "".join(f"{source[key].get(d, float('nan')):>7.2f}" for d in distances))
     lines.append(f"  chance            {result['chance']:.3f}   dialogues: {result['n_dialogues']}")
     lines += ["-" * 78, f"Scripted chat (fact at turn {probe['turn'] - probe['distance'] + 1}, asked at turn "
               f"{probe['turn'] + 1}, expected '{probe['expected']}'):"]  # fmt: skip
@@ -326,6 +338,8 @@ def main(argv=None) -> dict:
     summary = {"preset": preset_path.stem, "seconds": total, "timings": timings, "stages": stage_results,
                "recall": result["recall"], "recall_memory_reset": result["recall_memory_reset"],
                "recall_stateless": result.get("recall_stateless", {}), "chance": result["chance"],
+               "paraphrase": {k: paraphrase[k] for k in ("recall", "recall_memory_reset", "recall_stateless", "ci95")
+                              if k in paraphrase},
                "chat": transcript, "probe": probe, "mrl": mrl_result}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import check_rxt_tokenizer
 
-from .data import load_rows, validate_rows
+from .data import cut_validation, load_rows, mix_sources, source_weights, validate_rows
 from .model_card import write_model_card
 
 OUTPUT_MARKER = ".rxt-output-dir"  # written into a folder a script creates: only such a folder is ever cleared
@@ -34,10 +34,28 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_file: str = field(metadata={"help": "Local .json/.jsonl/.parquet file or hub dataset id."})
+    train_file: list[str] = field(
+        metadata={"help": "One or more sources: local .json/.jsonl/.parquet files, save_to_disk folders or hub dataset "
+                  "ids, each optionally with a mixing weight SOURCE:WEIGHT (e.g. a.jsonl:0.7 b.jsonl:0.3; without "
+                  "weights all rows of every source are used)."})  # fmt: skip
     validation_file: str | None = field(default=None, metadata={"help": "Evaluation rows (same format)."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset subset (e.g. steps-6)."})
     on_error: str = field(default="error", metadata={"help": "Bad rows: 'error' (default) or 'skip' (logged)."})
+    train_file_weights: list[float] | None = field(
+        default=None, metadata={"help": "Mixing weights, one per --train_file source (instead of SOURCE:WEIGHT)."})
+    validation_split_percentage: float = field(
+        default=0.0, metadata={"help": "Without --validation_file: cut this share (percent) of each source's rows as "
+                               "validation rows, deterministically by --data_seed (default --seed); 0: no cut."})
+    mixing_stopping_strategy: str = field(
+        default="first_exhausted", metadata={"help": "Weighted mixing: 'first_exhausted' (stop when a source runs "
+                                             "out) or 'all_exhausted' (repeat rows until every source was seen)."})
+
+    def __post_init__(self):
+        if isinstance(self.train_file, str):  # a JSON / YAML config may give one source as a string
+            self.train_file = [self.train_file]
+        if self.mixing_stopping_strategy not in ("first_exhausted", "all_exhausted"):
+            raise ValueError(f"--mixing_stopping_strategy {self.mixing_stopping_strategy!r}: expected "
+                             "'first_exhausted' or 'all_exhausted'.")  # fmt: skip
 
 
 def parse_arguments(types, argv=None):
@@ -91,6 +109,25 @@ def load_split(data_args: DataArguments, path: str | None, validate, tokenizer, 
         raise ValueError(f"{path}: {error}") from None
 
 
+def load_train_and_validation(data_args: DataArguments, validate, tokenizer, max_length: int, seed: int):
+    """`(train, validation)` datasets of every script: each `--train_file` source loaded and checked
+    (`load_split`), a validation cut of `--validation_split_percentage` % from each source when no
+    `--validation_file` is given (`cut_validation`, by `seed`), the sources mixed into one training set
+    (`mix_sources`: concatenated, or interleaved by their weights). One source without weights or cut: its rows as
+    they are."""
+    sources, weights = source_weights(data_args.train_file, data_args.train_file_weights)
+    parts = [load_split(data_args, source, validate, tokenizer, max_length) for source in sources]
+    validation = load_split(data_args, data_args.validation_file, validate, tokenizer, max_length)
+    if data_args.validation_split_percentage:
+        if validation is not None:
+            raise ValueError(f"--validation_split_percentage {data_args.validation_split_percentage} with "
+                             f"--validation_file {data_args.validation_file!r}: expected one of them.")  # fmt: skip
+        parts, cuts = cut_validation(parts, sources, data_args.validation_split_percentage, seed)
+        validation = mix_sources(cuts, sources)
+    train = mix_sources(parts, sources, weights, seed, data_args.mixing_stopping_strategy)
+    return train, validation
+
+
 def train_and_save(trainer, tokenizer, args) -> None:
     """Train (resuming if asked), then save a trust_remote_code folder with the tokenizer and a model card to
     `output_dir`."""
@@ -121,12 +158,14 @@ def run_stage(trainer_cls, config_cls, kind, make_collator, argv=None, validate=
         raise ValueError(f"train_sampling_strategy={args.train_sampling_strategy!r} needs row lengths, which this "
                          "stage does not compute; expected 'random' or 'sequential'.")  # fmt: skip
     tokenizer = load_tokenizer(model_args)
+    data_seed = args.data_seed if args.data_seed is not None else args.seed
+    train_dataset, eval_dataset = load_train_and_validation(data_args, validate, tokenizer, args.max_length, data_seed)
     set_seed(args.seed)  # a new model's initial weights depend on the seed, not on what ran before in the process
     trainer = trainer_cls(
         model=load_model(model_args, tokenizer, **config_overrides),
         args=args,
-        train_dataset=load_split(data_args, data_args.train_file, validate, tokenizer, args.max_length),
-        eval_dataset=load_split(data_args, data_args.validation_file, validate, tokenizer, args.max_length),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=make_collator(tokenizer, args),
         processing_class=tokenizer,
     )

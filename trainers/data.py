@@ -42,6 +42,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -59,13 +60,17 @@ __all__ = [
     "JointLMCollator",
     "check_data_file",
     "check_rows",
+    "cut_validation",
     "encode_interaction",
     "encode_text",
     "episode_turns",
     "iter_json_rows",
     "load_rows",
+    "mix_sources",
+    "parse_source",
     "read_lines",
     "row_problem",
+    "source_weights",
     "truncate_episode",
     "validate_rows",
 ]
@@ -227,6 +232,96 @@ def load_rows(path_or_id: str | os.PathLike, split: str = "train", **kwargs: Any
     if len(loaded) == 0:
         raise ValueError(f"{path_or_id}: no rows (split {split!r}); expected at least one row.")
     return loaded
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Several sources: `SOURCE[:WEIGHT]` specs, a validation cut of the same share from each, one training set mixed from
+# all of them (`datasets.train_test_split` / `concatenate_datasets` / `interleave_datasets`).
+
+
+def parse_source(spec: str) -> tuple[str, float | None]:
+    """`"a.jsonl:0.7"` -> `("a.jsonl", 0.7)`; `"a.jsonl"` or a hub id -> `(spec, None)`. A suffix after the last `:`
+    that is a number is the mixing weight (> 0); anything else is part of the source."""
+    source, colon, tail = str(spec).rpartition(":")
+    if not colon or not source:
+        return str(spec), None
+    try:
+        weight = float(tail)
+    except ValueError:
+        return str(spec), None
+    if not (weight > 0 and math.isfinite(weight)):
+        raise ValueError(f"--train_file {spec!r}: mixing weight {tail}; expected a positive number (e.g. a.jsonl:0.7).")
+    return source, weight
+
+
+def source_weights(specs: Sequence[str], weights: Sequence[float] | None = None) -> tuple[list[str], list[float] | None]:
+    """Sources and their mixing weights from `SOURCE[:WEIGHT]` specs or a separate list `weights` (one per source,
+    not both); `None` when no weight is given (the sources are concatenated)."""
+    parsed = [parse_source(spec) for spec in specs]
+    sources = [source for source, _ in parsed]
+    inline = [weight for _, weight in parsed]
+    given = [weight is not None for weight in inline]
+    if any(given) and weights is not None:
+        raise ValueError("mixing weights given both as SOURCE:WEIGHT and as --train_file_weights; expected one of them.")
+    if any(given) and not all(given):
+        missing = [spec for spec, has in zip(specs, given) if not has]
+        raise ValueError(f"--train_file: weights for some sources only (none for {missing}); expected SOURCE:WEIGHT for "
+                         "every source or for none.")  # fmt: skip
+    if weights is not None:
+        if len(weights) != len(sources):
+            raise ValueError(f"--train_file_weights: {len(weights)} weights for {len(sources)} sources; expected one "
+                             "per --train_file source, in the same order.")  # fmt: skip
+        if not all(w > 0 and math.isfinite(w) for w in weights):
+            raise ValueError(f"--train_file_weights {list(weights)}: expected positive numbers.")
+        return sources, [float(w) for w in weights]
+    return sources, (inline if all(given) else None)
+
+
+def cut_validation(datasets_by_source: Sequence, names: Sequence[str], percentage: float, seed: int):
+    """`(train parts, validation parts)`: from each dataset the same share, `percentage` % of its rows (rounded up,
+    at least 1), cut by `Dataset.train_test_split(seed=seed)` (deterministic by seed)."""
+    if not 0 < percentage < 100:
+        raise ValueError(f"--validation_split_percentage {percentage}: expected a share in (0, 100).")
+    trains, validations = [], []
+    for dataset, name in zip(datasets_by_source, names):
+        cut = math.ceil(len(dataset) * percentage / 100)
+        if cut >= len(dataset):
+            raise ValueError(f"{name}: {len(dataset)} rows; cutting {percentage} % as validation would leave no "
+                             "training row; expected more rows or a smaller --validation_split_percentage.")  # fmt: skip
+        parts = dataset.train_test_split(test_size=cut, seed=seed)
+        trains.append(parts["train"])
+        validations.append(parts["test"])
+    return trains, validations
+
+
+def _same_columns(datasets_by_source: Sequence, names: Sequence[str]) -> None:
+    first = datasets_by_source[0].column_names
+    for dataset, name in zip(datasets_by_source[1:], names[1:]):
+        if sorted(dataset.column_names) != sorted(first):
+            raise ValueError(f"{name}: columns {sorted(dataset.column_names)} differ from {names[0]}'s "
+                             f"{sorted(first)}; expected sources with the same columns (rows of the same kind).")
+
+
+def mix_sources(datasets_by_source: Sequence, names: Sequence[str], weights: Sequence[float] | None = None,
+                seed: int = 0, stopping_strategy: str = "first_exhausted"):  # fmt: skip
+    """One dataset from several sources: all rows of every source one after the other (`weights=None`;
+    `concatenate_datasets`; a single source comes back as it is), or rows drawn source by source with probabilities
+    `weights / sum(weights)` (`interleave_datasets(seed=seed, stopping_strategy=...)`: `"first_exhausted"` stops when
+    a source runs out, `"all_exhausted"` repeats the others' rows until every source was seen once)."""
+    import datasets
+
+    if weights is None and len(datasets_by_source) == 1:
+        return datasets_by_source[0]
+    _same_columns(datasets_by_source, names)
+    try:
+        if weights is None:
+            return datasets.concatenate_datasets(list(datasets_by_source))
+        total = sum(weights)
+        return datasets.interleave_datasets(list(datasets_by_source), probabilities=[w / total for w in weights],
+                                            seed=seed, stopping_strategy=stopping_strategy)  # fmt: skip
+    except (ValueError, TypeError) as error:  # differing column types deep inside datasets: name the sources
+        raise ValueError(f"sources {list(names)} could not be mixed ({error}); expected the same columns with the same "
+                         "types in every source.") from error  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------

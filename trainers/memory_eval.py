@@ -198,24 +198,32 @@ def evaluate_system(model, tokenizer, rows: list[dict], system: str, batch_size:
 
 
 def plot_recall(result: dict, path: str) -> None:
-    """Recall vs distance, one line per system, chance as a dashed line."""
+    """Recall vs distance, one line per system, chance as a dashed line; with a `paraphrase` set in `result` (the
+    held-out-template set of `scripts/eval_memory.py`) its recall beside it, dotted, in the same colour per system."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    paraphrase = result.get("paraphrase") or {}
     for key, label in (("recall", "RxT (memory)"), ("recall_memory_reset", "RxT, memory reset every turn"),
                        ("recall_stateless", "stateless, current query"), ("recall_full_history", "stateless, full history")):  # fmt: skip
-        if result.get(key):
-            xs = sorted(result[key], key=int)
-            ax.plot([int(x) for x in xs], [result[key][x] for x in xs], marker="o", label=label)
+        colour = None
+        for source, style, suffix in ((result, "-", ""), (paraphrase, ":", ", held-out templates")):
+            if source.get(key):
+                xs = sorted(source[key], key=int)
+                line = ax.plot([int(x) for x in xs], [source[key][x] for x in xs], marker="o", linestyle=style,
+                               color=colour, label=label + (suffix if paraphrase else ""))  # fmt: skip
+                colour = line[0].get_color()
     ax.axhline(result["chance"], color="grey", linestyle="--", label="chance")
     ax.set_xlabel("distance (turns between fact and question)")
     ax.set_ylabel("recall of the stated value")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"Memory evaluation ({result['n_dialogues']} dialogues)")
-    ax.legend(fontsize=8)
+    title = f"Memory evaluation ({result['n_dialogues']} dialogues"
+    title += f" + {paraphrase['n_dialogues']} in held-out templates)" if paraphrase else ")"
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -19,6 +19,7 @@ Files (all JSON Lines, UTF-8, one object per line), written by `write_synthetic_
     - `sft_{train,validation}.jsonl`: `{"query": str, "answer": str}` -- single, unconnected turns (stage 2): a
       statement and its acknowledgement, a question and an answer (with a random value: no memory in stage 2), or
       chit-chat.
+    - `dialogues_paraphrase_test.jsonl` (`style="diverse"` only): test episodes in the held-out templates.
     - `dialogues_{train,validation,test}.jsonl` (`dialogues_long_range_*.jsonl` with `--long-range`): episodes for
       stages 3-5 and for the memory evaluation (`scripts/eval_memory.py --data`)::
 
@@ -47,6 +48,26 @@ Episode sampling (one episode; `rng` seeded from `(seed, split)`):
     uniform on `max(1, min_turns - 1) .. min(max_distance, max_turns - 1)`; the fact is turn 0, turns `1 .. d - 1`
     are off-topic chit-chat only, the question is turn `d`.
 
+Styles and the template split
+    `style="basic"` (the default) is the generator described above: 10 attributes, 2-3 templates per statement,
+    acknowledgement, question and answer, 24 fixed chit-chat pairs and four small families. `style="diverse"`
+    (`diverse_attributes`, tables in `trainers.synthetic_diverse`) has 14 attributes (more relations, a street, a room
+    number) and builds every template as a *core* (the clause carrying the fact: "my cat is called {v}", "{v} is the
+    name of my cat", "my cat, {v}, says hello") in a *frame* ("{c}.", "By the way, {c}.", "{c}, by the way.", "Do
+    you recall {q}?" for indirect questions): 8 statement cores x 12 frames, 8 reply cores x 8 acknowledgement and
+    x 8 answer frames, 5 question cores each in 8 direct and 8 indirect frames, per attribute. Values have varied
+    shapes: names of 1-4 syllables of several forms, one- and two-word towns, streets, 4-digit codes in digits or
+    spelled digit by digit, room numbers in digits or words ("four hundred and twenty-one"), two- and three-word
+    colours, dishes, jobs and hobbies; no value is a run of words of another value or of the fixed text. Distractor
+    turns come from fixed pairs and families (topics, recommendations, moods, how-tos, arithmetic).
+    Template split: every `HELD_OUT_EVERY`-th core and every `HELD_OUT_EVERY`-th frame (index % 4 == 3) is held
+    out; a template whose core or frame is held out is a held-out template (42 of 96 statement templates, 28 of 64
+    acknowledgement and answer templates, 32 of 80 question templates: 43 % in all). Training data (every file, every
+    split, `templates="train"`) uses only the other templates; the held-out ones appear only in the `paraphrase`
+    test set (`generate_dialogues(..., split="test", style="diverse", templates="held_out")`,
+    `dialogues_paraphrase_test.jsonl`), whose values are the test pools' as for the in-template test set. The basic
+    style's output does not depend on the diverse one (its seed streams and pools are unchanged).
+
 Chance level (`chance_level(split)`): the probability of naming the right value by guessing uniformly from the
 attribute's pool of that split, averaged over attributes (episodes draw attributes uniformly): mean over attributes
 of `1 / |pool(attribute, split)|` = 1/100 (validation), 1/200 = 0.005 (test); train pools are large on purpose
@@ -65,12 +86,18 @@ from functools import cache
 from itertools import product
 from pathlib import Path
 
+from . import synthetic_diverse as _diverse
+
 __all__ = [
     "ATTRIBUTES",
+    "HELD_OUT_EVERY",
     "POOL_SEED",
     "POOL_SIZES",
     "SPLITS",
+    "STYLES",
+    "TEMPLATE_SETS",
     "chance_level",
+    "diverse_attributes",
     "generate_dialogues",
     "generate_pretrain",
     "generate_sft",
@@ -323,21 +350,24 @@ def _build_pools() -> dict[str, dict[str, tuple[str, ...]]]:
     return pools
 
 
-def value_pools(split: str) -> dict[str, tuple[str, ...]]:
+def value_pools(split: str, style: str = "basic") -> dict[str, tuple[str, ...]]:
     """The value pool of every attribute for `split` (`"train"`, `"validation"` or `"test"`): `{attribute: values}`.
-    Fixed (independent of any seed); disjoint between splits and between attributes."""
+    Fixed (independent of any seed); disjoint between splits and between attributes. `style="diverse"`: the pools of
+    the diverse style's attributes."""
     global _POOLS
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {SPLITS}.")
+    if style != "basic":
+        return _style_parts(style, split, "train")[2]
     if _POOLS is None:
         _POOLS = _build_pools()
     return dict(_POOLS[split])
 
 
-def chance_level(split: str = "test") -> float:
+def chance_level(split: str = "test", style: str = "basic") -> float:
     """Probability of naming the expected value by guessing: mean over attributes of `1 / |pool(attribute, split)|`
-    (0.005 for the test split)."""
-    pools = value_pools(split)
+    (0.005 for the test split of either style)."""
+    pools = value_pools(split, style)
     return sum(1.0 / len(values) for values in pools.values()) / len(pools)
 
 
@@ -353,6 +383,8 @@ def _rng(seed: int, *parts: str) -> random.Random:
 def _fill(template: str, value: str) -> str:
     article = "an" if value[:1].lower() in "aeiou" else "a"
     text = template.format(v=value, a=article)
+    if template.startswith("{v}"):  # the value stays verbatim ("four eight two one opens my locker.")
+        return text
     return text[:1].upper() + text[1:]
 
 
@@ -411,7 +443,7 @@ def _check_episode_args(min_turns: int, max_turns: int, max_distance: int, long_
 
 def _episode(
     rng: random.Random, pools: dict[str, tuple[str, ...]], min_turns: int, max_turns: int, max_distance: int,
-    long_range: bool,
+    long_range: bool, attributes: tuple[Attribute, ...] = ATTRIBUTES, chitchat=_chitchat,
 ) -> dict:  # fmt: skip
     if long_range:
         distance = rng.randint(max(1, min_turns - 1), min(max_distance, max_turns - 1))
@@ -422,7 +454,8 @@ def _episode(
         stated_at = rng.randint(0, num_turns - 1 - distance)
     asked_at = stated_at + distance
 
-    unused = [attribute.name for attribute in ATTRIBUTES]
+    by_name = {attribute.name: attribute for attribute in attributes}
+    unused = [attribute.name for attribute in attributes]
     rng.shuffle(unused)
     main = unused.pop()
     values = {main: _draw(rng, pools[main], ())}
@@ -433,29 +466,29 @@ def _episode(
 
     for turn in range(num_turns):
         if turn == stated_at:
-            turns.append(_statement(rng, _ATTRIBUTE_BY_NAME[main], values[main]))
+            turns.append(_statement(rng, by_name[main], values[main]))
             continue
         if turn == asked_at:
-            turns.append(_question(rng, _ATTRIBUTE_BY_NAME[main], values[main]))
+            turns.append(_question(rng, by_name[main], values[main]))
             probes.append({"turn": turn, "distance": distance, "attribute": main, "expected": values[main]})
             continue
         if long_range:
-            turns.append(_chitchat(rng))
+            turns.append(chitchat(rng))
             continue
         askable = sorted(name for name, at in stated.items() if name not in asked and 0 < turn - at <= max_distance)
         roll = rng.random()
         if askable and roll < 0.35:
             name = rng.choice(askable)
             asked.add(name)
-            turns.append(_question(rng, _ATTRIBUTE_BY_NAME[name], values[name]))
+            turns.append(_question(rng, by_name[name], values[name]))
             probes.append({"turn": turn, "distance": turn - stated[name], "attribute": name, "expected": values[name]})
         elif unused and roll < 0.75:
             name = unused.pop()
             values[name] = _draw(rng, pools[name], values.values())
             stated[name] = turn
-            turns.append(_statement(rng, _ATTRIBUTE_BY_NAME[name], values[name]))
+            turns.append(_statement(rng, by_name[name], values[name]))
         else:
-            turns.append(_chitchat(rng))
+            turns.append(chitchat(rng))
 
     probes.sort(key=lambda probe: probe["turn"])
     (query, answer), rest = turns[0], turns[1:]
@@ -467,6 +500,203 @@ def _episode(
     }
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The diverse style (`style="diverse"`): many paraphrases per fact, question and reply, values of varied shapes, more
+# attributes, a broad distractor pool, and a template split (module docstring, "Styles and the template split").
+
+STYLES = ("basic", "diverse")
+TEMPLATE_SETS = ("train", "held_out")
+HELD_OUT_EVERY = 4  # the diverse style holds out every 4th core and every 4th frame (index % 4 == 3)
+
+
+def _held_out(core_index: int, frame_index: int) -> bool:
+    return core_index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 or frame_index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+
+
+def _framed(cores, frames, slot: str, template_set: str) -> tuple[str, ...]:
+    want = template_set == "held_out"
+    return tuple(
+        frame.replace(slot, core)
+        for i, core in enumerate(cores)
+        for j, frame in enumerate(frames)
+        if _held_out(i, j) == want
+    )
+
+
+@cache
+def diverse_attributes(template_set: str = "train") -> tuple[Attribute, ...]:
+    """The attributes of the diverse style with the templates of `template_set`: `"train"` (the templates training
+    data uses) or `"held_out"` (the others: only the `paraphrase` test set uses them). A template is a core in a frame
+    (`trainers.synthetic_diverse`); it is held out when its core or its frame is (`HELD_OUT_EVERY`)."""
+    if template_set not in TEMPLATE_SETS:
+        raise ValueError(f"templates={template_set!r}: expected one of {TEMPLATE_SETS}.")
+    attributes = []
+    for name, cores in _diverse.ATTRIBUTE_CORES.items():
+        direct = [q for q, _ in cores["questions"]]
+        indirect = [q for _, q in cores["questions"]]
+        attributes.append(Attribute(
+            name,
+            _framed(cores["statements"], _diverse.STATEMENT_FRAMES, "{c}", template_set),
+            _framed(cores["replies"], _diverse.ACK_FRAMES, "{c}", template_set),
+            _framed(direct, _diverse.DIRECT_QUESTION_FRAMES, "{q}", template_set)
+            + _framed(indirect, _diverse.INDIRECT_QUESTION_FRAMES, "{q}", template_set),
+            _framed(cores["replies"], _diverse.ANSWER_FRAMES, "{c}", template_set),
+        ))  # fmt: skip
+    return tuple(attributes)
+
+
+def _diverse_chitchat(rng: random.Random) -> tuple[str, str]:
+    kind = rng.random()
+    if kind < 0.35:
+        return rng.choice(_diverse.DISTRACTOR_PAIRS)
+    if kind < 0.45:
+        if rng.random() < 0.5:
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        return f"How much is {a} times {b}?", f"{a} times {b} is {a * b}."
+    if kind < 0.65:
+        topic = rng.choice(_diverse.DISTRACTOR_TOPICS)
+        question = rng.choice(_diverse.DISTRACTOR_TOPIC_QUESTIONS).format(t=topic)
+        return question, _capitalised(rng.choice(_diverse.DISTRACTOR_TOPIC_ANSWERS).format(t=topic))
+    if kind < 0.75:
+        genre, medium = rng.choice(_diverse.DISTRACTOR_GENRES), rng.choice(_diverse.DISTRACTOR_MEDIA)
+        article = "an" if genre[0] in "aeiou" else "a"
+        return f"Can you recommend {article} {genre} {medium}?", f"Try a well-loved {genre} {medium}; ask a friend too."
+    if kind < 0.87:
+        mood, reply = rng.choice(_diverse.DISTRACTOR_MOODS)
+        return f"I feel {mood} today.", reply
+    task, reply = rng.choice(_diverse.DISTRACTOR_TASKS)
+    return f"How do I {task}?", reply
+
+
+def _capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _words(text: str) -> list[str]:
+    """Lower-cased words of `text` with punctuation as spaces: the word split of `trainers.memory_eval.normalise`,
+    which decides recall."""
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+
+def _spelled(number: int) -> str:
+    """101..999 (not a multiple of 10) in words: "three hundred and twelve", "four hundred and twenty-one"."""
+    hundreds, rest = divmod(number, 100)
+    if rest < 10:
+        tail = _diverse.DIGIT_WORDS[rest]
+    elif rest < 20:
+        tail = _diverse.TEEN_WORDS[rest - 10]
+    else:
+        tail = f"{_diverse.TENS_WORDS[rest // 10]}-{_diverse.DIGIT_WORDS[rest % 10]}"
+    return f"{_diverse.DIGIT_WORDS[hundreds]} hundred and {tail}"
+
+
+def _diverse_candidates(kind: str, rng: random.Random) -> list[str]:
+    d = _diverse
+    if kind == "name":  # 1-4 syllables of several shapes: "Bo", "Ilo", "Brenx", "Tamerina", "Shouvelette"
+        names = set()
+        for _ in range(60000):
+            syllables = rng.choices((1, 2, 3, 4), weights=(2, 5, 3, 1))[0]
+            parts = []
+            for k in range(syllables):
+                onset = rng.choice(d.NAME_ONSETS) if k or rng.random() < 0.85 else ""
+                vowel = rng.choice(d.NAME_VOWELS[:5]) if rng.random() < 0.8 else rng.choice(d.NAME_VOWELS[5:])
+                parts.append(onset + vowel)
+            coda = rng.choice(d.NAME_CODAS)
+            name = "".join(parts) + (coda or (rng.choice(d.NAME_ENDINGS) if syllables < 3 else ""))
+            if 2 <= len(name) <= 12:
+                names.add(name.capitalize())
+        return sorted(names)
+    if kind == "town":  # every third base with a prefix: "Port Dalby"; the base is then no town of its own
+        bases = sorted({(o + v + c + s).capitalize() for o, v, c, s in
+                        product(d.NAME_ONSETS, d.NAME_VOWELS[:5], ("", "n", "l", "r"), d.TOWN_SUFFIXES)})  # fmt: skip
+        return [f"{d.TOWN_PREFIXES[(i // 3) % len(d.TOWN_PREFIXES)]} {b}" if i % 3 == 0 else b for i, b in enumerate(bases)]
+    if kind == "street":
+        return [f"{w} {k}" for w, k in product(d.STREET_WORDS, d.STREET_KINDS)]
+    if kind == "code":  # digits or spelled digit by digit: "4821", "four eight two one"
+        return [str(n) for n in range(1000, 10000)] + [" ".join(d.DIGIT_WORDS[int(c)] for c in str(n)) for n in range(1000, 10000)]
+    if kind == "room":  # digits or words; no multiple of 10, so no number in words is the start of another
+        numbers = [n for n in range(101, 1000) if n % 10]
+        return [str(n) for n in numbers] + [_spelled(n) for n in numbers]
+    products = {"colour": (d.COLOUR_MODIFIERS, d.COLOURS), "food": (d.FLAVOURS, d.DISHES),
+                "job": (d.JOB_DOMAINS, d.JOB_ROLES), "hobby": (d.HOBBY_ACTIVITIES, d.HOBBY_OBJECTS)}  # fmt: skip
+    return [f"{a} {b}" for a, b in product(*products[kind])]
+
+
+def _diverse_fixed_phrases() -> set[str]:
+    """Every run of 1-6 words of the diverse style's fixed text (templates, distractors): no value may be one."""
+    d = _diverse
+    texts = [t for pair in d.DISTRACTOR_PAIRS for t in pair] + [q for _, q in d.DISTRACTOR_MOODS]
+    texts += list(d.DISTRACTOR_TOPICS) + list(d.DISTRACTOR_TOPIC_ANSWERS) + list(d.DISTRACTOR_TOPIC_QUESTIONS)
+    texts += list(d.DISTRACTOR_GENRES) + list(d.DISTRACTOR_MEDIA) + [m for m, _ in d.DISTRACTOR_MOODS]
+    texts += [t for pair in d.DISTRACTOR_TASKS for t in pair] + ["Try a well-loved ; ask a friend too.", "I feel today."]
+    for template_set in TEMPLATE_SETS:
+        for attribute in diverse_attributes(template_set):
+            texts += [*attribute.statements, *attribute.acks, *attribute.questions, *attribute.answers]
+    phrases = set()
+    for text in texts:
+        words = _words(text)
+        phrases.update(" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, min(i + 7, len(words) + 1)))
+    return phrases
+
+
+def _build_diverse_pools() -> dict[str, dict[str, tuple[str, ...]]]:
+    """As `_build_pools`, for the diverse style; values are also no run of words of the fixed text nor of another
+    value (so recall, a match at word boundaries, can only be earned by the value itself)."""
+    rng = random.Random(POOL_SEED + 1)
+    candidates = {kind: _diverse_candidates(kind, rng) for kind in sorted(set(_diverse.VALUE_KINDS.values()))}
+    parts_of_others = set()  # proper runs of words of multi-word candidates
+    for values in candidates.values():
+        for value in values:
+            words = _words(value)
+            parts_of_others.update(" ".join(words[i:j]) for i in range(len(words))
+                                   for j in range(i + 1, len(words) + 1) if j - i < len(words))  # fmt: skip
+    blocked = _diverse_fixed_phrases() | parts_of_others
+    held_out = POOL_SIZES["validation"] + POOL_SIZES["test"]
+    used: set[str] = set()
+    pools: dict[str, dict[str, tuple[str, ...]]] = {split: {} for split in SPLITS}
+    for attribute, kind in _diverse.VALUE_KINDS.items():
+        allowed = [c for c in candidates[kind] if c not in used and " ".join(_words(c)) not in blocked]
+        sizes = {**POOL_SIZES, "train": min(POOL_SIZES["train"], len(allowed) - held_out)}
+        if sizes["train"] < 100:
+            raise RuntimeError(f"only {len(allowed)} candidate values for {attribute!r}, need >= {held_out + 100}")
+        chosen = rng.sample(allowed, sum(sizes.values()))
+        used.update(chosen)
+        start = 0
+        for split in SPLITS:
+            pools[split][attribute] = tuple(chosen[start : start + sizes[split]])
+            start += sizes[split]
+    return pools
+
+
+_DIVERSE_POOLS: dict[str, dict[str, tuple[str, ...]]] | None = None
+
+
+def _style_parts(style: str, split: str, templates: str):
+    """`(attributes, chitchat, pools)` of a style and template set, with the argument checks."""
+    global _DIVERSE_POOLS
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: expected one of {STYLES}.")
+    if templates not in TEMPLATE_SETS:
+        raise ValueError(f"templates={templates!r}: expected one of {TEMPLATE_SETS}.")
+    if style == "basic":
+        if templates != "train":
+            raise ValueError("templates='held_out' needs style='diverse'; the basic style has no template split.")
+        return ATTRIBUTES, _chitchat, value_pools(split)
+    if templates == "held_out" and split == "train":
+        raise ValueError("templates='held_out' with split='train': held-out templates never appear in training data; "
+                         "expected split='validation' or 'test'.")  # fmt: skip
+    value_pools(split)  # checks the split name
+    if _DIVERSE_POOLS is None:
+        _DIVERSE_POOLS = _build_diverse_pools()
+    return diverse_attributes(templates), _diverse_chitchat, dict(_DIVERSE_POOLS[split])
+
+
+def _stream(style: str, templates: str) -> tuple[str, ...]:
+    return () if style == "basic" else (style, templates)  # the basic style keeps its seed streams
+
+
 def generate_dialogues(
     num: int,
     seed: int = 0,
@@ -475,48 +705,53 @@ def generate_dialogues(
     max_turns: int = 10,
     max_distance: int = 8,
     long_range: bool = False,
+    style: str = "basic",
+    templates: str = "train",
 ) -> list[dict]:
     """Generate `num` recall episodes with values from `split`'s pools (format in the module docstring).
 
-    Deterministic in `(num, seed, split, min_turns, max_turns, max_distance, long_range)`; the first `k` episodes do
-    not depend on `num`.
+    `style="diverse"` uses the diverse templates, values and distractors; `templates="held_out"` (diverse style,
+    validation / test split only) the held-out templates: the `paraphrase` test set. Deterministic in all arguments;
+    the first `k` episodes do not depend on `num`.
     """
     _check_episode_args(min_turns, max_turns, max_distance, long_range)
-    pools = value_pools(split)
-    rng = _rng(seed, "dialogues", split, "long_range" if long_range else "mixed")
-    return [_episode(rng, pools, min_turns, max_turns, max_distance, long_range) for _ in range(num)]
+    attributes, chitchat, pools = _style_parts(style, split, templates)
+    rng = _rng(seed, "dialogues", split, "long_range" if long_range else "mixed", *_stream(style, templates))
+    return [_episode(rng, pools, min_turns, max_turns, max_distance, long_range, attributes, chitchat)
+            for _ in range(num)]  # fmt: skip
 
 
-def _random_turn(rng: random.Random, pools: dict[str, tuple[str, ...]]) -> tuple[str, str]:
+def _random_turn(rng: random.Random, pools: dict[str, tuple[str, ...]], attributes=ATTRIBUTES,
+                 chitchat=_chitchat) -> tuple[str, str]:  # fmt: skip
     roll = rng.random()
     if roll < 0.65:
-        attribute = rng.choice(ATTRIBUTES)
+        attribute = rng.choice(attributes)
         value = rng.choice(pools[attribute.name])
         return (_statement if roll < 0.4 else _question)(rng, attribute, value)
-    return _chitchat(rng)
+    return chitchat(rng)
 
 
-def generate_sft(num: int, seed: int = 0, split: str = "train") -> list[dict]:
+def generate_sft(num: int, seed: int = 0, split: str = "train", style: str = "basic") -> list[dict]:
     """`num` single-turn rows `{"query", "answer"}`: statement + acknowledgement (40 %), question + answer with a
-    random value of `split`'s pools (25 %), chit-chat (35 %)."""
-    pools = value_pools(split)
-    rng = _rng(seed, "sft", split)
+    random value of `split`'s pools (25 %), chit-chat (35 %); training templates of `style`."""
+    attributes, chitchat, pools = _style_parts(style, split, "train")
+    rng = _rng(seed, "sft", split, *_stream(style, "train"))
     rows = []
     for _ in range(num):
-        query, answer = _random_turn(rng, pools)
+        query, answer = _random_turn(rng, pools, attributes, chitchat)
         rows.append({"query": query, "answer": answer})
     return rows
 
 
-def generate_pretrain(num: int, seed: int = 0, split: str = "train") -> list[dict]:
+def generate_pretrain(num: int, seed: int = 0, split: str = "train", style: str = "basic") -> list[dict]:
     """`num` rows `{"text"}`: 2-4 random turns (query and answer) of `generate_sft`'s kinds joined by spaces."""
-    pools = value_pools(split)
-    rng = _rng(seed, "pretrain", split)
+    attributes, chitchat, pools = _style_parts(style, split, "train")
+    rng = _rng(seed, "pretrain", split, *_stream(style, "train"))
     rows = []
     for _ in range(num):
         parts = []
         for _ in range(rng.randint(2, 4)):
-            parts.extend(_random_turn(rng, pools))
+            parts.extend(_random_turn(rng, pools, attributes, chitchat))
         rows.append({"text": " ".join(parts)})
     return rows
 
@@ -546,6 +781,7 @@ def write_synthetic_data(
     num_sft_validation: int | None = None,
     long_range: bool = False,
     mrl_steps: tuple[int, ...] | list[int] | None = None,
+    style: str = "basic",
 ) -> dict[str, Path]:
     """Write every file of the module docstring into `output_dir`; returns `{file stem: path}`.
 
@@ -554,6 +790,9 @@ def write_synthetic_data(
     (`n + 1` turns, probe distances up to `min(max_distance, n)`), like the hub datasets' `steps-n` subsets.
 
     Validation sizes of the pre-training / SFT files default to a tenth of the training size (at least 1).
+
+    `style="diverse"` writes every file in the diverse style (training templates only) and also
+    `{prefix}_paraphrase_test.jsonl`: `num_test` test episodes in the held-out templates.
     """
     _check_episode_args(min_turns, max_turns, max_distance, long_range)
     output_dir = Path(output_dir)
@@ -566,17 +805,24 @@ def write_synthetic_data(
         num_pretrain_validation = max(1, num_pretrain // 10)
     if num_sft_validation is None:
         num_sft_validation = max(1, num_sft // 10)
-    put("pretrain_train", generate_pretrain(num_pretrain, seed, "train"))
-    put("pretrain_validation", generate_pretrain(num_pretrain_validation, seed, "validation"))
-    put("sft_train", generate_sft(num_sft, seed, "train"))
-    put("sft_validation", generate_sft(num_sft_validation, seed, "validation"))
+    _style_parts(style, "train", "train")  # checks the style before anything is written
+    put("pretrain_train", generate_pretrain(num_pretrain, seed, "train", style))
+    put("pretrain_validation", generate_pretrain(num_pretrain_validation, seed, "validation", style))
+    put("sft_train", generate_sft(num_sft, seed, "train", style))
+    put("sft_validation", generate_sft(num_sft_validation, seed, "validation", style))
     prefix = "dialogues_long_range" if long_range else "dialogues"
     for split, num in (("train", num_train), ("validation", num_validation), ("test", num_test)):
-        put(f"{prefix}_{split}", generate_dialogues(num, seed, split, min_turns, max_turns, max_distance, long_range))
+        rows = generate_dialogues(num, seed, split, min_turns, max_turns, max_distance, long_range, style)
+        put(f"{prefix}_{split}", rows)
+    if style != "basic":
+        rows = generate_dialogues(num_test, seed, "test", min_turns, max_turns, max_distance, long_range, style,
+                                  templates="held_out")  # fmt: skip
+        put(f"{prefix}_paraphrase_test", rows)
     for steps in mrl_steps or ():
         if steps < 1:
             raise ValueError(f"mrl_steps: {steps} follow-ups; expected >= 1.")
         for split, num in (("train", num_train), ("validation", num_validation), ("test", num_test)):
-            rows = generate_dialogues(num, seed, split, steps + 1, steps + 1, min(max_distance, steps), long_range)
+            rows = generate_dialogues(num, seed, split, steps + 1, steps + 1, min(max_distance, steps), long_range,
+                                      style)  # fmt: skip
             put(f"{prefix}_steps-{steps}_{split}", rows)
     return written

@@ -116,10 +116,22 @@ def _check_model_type(cls, path, kwargs: dict) -> None:
     config_dict, _ = PreTrainedConfig.get_config_dict(path, **{k: kwargs[k] for k in keys if k in kwargs})
     model_type = config_dict.get("model_type")
     if model_type is not None and model_type != cls.model_type:
+        hint = ("build the baseline with RxTStatelessConfig.from_rxt_config(config)" if model_type == "rxt"
+                else "convert the checkpoint to RxT first")  # fmt: skip
         raise ValueError(
             f"{path} holds a config of model_type={model_type!r}, expected {cls.model_type!r} ({cls.__name__}); "
-            "load it with its own class (AutoConfig), or convert the checkpoint to RxT first."
+            f"load it with its own class (AutoConfig / AutoModel), or {hint}."
         )
+
+
+class _RefusesOtherModelTypes:
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedConfig.from_pretrained`, refusing a `config.json` of another model type before anything is
+        built (transformers would only warn and fill an RxT config from foreign fields). Model classes load their
+        config through it, so their `from_pretrained` refuses such a folder too."""
+        _check_model_type(cls, pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 class _DecoderSizes:
@@ -413,7 +425,7 @@ class RxTMemoryAttentionConfig(PreTrainedConfig):
 
 
 @strict
-class RxTConfig(_DecoderSizes, PreTrainedConfig):
+class RxTConfig(_RefusesOtherModelTypes, _DecoderSizes, PreTrainedConfig):
     r"""Reactive Transformer: decoder + memory encoder + memory-attention network around a fixed-size STM.
 
     Args:
@@ -479,13 +491,6 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
         self.encoder_config.skip_memory_cross_attention = True
         self.encoder_config.is_decoder = False
         self.validate_model()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedConfig.from_pretrained`, refusing a `config.json` of another model type before anything is
-        built (transformers would only warn and fill an RxT config from foreign fields)."""
-        _check_model_type(cls, pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @property
     def stm_shape(self) -> tuple[int, int, int]:
@@ -588,7 +593,7 @@ class RxTConfig(_DecoderSizes, PreTrainedConfig):
 
 
 @strict
-class RxTStatelessConfig(_DecoderSizes, PreTrainedConfig):
+class RxTStatelessConfig(_RefusesOtherModelTypes, _DecoderSizes, PreTrainedConfig):
     r"""Stateless decoder-only baseline built from RxT blocks (no STM, no memory cross-attention).
 
     `RxTStatelessConfig.from_rxt_config(config)` gives the same-size decoder as an RxT model.

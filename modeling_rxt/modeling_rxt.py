@@ -989,31 +989,14 @@ def _unreadable_weights(cls, path, error: Exception) -> ValueError | None:
 class _StrictFromPretrained:
     """`from_pretrained` for every RxT model class (stateful and stateless)."""
 
-    _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
-
-    @classmethod
-    def _check_model_type(cls, path, kwargs: dict) -> None:
-        from transformers import PreTrainedConfig
-
-        hub = {k: kwargs[k] for k in cls._HUB_KWARGS if k in kwargs}
-        config_dict, _ = PreTrainedConfig.get_config_dict(path, **hub)
-        expected, got = cls.config_class.model_type, config_dict.get("model_type")
-        if got != expected:
-            raise ValueError(
-                f"{cls.__name__}.from_pretrained({path!s}): the folder's config.json has model_type={got!r}, expected "
-                f"{expected!r} ({cls.config_class.__name__}). Load it with its own model class (or AutoModel)"
-                + (", or build the baseline with RxTStatelessConfig.from_rxt_config(config)." if got == "rxt" else ".")
-            )
-
     @classmethod
     def from_pretrained(cls, *args, strict: bool = False, **kwargs):
         """`PreTrainedModel.from_pretrained`: missing weights are initialised and reported (warning, and
         `output_loading_info`), as for every transformers model; a base-model folder loads into the LM class and
         back. `strict=True` raises a ValueError listing every missing, unexpected or mismatched weight instead
         (checkpoints.md §6.10); keys of a head this class does not have (`lm_head.*`, `mlm_head.*` loaded into
-        `RxTModel`) are not counted. A folder of another model type is refused before anything is built."""
-        if args and args[0] is not None and kwargs.get("config") is None:
-            cls._check_model_type(args[0], kwargs)
+        `RxTModel`) are not counted. A folder of another model type is refused by the config class before anything is
+        built."""
         want_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -1127,8 +1110,11 @@ class RxTModel(RxTPreTrainedModel):
         if len(shape) != 2 or shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape {tuple(shape)}.")
         batch, length = shape  # seq_len is not a hard limit: RoPE angles are computed per position (§2.1)
+        # A compiled decode step (static cache: `past_length` is a tensor) checks shapes only: its inputs were checked
+        # as they entered, in the prompt phase, and a value-dependent branch would break the graph.
+        compiling = torch.compiler.is_compiling()
         if attention_mask is not None:
-            if attention_mask.dim() == 2 and tuple(attention_mask.shape) != (batch, past_length + length):
+            if attention_mask.dim() == 2 and not compiling and tuple(attention_mask.shape) != (batch, past_length + length):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past_length + length)} "
                     f"(batch, cached + new tokens: {past_length} + {length})."
@@ -1138,7 +1124,7 @@ class RxTModel(RxTPreTrainedModel):
                     f"attention_mask has shape {tuple(attention_mask.shape)}, expected [batch, tokens] "
                     "(or a prepared 4-D mask)."
                 )
-        entering = past_length == 0
+        entering = not compiling and past_length == 0
         flat_mask = attention_mask is not None and attention_mask.dim() == 2
         if entering and (input_ids is not None or flat_mask):
             # one device sync: min / max id (one aminmax) and whether any token is unmasked

@@ -66,7 +66,8 @@ def _check_positive(owner: str, field: str, value) -> None:
 
 
 def resolve_heads(owner: str, prefix: str, att_type: str, att_heads: int, groups, query_groups) -> tuple[int, int]:
-    """Resolve an attention site's `(Hq, Hkv)` from its type and group fields (architecture.md §5.1)."""
+    """Resolve an attention site's `(Hq, Hkv)` from its type and group fields
+    (docs/spec.md#projections-and-head-counts)."""
     if att_type in OUT_OF_SCOPE_ATTENTION_TYPES:
         raise ValueError(f"{owner}.{prefix}type={att_type!r} is out of scope; expected one of {list(ATTENTION_TYPES)}.")
     _check_choice(owner, f"{prefix}type", att_type, ATTENTION_TYPES)
@@ -175,7 +176,7 @@ class _DecoderSizes:
 
 @strict
 class RxTComponentConfig(PreTrainedConfig):
-    r"""Decoder or memory-encoder settings (architecture.md §2.1).
+    r"""Decoder or memory-encoder settings (docs/spec.md#configuration).
 
     Defaults are the reference's (rxlm 0.3.80) except the head fields, which default to a valid sSQA (8/8 of 16);
     the reference default `sqa` without query groups cannot be built. Converted checkpoints state every field.
@@ -235,7 +236,7 @@ class RxTComponentConfig(PreTrainedConfig):
     stateless_layers_config: list[str] | None = None
     final_stateless_layers_config: list[str] | None = None
     dense_layer_dim: int = 1536
-    use_flash_attention: bool = False  # reference backend flag, recorded only (architecture.md §6)
+    use_flash_attention: bool = False  # reference backend flag, recorded only (docs/spec.md#padding-semantics)
     is_decoder: bool = True
 
     def __post_init__(self, **kwargs):
@@ -331,7 +332,7 @@ class RxTEncoderConfig(RxTComponentConfig):
 
 @strict
 class RxTMemoryAttentionConfig(PreTrainedConfig):
-    r"""Memory-attention network settings (architecture.md §2.2, §12)."""
+    r"""Memory-attention network settings (docs/spec.md#configuration, docs/spec.md#memory-attention)."""
 
     model_type = "rxt_memory_attention"
     base_config_key = "memory_attention_config"
@@ -440,7 +441,7 @@ class RxTConfig(_RefusesOtherModelTypes, _DecoderSizes, PreTrainedConfig):
         linear_init: `normal` (transformers' N(0, initializer_range), zero bias) or `pytorch` (`nn.Linear`'s own
             Kaiming-uniform init; the memory path is learnt faster early on with it, docs/training.md).
         system_template, system_prompt_title: template of the system-prompt / memory-initialisation text (`{system}`,
-            `{title}`; RxTChatSession.init_stm, §13.5) and the Beta title.
+            `{title}`; RxTChatSession.init_stm, docs/spec.md#memory-initialisation-from-text) and the Beta title.
 
     Use `RxTConfig.tiny()` for a small test/example model.
     """

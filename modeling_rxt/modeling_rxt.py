@@ -76,7 +76,7 @@ def make_norm(dim: int, use_rms_norm: bool) -> nn.Module:
 
 
 class RxTRotaryEmbedding(nn.Module):
-    """RoPE angles for one component (architecture.md §5.6). No buffers: `inv_freq` (R values) is computed once per
+    """RoPE angles for one component (docs/spec.md#rope). No buffers: `inv_freq` (R values) is computed once per
     device."""
 
     def __init__(self, head_dim: int, base: float):
@@ -188,7 +188,7 @@ class RxTAttention(nn.Module):
         self.out_proj = nn.Linear(self.num_out_heads * head_dim, embed_dim, bias=out_bias)
         if gated:
             self.gate_proj = nn.Linear(embed_dim, self.num_out_heads * head_dim, bias=False)
-            self.gate_proj._rxt_gate_init = True  # N(1, 0.01), §5.4 (see init_rxt_weights)
+            self.gate_proj._rxt_gate_init = True  # N(1, 0.01), docs/spec.md#gated-attention (see init_rxt_weights)
             self.gate_activation = ACT2FN[gate_activation]
         else:
             self.gate_proj = None
@@ -348,7 +348,8 @@ def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) ->
 
 
 class RxTMoE(nn.Module):
-    """Top-k routed experts (stacked `w1 [E, D, 2F|F]`, `w2 [E, F, D]`) + optional shared experts (§8).
+    """Top-k routed experts (stacked `w1 [E, D, 2F|F]`, `w2 [E, F, D]`) + optional shared experts
+    (docs/spec.md#mixture-of-experts).
 
     Tokens are sorted by expert and multiplied with grouped GEMMs (no Python loop over experts or tokens).
     In training mode the load-balancing loss of this call is kept in `self.router_loss`.
@@ -400,7 +401,7 @@ class RxTMoE(nn.Module):
         return self.activation(hidden)
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`x [N, D]` → router probabilities `[N, E]`, top-k weights and expert ids `[N, K]` (§8.1)."""
+        """`x [N, D]` → router probabilities `[N, E]`, top-k weights and expert ids `[N, K]` (docs/spec.md#router)."""
         if self.router_amp:
             with torch.autocast(device_type=x.device.type, dtype=self.router_dtype):
                 logits = self.router(x)
@@ -459,7 +460,8 @@ class RxTMoE(nn.Module):
         return y.view(shape)
 
     def _load_balancing_loss(self, probs: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """`E · Σ_e f_e · P̄_e` with `P̄_e` the mean probability over tokens that selected `e` (§8.6)."""
+        """`E · Σ_e f_e · P̄_e` with `P̄_e` the mean probability over tokens that selected `e`
+        (docs/spec.md#auxiliary-losses)."""
         num_tokens = probs.shape[0]
         counts = counts.to(probs.dtype)
         fraction = counts / (num_tokens * self.top_k + 1e-6)
@@ -629,7 +631,8 @@ class RxTEncoder(nn.Module):
 # Memory attention: norms, residual gates, network
 # ---------------------------------------------------------------------------------------------------------------------
 class RxTMemoryNorm(nn.Module):
-    """Gated memory norms `rms`, `adaptive`, `positional`, `layer` (§12.3): `y = σ(gate)·n(x) + (1−σ(gate))·x`.
+    """Gated memory norms `rms`, `adaptive`, `positional`, `layer` (docs/spec.md#memory-norms):
+    `y = σ(gate)·n(x) + (1−σ(gate))·x`.
 
     (`classic-rms` is a plain `nn.RMSNorm`, built by `make_memory_norm`.)
     """
@@ -679,8 +682,8 @@ def make_memory_norm(config: RxTMemoryAttentionConfig) -> nn.Module:
 
 
 class RxTResidualGate(nn.Module):
-    """`Gate(old, new)` (§12.4): `old + new` when disabled; else gate value `g` (static / elementwise / linear) and
-    sigmoid `g·new + (1−g)·old` or tanh `(1+g)·new + (1−g)·old`."""
+    """`Gate(old, new)` (docs/spec.md#residual-gates): `old + new` when disabled; else gate value `g` (static /
+    elementwise / linear) and sigmoid `g·new + (1−g)·old` or tanh `(1+g)·new + (1−g)·old`."""
 
     def __init__(self, config: RxTMemoryAttentionConfig, enabled: bool):
         super().__init__()
@@ -734,7 +737,8 @@ class RxTResidualGate(nn.Module):
 
 
 class RxTMemoryAttention(nn.Module):
-    """Memory-attention network: `STM_{t−1} [L, B, S, D]`, `ED [L, B, T, D]` → `STM_t [L, B, S, D]` (§12).
+    """Memory-attention network: `STM_{t−1} [L, B, S, D]`, `ED [L, B, T, D]` → `STM_t [L, B, S, D]`
+    (docs/spec.md#memory-attention).
 
     Variants: `simple`, `self` (STM self-attention pre-step), `interlayer` (attention to the mean of all STM layers),
     `self-interlayer` (the interlayer keys/values are a gate of the layer and the mean) and
@@ -842,7 +846,7 @@ class RxTSTMInit(nn.Module):
 
 
 class RxTMLMHead(nn.Module):
-    """Encoder MLM head: `decoder(layer_norm(gelu(dense(h))))` (§10.2)."""
+    """Encoder MLM head: `decoder(layer_norm(gelu(dense(h))))` (docs/spec.md#encoder-and-mlm-head)."""
 
     def __init__(self, embed_dim: int, vocab_size: int):
         super().__init__()
@@ -886,7 +890,8 @@ def init_rxt_weights(model: PreTrainedModel, module: nn.Module) -> None:
             if getattr(module, name) is not None:
                 init.zeros_(getattr(module, name))
     elif isinstance(module, RxTMemoryNorm):
-        if module.norm_type == "positional":  # [S, 1], or [D] with norm_per_dim_scale: N(1, 0.1) (§12.3)
+        # positional: [S, 1], or [D] with norm_per_dim_scale: N(1, 0.1) (docs/spec.md#memory-norms)
+        if module.norm_type == "positional":
             init.normal_(module.scale, mean=1.0, std=0.1)
         else:
             init.ones_(module.scale)
@@ -994,9 +999,9 @@ class _StrictFromPretrained:
         """`PreTrainedModel.from_pretrained`: missing weights are initialised and reported (warning, and
         `output_loading_info`), as for every transformers model; a base-model folder loads into the LM class and
         back. `strict=True` raises a ValueError listing every missing, unexpected or mismatched weight instead
-        (checkpoints.md §6.10); keys of a head this class does not have (`lm_head.*`, `mlm_head.*` loaded into
-        `RxTModel`) are not counted. A folder of another model type is refused by the config class before anything is
-        built."""
+        (docs/conversion.md#strictness-and-the-report); keys of a head this class does not have (`lm_head.*`,
+        `mlm_head.*` loaded into `RxTModel`) are not counted. A folder of another model type is refused by the config
+        class before anything is built."""
         want_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -1109,7 +1114,8 @@ class RxTModel(RxTPreTrainedModel):
             shape = inputs_embeds.shape[:2]
         if len(shape) != 2 or shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape {tuple(shape)}.")
-        batch, length = shape  # seq_len is not a hard limit: RoPE angles are computed per position (§2.1)
+        # seq_len is not a hard limit: RoPE angles are computed per position (docs/spec.md#configuration)
+        batch, length = shape
         # A compiled decode step (static cache: `past_length` is a tensor) checks shapes only: its inputs were checked
         # as they entered, in the prompt phase, and a value-dependent branch would break the graph.
         compiling = torch.compiler.is_compiling()
@@ -1451,7 +1457,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         stm: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Memory initialisation from text (§13.5) → STM `[L, B, S, D]`.
+        """Memory initialisation from text (docs/spec.md#memory-initialisation-from-text) → STM `[L, B, S, D]`.
 
         `input_ids` is the rendered system template (`config.system_template`, e.g. `[BOS][Q]{system}[A][EOS]`).
         The text is encoded (ED `[L, B, T, D]`), `noise_level * N(0, 1)` is added to ED when `noise_level > 0`, then
@@ -1565,14 +1571,16 @@ class RxTChatSession:
     """One or more conversations with an RxT model: an `RxTCache` (STM + memory K/V of the next turn) plus a lock.
 
     `interact(query)` renders `[BOS][Q]query[A]`, generates with stock `generate`, then writes the prompt ids + the
-    generated ids (up to and including `[EOS]`) into the STM (§13.3). With `background_update=True` the memory update
-    runs in a thread after the answer is returned; the next turn (and `stm`, `wait`, `save`) waits for it.
+    generated ids (up to and including `[EOS]`) into the STM (docs/spec.md#one-turn). With `background_update=True` the
+    memory update runs in a thread after the answer is returned; the next turn (and `stm`, `wait`, `save`) waits for
+    it.
 
-    RxT-Beta (tokenizers with `[T] [C] [U] [I]`, §13.2): `interact(query, thinking_mode=..., internal=...)` renders
-    `[BOS]([I]internal)?[Q]query` and the first generated token is `[A]` (`fast`), `[T]` (`extended`) or whichever of
-    the two has the larger logit (`auto`); `tool_result(result)` runs a `[BOS]([I]internal)?[U]result` turn. Beta
-    turns return the generated text with its section tokens (e.g. `[T]...[A]...`). `init_stm(text)` initialises the
-    memory from a system prompt (§13.5). Templates: `modeling_rxt.tokenization_rxt.RXT_TEMPLATES`.
+    RxT-Beta (tokenizers with `[T] [C] [U] [I]`, docs/spec.md#templates):
+    `interact(query, thinking_mode=..., internal=...)` renders `[BOS]([I]internal)?[Q]query` and the first generated
+    token is `[A]` (`fast`), `[T]` (`extended`) or whichever of the two has the larger logit (`auto`);
+    `tool_result(result)` runs a `[BOS]([I]internal)?[U]result` turn. Beta turns return the generated text with its
+    section tokens (e.g. `[T]...[A]...`). `init_stm(text)` initialises the memory from a system prompt
+    (docs/spec.md#memory-initialisation-from-text). Templates: `modeling_rxt.tokenization_rxt.RXT_TEMPLATES`.
 
     Guarantees:
     - A turn is all or nothing. It generates on a copy of the session's cache and the session adopts the new STM only
@@ -1744,7 +1752,7 @@ class RxTChatSession:
             raise ValueError(f"{path}: {error}") from None
         return cls(model, tokenizer, stm=stm, **kwargs)
 
-    # -- templates (§13.2) ----------------------------------------------------------------------------------------
+    # -- templates (docs/spec.md#templates) ---------------------------------------------------------------------------
     def _need(self, key: str, token: str, what: str) -> int:
         token_id = self.token_ids.get(key)
         if token_id is None:
@@ -1935,9 +1943,9 @@ class RxTChatSession:
             logger.warning("streamer.end() after a failed turn raised %s: %s", type(error).__name__, error)
 
     def _interaction(self, prompt: dict, output: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
-        """Memory-update input (§13.3): per row the prompt ids (left padding removed) + the generated ids up to and
-        including the first `[EOS]` (all of them when stopped by length), left-aligned and right-padded with `[PAD]`
-        (mask 0). Also returns each row's generated ids without that `[EOS]` (the answer to decode)."""
+        """Memory-update input (docs/spec.md#one-turn): per row the prompt ids (left padding removed) + the generated
+        ids up to and including the first `[EOS]` (all of them when stopped by length), left-aligned and right-padded
+        with `[PAD]` (mask 0). Also returns each row's generated ids without that `[EOS]` (the answer to decode)."""
         eos = self.model.config.eos_token_id
         eos = torch.tensor([] if eos is None else eos, dtype=output.dtype, device=output.device).reshape(-1)
         prompt_ids, prompt_mask = prompt["input_ids"], prompt["attention_mask"].bool()  # [B, P]
@@ -1967,7 +1975,7 @@ class RxTChatSession:
         else:
             self.cache = cache
 
-    # -- memory initialisation from text (§13.5) ------------------------------------------------------------------
+    # -- memory initialisation from text (docs/spec.md#memory-initialisation-from-text) -------------------------------
     def init_stm(self, text, force: bool = False, noise_level: float = 0.0, template: str | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
         """Start the conversation(s) from a fresh initial STM initialised with `text` (a system prompt; str for every

@@ -143,10 +143,10 @@ RXT_CHAT_TEMPLATE = (
 )
 
 
-# Turn and system templates as data (§13.2; format placeholders in braces, tokenized without automatic special
-# tokens). `{internal}` of a turn prompt is the rendered `internal` part, or "" when there is none. Alpha prompts end
-# with `[A]`; Beta turn prompts end with the query / tool result and the first section token is generated (forced or
-# chosen by the thinking mode, `RXT_THINKING_MODES`).
+# Turn and system templates as data (docs/spec.md#templates; format placeholders in braces, tokenized without automatic
+# special tokens). `{internal}` of a turn prompt is the rendered `internal` part, or "" when there is none. Alpha
+# prompts end with `[A]`; Beta turn prompts end with the query / tool result and the first section token is generated
+# (forced or chosen by the thinking mode, `RXT_THINKING_MODES`).
 RXT_TEMPLATES = {
     "query": "[BOS]{internal}[Q]{query}",
     "tool_result": "[BOS]{internal}[U]{result}",

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert reference (rxlm) RxT checkpoints into one project folder (docs: checkpoints.md §5, §6).
+"""Convert reference (rxlm) RxT checkpoints into one project folder (docs/conversion.md#the-output-folder,
+docs/conversion.md#how-the-converter-decides).
 
 Component repos:
     python scripts/convert_rxlm_checkpoint.py --decoder DEC --encoder ENC --memory-attention MEM \

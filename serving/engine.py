@@ -54,7 +54,7 @@ class Generation:
 
     answer_ids: list[int]
     finish_reason: str  # "stop" ([EOS]) or "length" (max_new_tokens)
-    update_ids: list[int]  # prompt + generated ids up to and including [EOS] (§13.3)
+    update_ids: list[int]  # prompt + generated ids up to and including [EOS] (docs/spec.md#one-turn)
 
 
 class Backend(Protocol):

@@ -1,4 +1,4 @@
-"""Chat-level inference (architecture.md §13): memory-update ids = prompt + generated ids, memory initialisation
+"""Chat-level inference (docs/spec.md#inference): memory-update ids = prompt + generated ids, memory initialisation
 from text (default / force / noise), RxT-Beta templates and thinking modes, batches, background updates."""
 
 import pytest
@@ -79,7 +79,7 @@ def test_update_ids_are_prompt_plus_generated_batched(model, tokenizer, monkeypa
     prompts = [f"[BOS][Q]{q}[A]" for q in queries]
     longest = max(len(ids(tokenizer, p)) for p in prompts)
     stm = session.stm.clone()
-    # row 1 stops with [EOS] after 2 tokens, row 0 runs to the length limit (no [EOS], §13.3)
+    # row 1 stops with [EOS] after 2 tokens, row 0 runs to the length limit (no [EOS], docs/spec.md#one-turn)
     eos = LogitsProcessorList([EosAt(longest, row=1, step=2)])
     answers = session.interact(queries, max_new_tokens=6, logits_processor=eos)
     session.wait()

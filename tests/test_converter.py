@@ -1,6 +1,6 @@
 """Tests of the reference-checkpoint converter (modeling_rxt/conversion/, scripts/convert_rxlm_checkpoint.py).
 
-Rules under test: docs/checkpoints.md §3–§6. Inputs are the fixture cases under ../shared/fixtures/reference and
+Rules under test: docs/conversion.md. Inputs are the fixture cases under ../shared/fixtures/reference and
 synthetic variants of them built in tmp folders (legacy MoE storage, whole-model files, broken checkpoints).
 """
 
@@ -505,7 +505,7 @@ def test_config_shape_conflicts_are_reported(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# memory-attention variant (§6.5)
+# memory-attention variant (docs/conversion.md#memory-attention-variant)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -580,7 +580,7 @@ def test_unused_gates_of_simple_disable_residual_are_ignored(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RoPE layout (§6.6) and legacy MoE (§6.7)
+# RoPE layout (docs/conversion.md#rope-layout) and legacy MoE (docs/conversion.md#legacy-moe-storage)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -744,7 +744,8 @@ def test_rxnn_encoder_cross_attention(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# whole-model folders (§2, §3, §4.9) and --import-stm
+# whole-model folders and --import-stm (docs/conversion.md#reading-the-reference-folders,
+# docs/conversion.md#whole-model-repos)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -771,7 +772,8 @@ def make_whole_model(case: str, tmp_path: Path, variant_name: str, tokenizer_con
     tensors["decoder.model.stm.memory"] = tensors.pop("memory_attention.model.stm.memory")
     metadata["memory_attention.model.stm.memory"] = "decoder.model.stm.memory"
     save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
-    # the nested memory-attention config holds only passed fields: drop those equal to the defaults of §6.4
+    # the nested memory-attention config holds only passed fields: drop those equal to the defaults of
+    # docs/conversion.md#order-of-authority
     from modeling_rxt.conversion import MEMORY_ATTENTION_DEFAULTS
 
     mem_cfg = {
@@ -1271,7 +1273,7 @@ def test_synthetic_round_trip(tmp_path, name):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# MRL critic (checkpoints.md §4.8)
+# MRL critic (docs/conversion.md#critic)
 # ---------------------------------------------------------------------------------------------------------------
 
 

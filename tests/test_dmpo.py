@@ -1,5 +1,5 @@
-"""DMPO (training.md §7): collator targets, the loss formula, memory built only from earlier accepted turns, the frozen
-reference, gradients following the freezing options, a learnable preference set, validation, and the script."""
+"""DMPO (docs/spec.md#dmpo): collator targets, the loss formula, memory built only from earlier accepted turns, the
+frozen reference, gradients following the freezing options, a learnable preference set, validation, and the script."""
 
 import copy
 import json

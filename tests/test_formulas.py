@@ -1,9 +1,9 @@
 """Numerical oracle for the architecture options: every case builds a tiny model, randomises ALL its parameters and
 buffers (gates, norm scales, `ema_rms`, biases, so that init values cannot hide a wrong formula) and compares the
-model against a naive re-implementation of architecture.md written from the spec's formulas (explicit per-head and
+model against a naive re-implementation of docs/spec.md#model written from its formulas (explicit per-head and
 per-token loops) over the project's state-dict keys: decoder logits, encoder ED, updated STM and MLM logits on real
-positions of a batch with one right-padded row. Plus training-mode `ema_rms` updates (§12.3), the MoE load-balancing
-loss (§8.6) and the `stm_init` modes (§11)."""
+positions of a batch with one right-padded row. Plus training-mode `ema_rms` updates (docs/spec.md#memory-norms), the
+MoE load-balancing loss (docs/spec.md#auxiliary-losses) and the `stm_init` modes (docs/spec.md#short-term-memory)."""
 # ruff: noqa: C408 - the option tables read best as dict(...) calls
 
 import math
@@ -17,26 +17,27 @@ from modeling_rxt.configuration_rxt import RxTMemoryAttentionConfig
 from modeling_rxt.modeling_rxt import RxTMemoryNorm
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Oracle (architecture.md). `sd` = the model's state dict; `p` = a key prefix.
+# Oracle (docs/spec.md#model). `sd` = the model's state dict; `p` = a key prefix.
 # ---------------------------------------------------------------------------------------------------------------------
 ACT = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid,
        "tanh": torch.tanh, "linear": lambda x: x}  # fmt: skip
 
 
 def rms_norm(x, w):
-    """§4: `x / sqrt(mean(x²) + eps) · w`, eps = finfo(dtype).eps."""
+    """docs/spec.md#normalisation: `x / sqrt(mean(x²) + eps) · w`, eps = finfo(dtype).eps."""
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps) * w
 
 
 def norm(sd, p, x, use_rms):
-    """§4: RMSNorm or LayerNorm (eps 1e-5)."""
+    """docs/spec.md#normalisation: RMSNorm or LayerNorm (eps 1e-5)."""
     if use_rms:
         return rms_norm(x, sd[p + "weight"])
     return F.layer_norm(x, x.shape[-1:], sd[p + "weight"], sd[p + "bias"], 1e-5)
 
 
 def rope(x, base, layout):
-    """§5.6: rotate adjacent pairs (2j, 2j+1) of `x [B, H, T, hd]` at positions 0..T−1; write back per layout."""
+    """docs/spec.md#rope: rotate adjacent pairs (2j, 2j+1) of `x [B, H, T, hd]` at positions 0..T−1; write back per
+    layout."""
     hd, T = x.shape[-1], x.shape[-2]
     inv = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     ang = (torch.arange(T, dtype=torch.float32)[:, None] * inv[None]).to(x.dtype)
@@ -50,7 +51,7 @@ def rope(x, base, layout):
 
 
 def attention(sd, p, xq, xkv, hd, keymask=None, causal=False, rope_q=None, rope_k=None, gate_act=None):
-    """§5.1-5.4: per output head; Hq > Hkv → kv head ⌊h/(Hq/Hkv)⌋, Hq < Hkv (revSQA) → q head i mod Hq.
+    """docs/spec.md#attention: per output head; Hq > Hkv → kv head ⌊h/(Hq/Hkv)⌋, Hq < Hkv (revSQA) → q head i mod Hq.
     `rope_q`/`rope_k` = (base, layout) or None; `keymask [B, Tk]` True = real key."""
     B, Tq, _ = xq.shape
     Tk = xkv.shape[1]
@@ -78,14 +79,16 @@ def attention(sd, p, xq, xkv, hd, keymask=None, causal=False, rope_q=None, rope_
 
 
 def feed_forward(sd, p, x, gated, act, width):
-    """§7: dense `fc2(act(fc1 x))` or gated `fc2(a[:F] · act(a[F:]))`; biases where the checkpoint has them."""
+    """docs/spec.md#feed-forward: dense `fc2(act(fc1 x))` or gated `fc2(a[:F] · act(a[F:]))`; biases where the
+    checkpoint has them."""
     a = x @ sd[p + "fc1.weight"].T + sd.get(p + "fc1.bias", 0)
     h = a[..., :width] * ACT[act](a[..., width:]) if gated else ACT[act](a)
     return h @ sd[p + "fc2.weight"].T + sd.get(p + "fc2.bias", 0)
 
 
 def moe(sd, p, x, c, aux_losses=None):
-    """§8.1-8.6, one token and one selected expert at a time. Appends the layer's aux loss to `aux_losses`."""
+    """docs/spec.md#mixture-of-experts, one token and one selected expert at a time. Appends the layer's aux loss to
+    `aux_losses`."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     N, E, K, Ns, Fd = x.shape[0], c.num_experts, c.moe_top_k, c.num_shared_experts, c.ff_dim
@@ -102,7 +105,7 @@ def moe(sd, p, x, c, aux_losses=None):
     weighted = c.moe_use_weighted_shared_experts and Ns > 0
     if weighted:
         y = y * (K / (K + Ns))
-    y = y + sd.get(p + "global_bias", 0)  # §8.5: never scaled
+    y = y + sd.get(p + "global_bias", 0)  # docs/spec.md#shared-experts: never scaled
     shared_gate_loss = 0.0
     if Ns > 0:
         Fs = c.shared_expert_dim or Fd
@@ -119,7 +122,8 @@ def moe(sd, p, x, c, aux_losses=None):
                 shared = shared + mix[:, s : s + 1] * out
         shared = shared + sd.get(p + "shared_experts_bias", 0)
         y = y + (shared * (Ns / (K + Ns)) if weighted else shared)
-    if aux_losses is not None:  # §8.6: f_e over N·K assignments, P̄_e over the tokens that selected e
+    # docs/spec.md#auxiliary-losses: f_e over N·K assignments, P̄_e over the tokens that selected e
+    if aux_losses is not None:
         aux = 0.0
         for e in range(E):
             chosen = (ek == e).any(-1)
@@ -131,7 +135,8 @@ def moe(sd, p, x, c, aux_losses=None):
 
 
 def layer(sd, p, h, c, layout, kind="memory", stm_l=None, keymask=None, causal=True, aux_losses=None):
-    """§9.1 / §9.2 / §10.1 pre-norm block: self-attn, [memory cross-attn], FF (dense, gated or MoE)."""
+    """Pre-norm block (docs/spec.md#memory-layer, docs/spec.md#stateless-layers, docs/spec.md#encoder-and-mlm-head):
+    self-attn, [memory cross-attn], FF (dense, gated or MoE)."""
     hd = c.embed_dim // c.att_heads
     r = (float(c.rope_base), layout) if c.use_rope else None
     gate_act = c.gated_attention_activation if c.use_gated_attention else None
@@ -152,8 +157,9 @@ def layer(sd, p, h, c, layout, kind="memory", stm_l=None, keymask=None, causal=T
 
 
 def decoder_logits(sd, cfg, ids, mask, stm, aux=None):
-    """§9.3: stateless → memory layers (STM[i]) → final stateless → head norm → head. Causal + key padding (§5.5).
-    `aux` (dict) collects the MoE losses of 'leading' (stateless + memory layers) and 'final' layers."""
+    """docs/spec.md#stack-and-head: stateless → memory layers (STM[i]) → final stateless → head norm → head. Causal +
+    key padding (docs/spec.md#masks). `aux` (dict) collects the MoE losses of 'leading' (stateless + memory layers) and
+    'final' layers."""
     c, km, h = cfg.decoder_config, mask.bool(), sd["model.embed_tokens.weight"][ids]
     lead, final = (aux.setdefault("leading", []), aux.setdefault("final", [])) if aux is not None else (None, None)
     for j, kind in enumerate(c.stateless_layers_config or []):
@@ -169,7 +175,8 @@ def decoder_logits(sd, cfg, ids, mask, stm, aux=None):
 
 
 def encode(sd, cfg, ids, mask):
-    """§10.1: bidirectional, key padding; ED = stack of every layer's un-normalised output `[L, B, T, D]`."""
+    """docs/spec.md#encoder-and-mlm-head: bidirectional, key padding; ED = stack of every layer's un-normalised output
+    `[L, B, T, D]`."""
     c, h, ed = cfg.encoder_config, sd["model.embed_tokens.weight"][ids], []
     for i in range(c.num_layers):
         h = layer(sd, f"model.encoder.layers.{i}.", h, c, cfg.rope_layout, keymask=mask.bool(), causal=False)
@@ -178,14 +185,15 @@ def encode(sd, cfg, ids, mask):
 
 
 def mlm_logits(sd, h):
-    """§10.2: `decoder(layer_norm(gelu(dense(h))))`."""
+    """docs/spec.md#encoder-and-mlm-head: `decoder(layer_norm(gelu(dense(h))))`."""
     x = F.gelu(h @ sd["mlm_head.dense.weight"].T + sd["mlm_head.dense.bias"])
     x = F.layer_norm(x, x.shape[-1:], sd["mlm_head.layer_norm.weight"], sd["mlm_head.layer_norm.bias"], 1e-5)
     return x @ sd["mlm_head.decoder.weight"].T + sd["mlm_head.decoder.bias"]
 
 
 def memory_norm(sd, p, x, m, training=False):
-    """§12.3. In training mode `adaptive`/`positional` first update `sd[p + 'ema_rms']` (in place in `sd`)."""
+    """docs/spec.md#memory-norms. In training mode `adaptive`/`positional` first update `sd[p + 'ema_rms']` (in place
+    in `sd`)."""
     if m.norm_type == "classic-rms":
         return rms_norm(x, sd[p + "weight"])
     if m.norm_type == "layer":
@@ -206,8 +214,8 @@ def memory_norm(sd, p, x, m, training=False):
 
 
 def residual_gate(sd, p, old, new, m, enabled):
-    """§12.4: `old + new` when disabled, else gate value z (static / elementwise / linear, status from old + new)
-    through sigmoid `g·new + (1−g)·old` or tanh `(1+g)·new + (1−g)·old`."""
+    """docs/spec.md#residual-gates: `old + new` when disabled, else gate value z (static / elementwise / linear, status
+    from old + new) through sigmoid `g·new + (1−g)·old` or tanh `(1+g)·new + (1−g)·old`."""
     if not enabled:
         return old + new
     s_in = old + new
@@ -229,7 +237,8 @@ def residual_gate(sd, p, old, new, m, enabled):
 
 
 def memory_update(sd, cfg, stm, ed, mask, training=False):
-    """§12.1-12.2: every layer from the pre-update STM; pre-step per variant, then main attention (RoPE on ED keys)."""
+    """docs/spec.md#main-update, docs/spec.md#variants: every layer from the pre-update STM; pre-step per variant, then
+    main attention (RoPE on ED keys)."""
     m, v, P = cfg.memory_attention_config, cfg.memory_attention_variant, "model.memory_attention."
     L, hd = stm.shape[0], m.embed_dim // m.att_heads
     G = m.num_groups if v == "grouped-self-interlayer" else 1
@@ -389,7 +398,7 @@ def test_model_matches_spec_formulas(name):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training mode: ema_rms updates (§12.3)
+# Training mode: ema_rms updates (docs/spec.md#memory-norms)
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("norm_type,per_dim", [("adaptive", False), ("positional", False), ("positional", True)])
 def test_memory_norm_training_updates_ema_before_use(norm_type, per_dim):
@@ -436,7 +445,7 @@ def test_training_memory_update_updates_every_ema_buffer(norm_type):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# MoE auxiliary loss (§8.6)
+# MoE auxiliary loss (docs/spec.md#auxiliary-losses)
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("aux_layers,num_shared", [("all", 1), ("reference", 2), ("all", 3)])
 def test_moe_aux_loss_formula(aux_layers, num_shared):
@@ -450,7 +459,8 @@ def test_moe_aux_loss_formula(aux_layers, num_shared):
     model = randomised_model(cfg, torch.float32)
     sd = snapshot(model)
     ids, mask, stm = inputs(cfg, torch.float32)
-    mask = torch.ones_like(mask)  # every position is routed, but padded rows' hidden states are unspecified (§6)
+    # every position is routed, but padded rows' hidden states are unspecified (docs/spec.md#padding-semantics)
+    mask = torch.ones_like(mask)
     model.train()
     with torch.no_grad():
         out = model(ids, attention_mask=mask, stm=stm.clone())
@@ -466,7 +476,7 @@ def test_moe_aux_loss_formula(aux_layers, num_shared):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# stm_init (§11)
+# stm_init (docs/spec.md#short-term-memory)
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["standard", "normal", "uniform", "ones", "zeros"])
 def test_stm_init_modes(mode):

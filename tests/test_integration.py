@@ -1,4 +1,4 @@
-"""Integration of RxT with the HF stack (docs: hf-integration.md §2, §3, §5, §6, §7.4, §9, §13).
+"""Integration of RxT with the HF stack (docs/spec.md#fitting-the-hf-stack).
 
 1. `trust_remote_code` reload in a fresh process where the package is NOT importable (RxT and the stateless baseline).
 2. Installed path: registered Auto classes win without `trust_remote_code`.

@@ -369,7 +369,7 @@ def test_bad_stm_inputs_name_the_expected_shape():
 
 
 def test_seq_len_is_not_a_hard_limit():
-    """architecture.md §2.1: `seq_len` is a RoPE-table hint; longer inputs run, causally consistent."""
+    """docs/spec.md#configuration: `seq_len` is a RoPE-table hint; longer inputs run, causally consistent."""
     model = build(RxTConfig.tiny())  # seq_len 256
     ids = random_ids(1, 300)
     stm = model.initial_stm(1)
@@ -423,7 +423,8 @@ def test_chat_session_rejects_mismatched_token_ids(tokenizer):
 
 
 def test_initialisation_of_gated_attention_and_positional_norm_scales():
-    """§5.4: gate_proj ~ N(1, 0.01); §12.3: positional norm scale ~ N(1, 0.1), also the per-dim [D] scale."""
+    """gate_proj ~ N(1, 0.01) (docs/spec.md#gated-attention); positional norm scale ~ N(1, 0.1), also the per-dim [D]
+    scale (docs/spec.md#memory-norms)."""
     torch.manual_seed(0)
     config = RxTConfig.tiny(decoder={"use_gated_attention": True},
                             memory_attention={"norm_type": "positional", "norm_per_dim_scale": True})  # fmt: skip
@@ -471,8 +472,9 @@ def test_linear_init_modes(tmp_path):
 
 
 def test_from_pretrained_standard_and_strict(tmp_path):
-    """transformers' contract by default (missing weights initialised and reported); `strict=True` (checkpoints.md
-    §6.10) makes a missing or unexpected weight an error listing them all, never a partial load."""
+    """transformers' contract by default (missing weights initialised and reported); `strict=True`
+    (docs/conversion.md#strictness-and-the-report) makes a missing or unexpected weight an error listing them all,
+    never a partial load."""
     from safetensors.torch import load_file, save_file
 
     build(RxTConfig.tiny()).save_pretrained(tmp_path)

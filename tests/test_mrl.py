@@ -1,9 +1,9 @@
-"""MRL / IMPO trainer (training.md §6, hf-integration.md §8): the TRL helpers import, the rollout stores what the
-replay needs (first interaction only written, generated answers written, masks, STM), the reward modes follow the
-strategy, every loss term equals its formula, advantages, gradients follow the freeze stages, config validation, the
-reward rises on a learnable task, the saved policy reloads with trust_remote_code, 2-process DDP stays in sync, the
-replay buffer scores/ages/evicts as specified and its episodes enter the loss, and a resumed run repeats the
-uninterrupted one exactly."""
+"""MRL / IMPO trainer (docs/spec.md#stage-5-memory-reinforcement-learning, docs/spec.md#trl-and-the-mrl-trainer): the
+TRL helpers import, the rollout stores what the replay needs (first interaction only written, generated answers
+written, masks, STM), the reward modes follow the strategy, every loss term equals its formula, advantages, gradients
+follow the freeze stages, config validation, the reward rises on a learnable task, the saved policy reloads with
+trust_remote_code, 2-process DDP stays in sync, the replay buffer scores/ages/evicts as specified and its episodes
+enter the loss, and a resumed run repeats the uninterrupted one exactly."""
 
 import copy
 import importlib
@@ -1288,7 +1288,8 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tokenizer, tmp_path
 
 
 def test_critic_formula(tokenizer):
-    """checkpoints.md §4.8: V = act(Linear(LayerNorm(a[:D] * silu(a[D:])))) * scale + shift, a = GLU(masked mean)."""
+    """docs/conversion.md#critic: V = act(Linear(LayerNorm(a[:D] * silu(a[D:])))) * scale + shift, a = GLU(masked
+    mean)."""
     torch.manual_seed(0)
     critic = RxTCritic(tiny_model(tokenizer), activation="tanh", init_scale=3.0)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""MRL reward (trainers/mrl_reward.py, docs/training.md §6.3) against an independent per-row oracle:
+"""MRL reward (trainers/mrl_reward.py, docs/spec.md#mrl-reward) against an independent per-row oracle:
 NLTK sentence_bleu (BLEU-2, method4) on id lists and a numpy cosine on the embedding matrix."""
 
 import dataclasses

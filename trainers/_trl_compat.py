@@ -1,4 +1,4 @@
-"""The TRL helpers the MRL trainer reuses, imported in one place (hf-integration.md §8.2).
+"""The TRL helpers the MRL trainer reuses, imported in one place (docs/spec.md#trl-and-the-mrl-trainer).
 
 Pinned to `trl==1.16.*` (setup.py): `disable_dropout_in_model` is public; the rest are semi-private and
 may move in a later TRL. `tests/test_mrl.py` imports every name here, so a TRL change breaks in this one module.

@@ -1,10 +1,11 @@
-"""DMPO: Direct Memory and Preference Optimisation (training.md §7), DPO inside the SMAT loop.
+"""DMPO: Direct Memory and Preference Optimisation (docs/spec.md#dmpo), DPO inside the SMAT loop.
 
 Rows: `{"interactions": [{"query", "accepted": {"answer"}, "rejected": {"answer"}, "neutral"?: {"answer"}}, ...]}`.
 Every answer is encoded with the interaction template `[BOS][Q]{query}` + `[A]{answer}[EOS]`; targets follow the
-project rule (the tokens after `[A]` up to and including `[EOS]`, training.md §3). The agentic / reasoning fields
-(`internal`, `tool_use`, `think`, `tool_call`, and a `system` prompt) have no template in `trainers/data.py` yet: rows
-that use them raise a `ValueError` naming the field instead of being trained on a silently shortened interaction.
+project rule (the tokens after `[A]` up to and including `[EOS]`, docs/spec.md#interaction-sft). The agentic /
+reasoning fields (`internal`, `tool_use`, `think`, `tool_call`, and a `system` prompt) have no template in
+`trainers/data.py` yet: rows that use them raise a `ValueError` naming the field instead of being trained on a silently
+shortened interaction.
 
 Loop per batch of episodes (`DMPOTrainer.compute_loss`), STM `[L, B, S, D]` reset to the model's initial STM; for turn
 `t`:
@@ -17,8 +18,8 @@ Loop per batch of episodes (`DMPOTrainer.compute_loss`), STM `[L, B, S, D]` rese
    `L = (1−s)·(−log σ(x)) + s·(−log σ(−x)) + anchor_weight·|lp_neu − lp_ref_neu|` (the anchor only where the turn
    has a neutral answer); the turn loss is the mean over the episodes that have turn `t`;
 4. only then is the accepted interaction `t` written into memory (the reference's leak, writing it before scoring,
-   is not reproduced: training.md §9 B13). Gradient flows into memory attention / encoder when they train; the STM is
-   detached every `bptt_turns` turns exactly as in SMAT.
+   is not reproduced: docs/spec.md#reference-training-behaviours). Gradient flows into memory attention / encoder when
+   they train; the STM is detached every `bptt_turns` turns exactly as in SMAT.
 The loss is the mean of the turn losses. Freezing, unfreeze epochs, `freeze_embeddings`, `bptt_turns` and the
 episode-length schedule are SMAT's (`DMPOTrainer` subclasses `SupervisedMemoryAwareTrainer`).
 """
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 ANSWER_KINDS = ("accepted", "rejected", "neutral")
 _UNSUPPORTED = (
     "is not supported by DMPO yet: trainers/data.py has only the [BOS][Q]query[A]answer[EOS] template (the "
-    "reasoning / agentic templates of training.md §1 are not implemented); remove the field or drop the row"
+    "reasoning / agentic templates of docs/spec.md#tokenizer are not implemented); remove the field or drop the row"
 )
 
 

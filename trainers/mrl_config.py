@@ -1,4 +1,4 @@
-"""Configuration of stage 5, Memory Reinforcement Learning with IMPO (training.md §6.10): `MRLConfig` and its
+"""Configuration of stage 5, Memory Reinforcement Learning with IMPO (docs/spec.md#mrlconfig): `MRLConfig` and its
 curriculum stages."""
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def parse_unfreeze_epoch(value) -> list[tuple[int, float | None]] | int | None:
 
 
 def freeze_stage(unfreeze, epoch: int) -> str:
-    """The freeze stage (`warmup`/`fetch`/`update`/`all`) at `epoch` of a curriculum stage (training.md §6.9)."""
+    """The freeze stage (`warmup`/`fetch`/`update`/`all`) at `epoch` of a curriculum stage
+    (docs/spec.md#mrl-curriculum-freezing-resets-replay)."""
     if unfreeze is None:
         return "fetch"
     if isinstance(unfreeze, int):
@@ -92,7 +93,7 @@ def freeze_stage(unfreeze, epoch: int) -> str:
 
 @dataclass
 class MRLConfig(GRPOConfig, MRLRewardArguments):
-    """`GRPOConfig` fields with the reference defaults (training.md §6.10) + the MRL fields.
+    """`GRPOConfig` fields with the reference defaults (docs/spec.md#mrlconfig) + the MRL fields.
 
     Reused GRPO fields: `epsilon` (clip), `beta` (reference-KL coefficient), `num_iterations` (update epochs over one
     rollout), `entropy_coef`, `num_generations` (rollouts per episode; 1 with the critic, >= 2 for `"group"`),
@@ -238,7 +239,7 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
         embedding_lr (`float | None`, *optional*, defaults to `None`):
             None: learning_rate.
 
-        > Replay buffer (training.md §6.9; `MrlReplayBuffer`)
+        > Replay buffer (docs/spec.md#mrl-curriculum-freezing-resets-replay; `MrlReplayBuffer`)
 
         replay_buffer_size (`int`, *optional*, defaults to `0`):
             Best episodes kept and replayed with each new rollout (0: no replay buffer).
@@ -330,7 +331,7 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
     memory_attention_lr: float | None = field(default=None, metadata={"help": "None: memory_lr."})
     encoder_lr: float | None = field(default=None, metadata={"help": "None: memory_lr."})
     embedding_lr: float | None = field(default=None, metadata={"help": "None: learning_rate."})
-    # replay buffer (training.md §6.9; `MrlReplayBuffer`)
+    # replay buffer (docs/spec.md#mrl-curriculum-freezing-resets-replay; `MrlReplayBuffer`)
     replay_buffer_size: int = field(
         default=0, metadata={"help": "Best episodes kept and replayed with each new rollout (0: no replay buffer)."}
     )
@@ -343,7 +344,7 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
 
     def __post_init__(self):
         # GRPOConfig.__post_init__ requires >= 2 generations and sets vLLM/GRPO-only state: MRL sizes its own
-        # generation batch (training.md §6.10), so only the TrainingArguments part runs.
+        # generation batch (docs/spec.md#mrlconfig), so only the TrainingArguments part runs.
         TrainingArguments.__post_init__(self)
         self.validate_reward_arguments()
         if self.steps_per_generation is None:
@@ -393,7 +394,7 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
             raise ValueError(f"random_resets_ratio={self.random_resets_ratio}: expected in [0, 1].")
         if self.strategy == "single_step":
             warnings.warn(
-                "strategy='single_step' is identical to 'multi_step' (training.md §6.2); using multi_step.",
+                "strategy='single_step' is identical to 'multi_step' (docs/spec.md#mrl-strategies); using multi_step.",
                 stacklevel=2,
             )
             self.strategy = "multi_step"

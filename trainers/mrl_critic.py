@@ -1,6 +1,6 @@
-"""The MRL critic (training.md §6.5): a value head on a copy of the policy's memory encoder, and its folder layout
-(`critic/model.safetensors` + `critic/config.json`), written by `MRLTrainer` and the checkpoint converter and read
-back by MRL's `--critic_name_or_path`."""
+"""The MRL critic (docs/spec.md#mrl-critic): a value head on a copy of the policy's memory encoder, and its folder
+layout (`critic/model.safetensors` + `critic/config.json`), written by `MRLTrainer` and the checkpoint converter and
+read back by MRL's `--critic_name_or_path`."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _scalars_from_0d(module, state_dict, prefix, *args) -> None:
 
 
 class RxTCritic(nn.Module):
-    """`V(s) = act(Linear(LayerNorm(GLU_SiLU(masked_mean(encoder(s)[-1]))))) · scale + shift` (training.md §6.5).
+    """`V(s) = act(Linear(LayerNorm(GLU_SiLU(masked_mean(encoder(s)[-1]))))) · scale + shift`
+    (docs/spec.md#mrl-critic).
 
     The encoder (with its embedding) is a separate copy of the policy's memory encoder. Input `[B, T]` → `[B]`."""
 
@@ -58,7 +59,8 @@ class RxTCritic(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, mode="encode").last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, D]
-        linear, gate = self.glu(pooled).chunk(2, dim=-1)  # first half linear, second through SiLU (ckpt §4.8)
+        # first half linear, second through SiLU (docs/conversion.md#critic)
+        linear, gate = self.glu(pooled).chunk(2, dim=-1)
         value = self.value(self.norm(linear * F.silu(gate))).squeeze(-1)
         if self.activation == "sigmoid":
             value = torch.sigmoid(value)

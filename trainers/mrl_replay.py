@@ -1,4 +1,5 @@
-"""The MRL replay buffer (training.md §6.9): the best episodes of earlier rollouts, replayed with every new one."""
+"""The MRL replay buffer (docs/spec.md#mrl-curriculum-freezing-resets-replay): the best episodes of earlier rollouts,
+replayed with every new one."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import torch
 
 
 class MrlReplayBuffer:
-    """The `size` best episodes collected so far, replayed with every new rollout (training.md §6.9).
+    """The `size` best episodes collected so far, replayed with every new rollout
+    (docs/spec.md#mrl-curriculum-freezing-resets-replay).
 
     **Entry** = one collected episode: its `G = num_generations` rows of the episode-major rollout tensors
     (`start_stm`, `first_ids`, `saved_ids`, `qa_ids`, `action_mask`, `old_logps`, `rewards`, `turn_mask`, critic
@@ -16,10 +18,11 @@ class MrlReplayBuffer:
     **Score** (`score`) = mean over the episode's steps (those it has, `turn_mask`) of `mean_G(r) − std_G(r)`, the
     mean and (unbiased) standard deviation of that step's reward over the episode's `G` generations. The spec's
     "mean over steps of (mean reward − std reward)" puts both statistics *inside* the mean over steps, i.e. over the
-    rows of one stored step: the reference stores per step a reward vector `[B]` (§6.1), so there they run over the
-    rows it collected together; our rows of one episode are its `G` answers. With `G = 1` (critic) the std is 0 and
-    the score is the mean reward over steps (not mean − std *over steps*, which would be a different quantity).
-    The score ranks episodes that are good *and* consistent first. An episode without steps scores −inf.
+    rows of one stored step: the reference stores per step a reward vector `[B]`
+    (docs/spec.md#mrl-episode-and-rollout), so there they run over the rows it collected together; our rows of one
+    episode are its `G` answers. With `G = 1` (critic) the std is 0 and the score is the mean reward over steps (not
+    mean − std *over steps*, which would be a different quantity). The score ranks episodes that are good *and*
+    consistent first. An episode without steps scores −inf.
 
     **Update** (`add`, once per rollout): every entry ages by one; `k = min(#new, max(update_size, free slots))` new
     episodes, best score first, are inserted with age 0, after evicting `k − free` entries: entries with

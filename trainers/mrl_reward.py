@@ -82,7 +82,7 @@ _SUM_TOLERANCE = 1e-6
 
 @dataclass
 class MRLRewardArguments:
-    """Reward factors of MRL (docs/training.md §6.3). A field mixin: no ``__post_init__``; call
+    """Reward factors of MRL (docs/spec.md#mrl-reward). A field mixin: no ``__post_init__``; call
     ``validate_reward_arguments()`` (``MRLReward`` does it at construction)."""
 
     bleu_factor: float = field(default=0.5, metadata={"help": "Weight of the BLEU term in the reward."})
@@ -328,7 +328,8 @@ def retention_score(generated: Tensor, reference: Tensor, context: Tensor, idf: 
 
 
 class MRLReward:
-    """Batched MRL reward (§6.3): ``reward(generated, reference, saved, mode=...)`` -> float32 ``[B]``.
+    """Batched MRL reward (docs/spec.md#mrl-reward): ``reward(generated, reference, saved, mode=...)`` -> float32
+    ``[B]``.
 
     Args:
         args: the reward factors (validated here).

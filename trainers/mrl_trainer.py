@@ -1,4 +1,5 @@
-"""Stage 5: Memory Reinforcement Learning with IMPO (training.md §6, hf-integration.md §8.2): the trainer.
+"""Stage 5: Memory Reinforcement Learning with IMPO (docs/spec.md#stage-5-memory-reinforcement-learning,
+docs/spec.md#trl-and-the-mrl-trainer): the trainer.
 
 Its configuration is `trainers.mrl_config.MRLConfig`, the critic `trainers.mrl_critic.RxTCritic`, the replay buffer
 `trainers.mrl_replay.MrlReplayBuffer`.
@@ -16,19 +17,20 @@ the starting STM, per step the interaction written before the step (`saved_ids`)
 Update (`compute_loss`, one optimizer step per minibatch of episodes, turn-major as SMAT): per step the STM is
 replayed with the current parameters from the detached previous state (`stm_source="replay"`; with `bptt_steps` k
 the STM is detached every k steps only, so the loss also reaches earlier writes), the decoder reads it on
-prompt + action, and the IMPO loss (§6.7) is
+prompt + action, and the IMPO loss (docs/spec.md#impo-loss) is
 
     L = policy_clip − c_H·H + c_ref·KL_ref + c_kl·KL(π_t ‖ π_{t−1}) + sqrt(t+1)·c_mem·MSE(STM_t, STM_{t−1})
         (− c_cos·cos(STM_t, STM_{t−1})) (+ MoE aux) (+ critic MSE)
 
-averaged over steps. Advantages: `R − V` (critic: value head on a copy of the memory encoder, §6.5) or GAE, or
-group-normalised rewards over `num_generations` rollouts of the same episode; then normalised per
+averaged over steps. Advantages: `R − V` (critic: value head on a copy of the memory encoder, docs/spec.md#mrl-critic)
+or GAE, or group-normalised rewards over `num_generations` rollouts of the same episode; then normalised per
 `advantage_mode`. The curriculum (steps per episode, strategy, freeze stage, STM resets, replay buffer) switches by
 epoch.
 
-Replay buffer (§6.9, `MrlReplayBuffer`, off unless `replay_buffer_size > 0`): the best episodes of earlier rollouts
-join every new generation batch (recomputed critic values; old log-probs recomputed with `log_probs_source="update"`,
-the sampler's stored ones with `"collect"`), one buffer per curriculum stage and per process.
+Replay buffer (docs/spec.md#mrl-curriculum-freezing-resets-replay, `MrlReplayBuffer`, off unless
+`replay_buffer_size > 0`): the best episodes of earlier rollouts join every new generation batch (recomputed critic
+values; old log-probs recomputed with `log_probs_source="update"`, the sampler's stored ones with `"collect"`), one
+buffer per curriculum stage and per process.
 
 Resume: a checkpoint holds, beside the policy folder, `critic/`, the optimizer (critic groups included), scheduler and
 RNG states, one `mrl_state_<process>.pt` per process (step counter, the rest of the current generation batch, carried
@@ -108,7 +110,8 @@ class MRLModel(nn.Module):
 
 
 def trains_in_stage(name: str, stage: str, freeze_embeddings: bool) -> bool:
-    """Whether parameter `name` (of `MRLModel`) trains in freeze stage `stage` (training.md §6.9)."""
+    """Whether parameter `name` (of `MRLModel`) trains in freeze stage `stage`
+    (docs/spec.md#mrl-curriculum-freezing-resets-replay)."""
     if name.startswith("critic.") or ".critic." in name:
         return True
     component = component_of(name.replace("policy.", "", 1))
@@ -226,8 +229,9 @@ class MRLCurriculumCallback(TrainerCallback):
 
 
 class MRLTrainer(RxTTrainer):
-    """IMPO on RxT (training.md §6). `model` is an `RxTForCausalLM`; the trainer wraps it (with the critic) in
-    `MRLModel`. `save_model` writes the policy as a trust_remote_code folder and the critic to `critic/`."""
+    """IMPO on RxT (docs/spec.md#stage-5-memory-reinforcement-learning). `model` is an `RxTForCausalLM`; the trainer
+    wraps it (with the critic) in `MRLModel`. `save_model` writes the policy as a trust_remote_code folder and the
+    critic to `critic/`."""
 
     loss_is_scaled_for_ga = False
 
@@ -307,14 +311,16 @@ class MRLTrainer(RxTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        for name, param in self.model.named_parameters():  # frozen by the curriculum: no update (DDP-safe, §0.3)
+        # frozen by the curriculum: no update (DDP-safe, docs/spec.md#freezing-and-unfreezing)
+        for name, param in self.model.named_parameters():
             if name not in self.trainable:
                 param.grad = None
         return loss
 
     def _clip_grad_norm(self, model):
         """Clip each component (embedding, encoder, decoder, memory attention, critic) to `max_grad_norm` separately
-        (training.md §6.7), so the critic's large early gradients do not shrink the policy's. Returns the total norm."""
+        (docs/spec.md#impo-loss), so the critic's large early gradients do not shrink the policy's. Returns the total
+        norm."""
         if not self.args.per_component_grad_clip:
             return super()._clip_grad_norm(model)
         components: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -384,7 +390,7 @@ class MRLTrainer(RxTTrainer):
         self._step += 1
         return batch
 
-    # -- replay buffer (training.md §6.9) ---------------------------------------------------------------------------
+    # -- replay buffer (docs/spec.md#mrl-curriculum-freezing-resets-replay) -------------------------------------------
     def _with_replay(self, rollout: dict) -> dict:
         """The generation batch = this rollout + every episode in the replay buffer (all collected at earlier
         rollouts); then the buffer is updated with this rollout's episodes (`MrlReplayBuffer.add`). Replayed episodes
@@ -494,9 +500,10 @@ class MRLTrainer(RxTTrainer):
     def rollout(
         self, episodes: list[list[tuple[list[int], list[int]]]], repeats: int = 1, greedy: bool = False, answers=None
     ) -> dict:
-        """Collect one episode batch (training.md §6.1): sampled answers (`greedy=True`: greedy, for evaluation;
-        `answers(episode) -> [answer ids per follow-up]`: these fixed answers are scored instead of generated ones,
-        e.g. the references, for the reward's ceiling). Returns episode-major tensors (see the module docstring)."""
+        """Collect one episode batch (docs/spec.md#mrl-episode-and-rollout): sampled answers (`greedy=True`: greedy,
+        for evaluation; `answers(episode) -> [answer ids per follow-up]`: these fixed answers are scored instead of
+        generated ones, e.g. the references, for the reward's ceiling). Returns episode-major tensors (see the module
+        docstring)."""
         episodes = [episode for episode in episodes for _ in range(repeats)]
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
             return self._gathered(unwrapped)(self._collect, unwrapped, episodes, repeats, greedy, answers)
@@ -520,7 +527,7 @@ class MRLTrainer(RxTTrainer):
         fixed_answers = None if answers is None else [answers(episode) for episode in episodes]
         running_mean = None
         first_body = _pad([e[0][0] + e[0][1] for e in episodes], pad)[0].to(device)
-        # [PAD]/[BOS]/[Q]/[A] are never sampled (training.md §9 B8)
+        # [PAD]/[BOS]/[Q]/[A] are never sampled (docs/spec.md#reference-training-behaviours)
         suppressed = [ids[k] for k in ("pad_token_id", "bos_token_id", "query_token_id", "answer_token_id")]
         sampling = {"do_sample": False} if greedy else {
             "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
@@ -632,7 +639,8 @@ class MRLTrainer(RxTTrainer):
         return out
 
     def compute_advantages(self, rewards, values, turn_mask, repeats: int) -> torch.Tensor:
-        """`[B, N]` advantages (training.md §6.6): `R − V`, GAE, or group-normalised, then `advantage_mode`."""
+        """`[B, N]` advantages (docs/spec.md#mrl-advantages): `R − V`, GAE, or group-normalised, then
+        `advantage_mode`."""
         args, mask = self.args, turn_mask.bool()
         if args.advantage_estimator == "group":
             grouped = rewards.view(-1, repeats, rewards.shape[1])
@@ -683,8 +691,8 @@ class MRLTrainer(RxTTrainer):
 
     # -- loss -------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """IMPO loss (training.md §6.7) averaged over the steps that have episodes. Every step runs the same forwards
-        on every rank (absent episodes are weighted 0, never skipped), so DDP sees one graph."""
+        """IMPO loss (docs/spec.md#impo-loss) averaged over the steps that have episodes. Every step runs the same
+        forwards on every rank (absent episodes are weighted 0, never skipped), so DDP sees one graph."""
         args = self.args
         stm = inputs["start_stm"].transpose(0, 1)  # [L, B, S, D]
         turn_mask = inputs["turn_mask"].bool()
@@ -729,7 +737,8 @@ class MRLTrainer(RxTTrainer):
             entropy = entropy_from_logits(logits)  # [B, T-1]
             if args.entropy_normalisation == "mean":
                 entropy_term = masked_mean(entropy, mask)
-            else:  # reference: per-sample mean over answer tokens, then divided by the padded length (§6.7, B11)
+            else:  # reference: per-sample mean over answer tokens, then divided by the padded length
+                # (docs/spec.md#impo-loss, docs/spec.md#reference-training-behaviours)
                 entropy_term = row_mean((entropy * mask).sum(-1) / tokens / mask.shape[1])
             loss = loss - args.entropy_coef * entropy_term
             if self.ref_model is not None:

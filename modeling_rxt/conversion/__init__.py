@@ -1,19 +1,22 @@
-"""Conversion of reference (rxlm) RxT checkpoints into one project folder (docs/checkpoints.md §3–§6).
+"""Conversion of reference (rxlm) RxT checkpoints into one project folder (docs/conversion.md).
 
 The converter
 
 * reads the reference component folders (decoder, encoder, memory attention, optional MLM head) or one whole-model
-  folder, resolving the safetensors alias metadata, and checks every config field (`folders`, `inputs`; §3, §6.4);
+  folder, resolving the safetensors alias metadata, and checks every config field (`folders`, `inputs`;
+  docs/conversion.md#reading-the-reference-folders, docs/conversion.md#order-of-authority);
 * infers every structural fact from tensor names and shapes, takes config-only facts from the configs and fills
   omitted fields with the 0.3.80 defaults, listing every config/shape conflict and every default used
-  (`infer_stack`, `infer_memory_attention`, `infer_attention`, `reference_config`, `report`; §6.2–§6.4);
-* classifies the memory-attention variant from the keys (§6.5), decides the RoPE layout (`rope_layout`, §6.6),
-  converts legacy per-expert MoE storage to stacked storage (`legacy_moe`, §6.7), takes the encoder's embedding
-  (§6.8), finds the token ids (`tokens`, §6.9);
-* is strict (§6.10): every stored tensor is consumed or explicitly ignored, every parameter of the model (its shapes
-  read from the model built on the meta device, `shapes`) is filled with its exact shape, every weight is finite —
-  otherwise a `ConversionError` (a `ValueError`) lists every offending key before anything is written (`builder`,
-  `key_mapping`);
+  (`infer_stack`, `infer_memory_attention`, `infer_attention`, `reference_config`, `report`;
+  docs/conversion.md#order-of-authority);
+* classifies the memory-attention variant from the keys (docs/conversion.md#memory-attention-variant), decides the RoPE
+  layout (`rope_layout`, docs/conversion.md#rope-layout), converts legacy per-expert MoE storage to stacked storage
+  (`legacy_moe`, docs/conversion.md#legacy-moe-storage), takes the encoder's embedding (docs/conversion.md#embedding),
+  finds the token ids (`tokens`, docs/conversion.md#token-ids);
+* is strict (docs/conversion.md#strictness-and-the-report): every stored tensor is consumed or explicitly ignored,
+  every parameter of the model (its shapes read from the model built on the meta device, `shapes`) is filled with its
+  exact shape, every weight is finite — otherwise a `ConversionError` (a `ValueError`) lists every offending key before
+  anything is written (`builder`, `key_mapping`);
 * writes the folder through `RxTForCausalLM.save_pretrained` (`writing`), refusing a non-empty output unless
   `overwrite`; converts an MRL critic (`critic`).
 

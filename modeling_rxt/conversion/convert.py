@@ -1,5 +1,6 @@
 """The conversion entry point: `convert_rxlm_checkpoint` reads the reference folders, infers the project config,
-decides the RoPE layout (§6.6) and token ids (§6.9), maps every key and checks the result strictly (§6.10)."""
+decides the RoPE layout (docs/conversion.md#rope-layout) and token ids (docs/conversion.md#token-ids), maps every key
+and checks the result strictly (docs/conversion.md#strictness-and-the-report)."""
 
 from __future__ import annotations
 
@@ -108,10 +109,10 @@ def convert_rxlm_checkpoint(
                 )
             c["stm_size"] = S
 
-    # ---- RoPE layout (§6.6) ----
+    # ---- RoPE layout (docs/conversion.md#rope-layout) ----
     layout = decide_rope_layout(inputs, rope_layout, opts["memory_attention_component_config"], report)
 
-    # ---- token ids (§6.9) ----
+    # ---- token ids (docs/conversion.md#token-ids) ----
     token_ids, tok_dir = resolve_token_ids(tokenizer, [f.path for f in folders], whole_cfg, report)
 
     # ---- config ----
@@ -151,7 +152,7 @@ def convert_rxlm_checkpoint(
         _import_stm(mem_v, (mem["facts"]["L"], 1, S, mem["facts"]["D"]), b, report)
     # other components' STM buffers in a whole-model file resolve to the same stored tensor: nothing else to do.
 
-    # ---- strictness (§6.10) ----
+    # ---- strictness (docs/conversion.md#strictness-and-the-report) ----
     check_strict(folders, b, expected_state_dict_shapes(config), "the inferred configuration")
 
     # ---- report ----
@@ -173,7 +174,8 @@ def convert_rxlm_checkpoint(
 
 
 def _map_embedding(dec_v: View, enc_v: View, whole_model: bool, b: Builder, report: Report) -> None:
-    """The shared embedding is the encoder's (§6.8); the decoder's copy, if stored apart, is compared with it."""
+    """The shared embedding is the encoder's (docs/conversion.md#embedding); the decoder's copy, if stored apart, is
+    compared with it."""
     if whole_model and enc_v.has("embedding.weight") and dec_v.has("embedding.weight"):
         emb_from = "encoder (both names stored)"
     elif whole_model:

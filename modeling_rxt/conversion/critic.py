@@ -1,4 +1,4 @@
-"""The reference MRL critic (`MrlCriticModel`, checkpoints.md §4.8) → the state dict of
+"""The reference MRL critic (`MrlCriticModel`, docs/conversion.md#critic) → the state dict of
 `trainers.mrl_critic.RxTCritic` for the converted policy."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def convert_rxlm_critic(critic_dir, config: RxTConfig) -> tuple[dict[str, torch.
 
     Raises:
         `ConversionError`: a config field is unknown, missing or invalid, or keys are missing, unexpected or mis-shaped
-        (all of them listed, checkpoints.md §6.10).
+        (all of them listed, docs/conversion.md#strictness-and-the-report).
     """
     folder = Folder("critic", critic_dir)
     cfg, dim = folder.config, config.encoder_config.embed_dim

@@ -1,7 +1,8 @@
 """Reading the reference folders: one safetensors file and config.json per folder, and views of a component's keys.
 
 Every stored tensor is recorded in the folder's ledger as consumed (mapped to a project parameter) or ignored (with
-the reason), so the strict check can list what nothing claimed (checkpoints.md §3, §6.10).
+the reason), so the strict check can list what nothing claimed (docs/conversion.md#reading-the-reference-folders,
+docs/conversion.md#strictness-and-the-report).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Folder:
         if not isinstance(self.config, dict):
             raise ConversionError(f"{role} folder '{self.path}': config.json must hold a JSON object.")
         self.tensors, self.metadata = read_safetensors(self.path / "model.safetensors")
-        # An entry is an alias only if its value names a stored tensor (§3).
+        # An entry is an alias only if its value names a stored tensor
+        # (docs/conversion.md#reading-the-reference-folders).
         self.aliases = {
             name: kept
             for name, kept in self.metadata.items()

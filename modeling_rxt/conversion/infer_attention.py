@@ -1,6 +1,6 @@
 """Attention facts shared by every component: the head dim and head count from the RoPE buffer (or the config),
 the `(Hq, Hkv)` of one attention site from its projection shapes, the RoPE table check, and the comparison of the
-heads a config states with the heads the tensors show (checkpoints.md §6.3)."""
+heads a config states with the heads the tensors show (docs/conversion.md#order-of-authority)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def infer_head_dim(view: View, fields: Fields, component: str, dim: int, report:
 
 
 def infer_site(view: View, prefixes: list[str], hd: int, dim: int, site: str) -> dict:
-    """`(Hq, Hkv)`, output bias and gating of one attention site from the first layer that has it (§6.3)."""
+    """`(Hq, Hkv)`, output bias and gating of one attention site from the first layer that has it
+    (docs/conversion.md#order-of-authority)."""
     present = [p for p in prefixes if view.has(p + "q_proj.weight")]
     if not present:
         raise ConversionError(
@@ -95,7 +96,8 @@ def infer_site(view: View, prefixes: list[str], hd: int, dim: int, site: str) ->
 
 
 def check_rope(view: View, hd: int, base, component: str, report: Report) -> None:
-    """Validate the stored RoPE table against `rope_base` and `hd` (§6.3; mismatch fatal)."""
+    """Validate the stored RoPE table against `rope_base` and `hd` (docs/conversion.md#order-of-authority; mismatch
+    fatal)."""
     inv_keys = sorted(k for k in view.stored if k.endswith("rope.inv_freq"))
     if not inv_keys:
         return

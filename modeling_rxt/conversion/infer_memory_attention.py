@@ -1,6 +1,7 @@
-"""Inferring the memory attention's project config from its tensors (checkpoints.md §6.3, §6.5): the variant from
-the module families (with the flag / config resolving the ungated interlayer ambiguity), heads of every attention
-site, memory-norm type, residual gates and the slot count."""
+"""Inferring the memory attention's project config from its tensors (docs/conversion.md#order-of-authority,
+docs/conversion.md#memory-attention-variant): the variant from the module families (with the flag / config resolving
+the ungated interlayer ambiguity), heads of every attention site, memory-norm type, residual gates and the slot
+count."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ _MEMATTN_MEAN = {"mean_attention_layers", "mean_memory_norm_layers", "mean_stm_n
 
 
 def _norm_kind(view: View, prefix: str, dim: int) -> dict | None:
-    """Memory-norm type from its keys (checkpoints.md §4.6)."""
+    """Memory-norm type from its keys (docs/conversion.md#state-dict-keys)."""
     ks = {k[len(prefix) :] for k in view.stored if k.startswith(prefix)}
     if not ks:
         return None
@@ -40,7 +41,8 @@ def _norm_kind(view: View, prefix: str, dim: int) -> dict | None:
 
 
 def _gate_kind(view: View, prefix: str) -> dict:
-    """Residual-gate type from its keys (§6.3): ungated, 'param' (static/elementwise) or linear."""
+    """Residual-gate type from its keys (docs/conversion.md#order-of-authority): ungated, 'param' (static/elementwise)
+    or linear."""
     ks = {k[len(prefix) :] for k in view.stored if k.startswith(prefix)}
     info = {"present": bool(ks), "slot_status": "slot_status.weight" in ks or "slot_status.bias" in ks}
     if "gate" in ks:
@@ -56,7 +58,8 @@ def _gate_kind(view: View, prefix: str) -> dict:
 
 
 def _classify_variant(view: View) -> tuple[str | None, str]:
-    """Variant from the module families (§6.5). Returns (variant or 'ambiguous' family, reason)."""
+    """Variant from the module families (docs/conversion.md#memory-attention-variant). Returns (variant or 'ambiguous'
+    family, reason)."""
     families = {k.split(".", 1)[0] for k in view.stored}
     has_self = bool(families & _MEMATTN_SELF)
     has_mean = bool(families & _MEMATTN_MEAN)
@@ -124,7 +127,7 @@ def infer_memory_attention(view: View, fields: Fields, report: Report, opts: dic
     main = infer_site(view, [f"attention_layers.{i}." for i in range(L)], hd, D, "main memory attention")
     fact(comp, "attention_heads", {"Hq": main["hq"], "Hkv": main["hkv"]}, "shape", main["from"] + "{q,k}_proj.weight")
 
-    # ---- variant (§6.5) ----
+    # ---- variant (docs/conversion.md#memory-attention-variant) ----
     key_variant, reason = _classify_variant(view)
     flag = opts.get("memory_attention_variant")
     whole_name = opts.get("whole_model_variant_name")
@@ -261,7 +264,7 @@ def infer_memory_attention(view: View, fields: Fields, report: Report, opts: dic
     if norm_info is None or norm_info["type"] == "unknown":
         raise ConversionError(f"{comp}: cannot recognise the memory norms (memory_norm_layers.{{i}}.*): {norm_info}.")
     norm_type = norm_info["type"]
-    fact(comp, "norm_type", norm_type, "key", "memory_norm_layers.{i} keys (§4.6 table)")
+    fact(comp, "norm_type", norm_type, "key", "memory_norm_layers.{i} keys (docs/conversion.md#state-dict-keys)")
     report.compare(comp, cfg, "norm_type", norm_type, "norm type taken from the norm keys")
     if norm_type == "positional":
         norm_per_dim_scale = norm_info["per_dim_scale"]

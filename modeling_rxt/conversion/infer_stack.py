@@ -1,5 +1,5 @@
-"""Inferring a decoder's or encoder's project config from its tensors (checkpoints.md §6.3): layers, width,
-vocabulary, heads, feed-forward kind (dense / gated / MoE, stacked or legacy storage), norms, stateless layers;
+"""Inferring a decoder's or encoder's project config from its tensors (docs/conversion.md#order-of-authority): layers,
+width, vocabulary, heads, feed-forward kind (dense / gated / MoE, stacked or legacy storage), norms, stateless layers;
 config-only fields from the config or the 0.3.80 defaults, every disagreement recorded as a conflict."""
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def classify_ff(view: View, prefix: str) -> dict | None:
 
 
 def infer_stack(view: View, fields: Fields, role: str, report: Report, opts: dict) -> dict:
-    """Infer the project component config of a decoder or encoder (§6.3). Returns `{"config": …, "facts": …}`."""
+    """Infer the project component config of a decoder or encoder (docs/conversion.md#order-of-authority). Returns
+    `{"config": …, "facts": …}`."""
     comp = role
     keys = view.keys()
     cfg = fields.config

@@ -1,6 +1,7 @@
 """The inputs of a conversion: the reference folders (three components or one whole-model folder, optional MLM
-head), their configs' fields checked against the reference's (checkpoints.md §2, §3, §6.4), and per component the
-config access (`Fields`) that fills omitted fields with the 0.3.80 defaults."""
+head), their configs' fields checked against the reference's (docs/conversion.md#reading-the-reference-folders,
+docs/conversion.md#order-of-authority), and per component the config access (`Fields`) that fills omitted fields with
+the 0.3.80 defaults."""
 
 from __future__ import annotations
 
@@ -122,7 +123,9 @@ def component_fields(inputs: Inputs, report: Report) -> dict[str, Fields]:
     note_mem = None
     if inputs.whole_cfg is not None:
         memattn_defaults.update(WHOLE_MODEL_MEMORY_ATTENTION_DEFAULTS)
-        note_mem = "whole-model memory_attention_config holds only passed fields (checkpoints.md §6.4)"
+        note_mem = (
+            "whole-model memory_attention_config holds only passed fields (docs/conversion.md#order-of-authority)"
+        )
     return {
         "decoder": Fields("decoder", configs["decoder"], COMPONENT_DEFAULTS, report, "rxlm 0.3.80 default"),
         "encoder": Fields("encoder", configs["encoder"], COMPONENT_DEFAULTS, report, "rxlm 0.3.80 default"),

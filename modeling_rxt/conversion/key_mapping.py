@@ -1,6 +1,7 @@
-"""Key mapping: every reference key of a component → its project name (checkpoints.md §4, §6.8, §6.10), legacy MoE
-storage through `legacy_moe`, buffers ignored with the reason; and the strict check that every stored tensor was
-consumed or ignored and every expected parameter filled with its exact shape."""
+"""Key mapping: every reference key of a component → its project name (docs/conversion.md#state-dict-keys,
+docs/conversion.md#embedding, docs/conversion.md#strictness-and-the-report), legacy MoE storage through `legacy_moe`,
+buffers ignored with the reason; and the strict check that every stored tensor was consumed or ignored and every
+expected parameter filled with its exact shape."""
 
 from __future__ import annotations
 
@@ -96,8 +97,9 @@ def map_memory_attention(view: View, config, variant: str, b: Builder, import_st
 
 
 def check_strict(folders: list[Folder], b: Builder, expected: dict, against: str) -> None:
-    """§6.10: every stored tensor consumed or ignored, every expected key filled with its exact shape; otherwise a
-    `ConversionError` lists every unexpected, missing and mis-shaped key (`against` names the expected key set)."""
+    """docs/conversion.md#strictness-and-the-report: every stored tensor consumed or ignored, every expected key filled
+    with its exact shape; otherwise a `ConversionError` lists every unexpected, missing and mis-shaped key (`against`
+    names the expected key set)."""
     problems_unexpected, problems_missing, problems_shape = [], [], []
     for folder in folders:
         for name in sorted(folder.tensors):

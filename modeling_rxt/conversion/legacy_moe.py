@@ -1,5 +1,5 @@
 """Legacy per-expert MoE storage (`ff.experts.{e}.*`, `ff.shared_experts.{s}.*`) → the stacked storage of the
-project (`w1 [E, D, F']`, `w2 [E, F, D]`, biases, shared experts), checkpoints.md §6.7."""
+project (`w1 [E, D, F']`, `w2 [E, F, D]`, biases, shared experts), docs/conversion.md#legacy-moe-storage."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ LEGACY_EXPERT_KEY = re.compile(r"^(.*\.ff\.)(experts|shared_experts)\.(\d+)\.(.+
 
 
 def convert_legacy_ff(view: View, prefix: str, target_prefix: str, b: Builder) -> None:
-    """Legacy per-expert MoE → stacked (checkpoints.md §6.7) for the FF at `prefix` (e.g. 'layers.0.ff.'): the routed
-    experts `experts.{e}.*` become `w1`, `w2` (`b1`, `b2`); one legacy shared expert `shared_experts.0.*` becomes
-    `shared_expert.*`, several become `shared_w1`, `shared_w2` (`shared_b1`, `shared_b2`)."""
+    """Legacy per-expert MoE → stacked (docs/conversion.md#legacy-moe-storage) for the FF at `prefix` (e.g.
+    'layers.0.ff.'): the routed experts `experts.{e}.*` become `w1`, `w2` (`b1`, `b2`); one legacy shared expert
+    `shared_experts.0.*` becomes `shared_expert.*`, several become `shared_w1`, `shared_w2` (`shared_b1`,
+    `shared_b2`)."""
     keys = [k for k in view.stored if k.startswith(prefix)]
     experts = key_indices(keys, prefix + "experts.")
     if experts:

@@ -1,5 +1,5 @@
 """The reference's config fields: the rxlm 0.3.80 defaults, the fields the converter drops, and config access that
-records where every value came from (architecture.md §2.1, §2.2; checkpoints.md §6.4)."""
+records where every value came from (docs/spec.md#configuration; docs/conversion.md#order-of-authority)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ MEMORY_ATTENTION_DEFAULTS = {
     "init_identity_norm": False,
 }
 
-# Fields the converter accepts and drops (checkpoints.md §6.4); they are recorded in the report.
+# Fields the converter accepts and drops (docs/conversion.md#order-of-authority); they are recorded in the report.
 DROPPED_FIELDS = {
     "moe_grouped_gemm",
     "moe_use_cutlass_grouped_gemm",
@@ -105,7 +105,7 @@ DROPPED_FIELDS = {
 # (memory attention: also `init_identity_norm`, which has no project field there)
 
 # Fields every memory-attention config written by rxlm 0.3.80 contains (a component config lacking one of them was
-# written by an older release: an old-era signal for the RoPE layout, §6.6).
+# written by an older release: an old-era signal for the RoPE layout, docs/conversion.md#rope-layout).
 MEMORY_ATTENTION_ALWAYS_WRITTEN = (
     "rope_base",
     "residual_gate_slot_status_type",
@@ -128,7 +128,7 @@ MEMORY_ATTENTION_ALWAYS_WRITTEN = (
     "stm_size",
 )
 
-# Memory-attention defaults that matter when a whole-model config omits them (checkpoints.md §6.4).
+# Memory-attention defaults that matter when a whole-model config omits them (docs/conversion.md#order-of-authority).
 WHOLE_MODEL_MEMORY_ATTENTION_DEFAULTS = {
     "use_gated_residual": False,
     "residual_gate_type": "static",
@@ -187,7 +187,7 @@ class Fields:
 
 
 def check_fields(component: str, config: dict, allowed, errors: list[str]) -> None:
-    """Unknown fields are fatal; out-of-scope fields must be null (checkpoints.md §6.4)."""
+    """Unknown fields are fatal; out-of-scope fields must be null (docs/conversion.md#order-of-authority)."""
     for field, value in config.items():
         if field in OUT_OF_SCOPE_FIELDS or field.startswith("linear_attn_"):
             if value is not None:

@@ -1,5 +1,5 @@
-"""The RoPE layout of the checkpoint (checkpoints.md §6.6): the flag, else the input configs' `rope_layout`, else
-interleaved unless the inputs show a sign of an older reference release (then the flag is required)."""
+"""The RoPE layout of the checkpoint (docs/conversion.md#rope-layout): the flag, else the input configs' `rope_layout`,
+else interleaved unless the inputs show a sign of an older reference release (then the flag is required)."""
 
 from __future__ import annotations
 

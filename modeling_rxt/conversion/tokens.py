@@ -1,4 +1,4 @@
-"""The token ids of the converted model (checkpoints.md §6.9): from a whole-model `tokenizer_config`, a
+"""The token ids of the converted model (docs/conversion.md#token-ids): from a whole-model `tokenizer_config`, a
 `tokenizer.json` (given or found beside the inputs), or the reference tokenizer trainer's usual layout.
 
 The tokens and their config fields are `modeling_rxt.tokenization_rxt.RXT_TOKEN_ID_FIELDS`."""
@@ -15,7 +15,8 @@ from .report import Report
 TOKEN_ID_FIELDS = tuple(RXT_TOKEN_ID_FIELDS)
 # The converter requires these five; the others may be absent from a reference tokenizer.
 REQUIRED_TOKENS = ("pad_token_id", "bos_token_id", "eos_token_id", "query_token_id", "answer_token_id")
-# The reference tokenizer-trainer layout (architecture.md §13.1): the project's first seven tokens, [PAD]=0 … [A]=6.
+# The reference tokenizer-trainer layout (docs/spec.md#special-tokens): the project's first seven tokens,
+# [PAD]=0 … [A]=6.
 REFERENCE_TOKENS = RXT_SPECIAL_TOKENS[:7]
 USUAL_TOKEN_IDS = {
     field: REFERENCE_TOKENS.index(token) if token in REFERENCE_TOKENS else None

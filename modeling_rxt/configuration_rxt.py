@@ -561,7 +561,7 @@ class RxTConfig(_RefusesOtherModelTypes, _DecoderSizes, PreTrainedConfig):
         stm_size: int = 8,
         memory_attention_variant: str = "self-interlayer",
         **kwargs,
-    ) -> "RxTConfig":
+    ) -> RxTConfig:
         """A small dense sSQA model (D=32, 2 layers, 4 heads, 8 STM slots) for tests and examples.
 
         Keyword arguments override model-level fields; `decoder=`/`encoder=`/`memory_attention=` dicts override
@@ -623,7 +623,7 @@ class RxTStatelessConfig(_RefusesOtherModelTypes, _DecoderSizes, PreTrainedConfi
         _check_init("RxTStatelessConfig", self)
 
     @classmethod
-    def from_rxt_config(cls, config: RxTConfig, **kwargs) -> "RxTStatelessConfig":
+    def from_rxt_config(cls, config: RxTConfig, **kwargs) -> RxTStatelessConfig:
         """The decoder of `config` without memory (same layers, widths, heads, vocab, token ids)."""
         decoder = config.decoder_config.to_dict()
         for key in ("model_type", "transformers_version", "architectures"):

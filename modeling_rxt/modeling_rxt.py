@@ -1548,7 +1548,7 @@ class RxTForCausalLM(RxTPreTrainedModel, GenerationMixin):
         return output
 
     # -- chat-level API -------------------------------------------------------------------------------------------
-    def interact(self, query, session: "RxTChatSession | None" = None, tokenizer=None, streamer=None, **generate_kwargs):
+    def interact(self, query, session: RxTChatSession | None = None, tokenizer=None, streamer=None, **generate_kwargs):
         """Answer `query` (a string, or a list of strings for a batch of conversations) in `session`, then update its
         memory. Returns the decoded answer(s); see `RxTChatSession.interact`."""
         if session is None:
@@ -1713,7 +1713,7 @@ class RxTChatSession:
         save_file({"stm": self.stm.detach().contiguous().cpu()}, str(path), metadata={"format": "rxt-stm"})
 
     @classmethod
-    def load(cls, model: RxTForCausalLM, tokenizer, path, convert_dtype: bool = False, **kwargs) -> "RxTChatSession":
+    def load(cls, model: RxTForCausalLM, tokenizer, path, convert_dtype: bool = False, **kwargs) -> RxTChatSession:
         """Restore a conversation saved with `save` (bit-exact). Keyword arguments go to the constructor
         (`batch_size`: the saved batch, or `n` from a saved single conversation; anything else is refused).
 

@@ -238,13 +238,13 @@ def main(argv=None) -> dict:
             ids = bc.rxt_query(gen, 1, plen, dims["vocab_size"], config)
             # all systems in one alternation group (same background load for every ratio)
             g_rxt, g_llama, g1_rxt, g1_llama, l_llama, l_rxt, l_noreuse = bc.measure_interleaved([
-                lambda: _generate(rxt, ids, new_tokens, cache=RxTCache(stm=stm)),
-                lambda: _generate(llama, ids, new_tokens),
-                lambda: _generate(rxt, ids, 1, cache=RxTCache(stm=stm)),
-                lambda: _generate(llama, ids, 1),
-                lambda: _loop(llama, ids, new_tokens, DynamicCache()),
-                lambda: _loop(rxt, ids, new_tokens, RxTCache(stm=stm)),
-                lambda: _loop(rxt, ids, new_tokens, RxTCache(stm=stm), reproject=True),
+                lambda ids=ids: _generate(rxt, ids, new_tokens, cache=RxTCache(stm=stm)),
+                lambda ids=ids: _generate(llama, ids, new_tokens),
+                lambda ids=ids: _generate(rxt, ids, 1, cache=RxTCache(stm=stm)),
+                lambda ids=ids: _generate(llama, ids, 1),
+                lambda ids=ids: _loop(llama, ids, new_tokens, DynamicCache()),
+                lambda ids=ids: _loop(rxt, ids, new_tokens, RxTCache(stm=stm)),
+                lambda ids=ids: _loop(rxt, ids, new_tokens, RxTCache(stm=stm), reproject=True),
             ], repeats, args.warmup)  # fmt: skip
 
             def project_all():

@@ -165,7 +165,8 @@ async def run_users(url: str, system: str, users: list[dict], turns: range, max_
 
 def percentiles(values: list[float]) -> dict:
     ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    def pick(q):
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
     return {"p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * pick(0.99), "max_ms": 1000 * ordered[-1]}
 
 

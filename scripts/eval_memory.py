@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Memory evaluation: per-distance recall of generated answers, with memory, with memory reset every turn, and for
-stateless baselines (training.md §10).
+stateless baselines (docs/spec.md#memory-evaluation).
 
     python scripts/eval_memory.py MODEL_DIR [--data FILE.jsonl] [--paraphrase_data FILE.jsonl] [--output FILE.json]
         [--baseline DIR] [--style basic|diverse]

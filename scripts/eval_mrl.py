@@ -112,7 +112,7 @@ def rollout_scores(trainer: MRLTrainer, rows: list[dict], steps: int | None, bat
             if answers is not None:
                 source = episodes if answers == "references" else collator(_other_template_rows(chunk))["episodes"]
                 table = {id(e): [a for _, a in s[1:]] for e, s in zip(episodes, source)}
-                fixed = lambda episode: table[id(episode)]  # noqa: E731
+                fixed = lambda episode, table=table: table[id(episode)]  # noqa: E731
             trainer._carry_stm = None
             rollout = trainer.rollout(episodes, greedy=True, answers=fixed)
             batch, n_steps = rollout["turn_mask"].shape

@@ -1,4 +1,4 @@
-"""Generate the synthetic fact-recall data of training.md §10 (deterministic for a given `--seed`).
+"""Generate the synthetic fact-recall data of docs/spec.md#memory-evaluation (deterministic for a given `--seed`).
 
 Example:
 

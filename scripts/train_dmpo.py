@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DMPO (training.md §7, after SMAT) on preference episodes
+"""DMPO (docs/spec.md#dmpo, after SMAT) on preference episodes
 `{"interactions": [{"query", "accepted": {"answer"}, "rejected": {"answer"}, "neutral"?: {"answer"}}, ...]}`.
 
     python scripts/train_dmpo.py --model_name_or_path runs/smat --train_file preferences.jsonl --output_dir runs/dmpo \

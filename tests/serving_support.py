@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 import torch
-from pg_fixture import free_port
 from safetensors.torch import load as load_safetensors
+
+from pg_fixture import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,16 +3,16 @@ recall over distances 2-8 with a paired-bootstrap interval, distance-1 change, g
 
 import json
 
+import eval_mrl
 import pytest
 import torch
 from datasets import Dataset
 
-import eval_mrl
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import check_rxt_tokenizer, train_rxt_tokenizer
 from trainers.mrl_config import MRLConfig
-from trainers.mrl_trainer import MRLCollator, MRLTrainer
 from trainers.mrl_reward import MRLReward, episode_idf
+from trainers.mrl_trainer import MRLCollator, MRLTrainer
 from trainers.synthetic import generate_dialogues, generate_pretrain, write_jsonl
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers.models.auto import modeling_auto
 
 import modeling_rxt  # noqa: F401 - registers the Auto classes
+import transformers_test_suite
 from modeling_rxt import (
     RxTConfig,
     RxTForCausalLM,
@@ -22,8 +23,6 @@ from modeling_rxt import (
     RxTStatelessForCausalLM,
     RxTStatelessModel,
 )
-
-import transformers_test_suite
 
 try:
     modeling_common, configuration_common, training_mixin = transformers_test_suite.load(

@@ -9,13 +9,12 @@ import re
 
 import pytest
 import torch
+
 from conftest import REPO_ROOT
-
-from serving_support import ThreadServer
-
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
 from serving import SQLiteStore, create_app, load_rxt_backend
+from serving_support import ThreadServer
 
 README = REPO_ROOT / "README.md"
 QUICKSTART_MODEL = "runs/quickstart/model"

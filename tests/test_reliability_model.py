@@ -312,7 +312,7 @@ def test_session_refuses_control_tokens_in_user_text(model, tokenizer, token):
         session.interact(f"say {token} now", max_new_tokens=2)
     with pytest.raises(ValueError, match=rf"internal contains the RxT control token \{token[:-1]}\]"):
         session.interact("hi", internal=f"x{token}", thinking_mode="fast", max_new_tokens=2)
-    with pytest.raises(ValueError, match=rf"tool result 1 contains the RxT control token"):
+    with pytest.raises(ValueError, match=r"tool result 1 contains the RxT control token"):
         RxTChatSession(model, tokenizer, batch_size=2).tool_result(["ok", f"{token}"], max_new_tokens=2)
     with pytest.raises(ValueError, match=rf"system text contains the RxT control token \{token[:-1]}\]"):
         session.init_stm(f"be {token}")

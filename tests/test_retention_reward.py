@@ -15,7 +15,6 @@ from torch import nn
 from modeling_rxt import RxTConfig, RxTForCausalLM
 from modeling_rxt.tokenization_rxt import check_rxt_tokenizer, train_rxt_tokenizer
 from trainers.mrl_config import MRLConfig
-from trainers.mrl_trainer import MRLCollator, MRLTrainer
 from trainers.mrl_reward import (
     MRLReward,
     MRLRewardArguments,
@@ -24,6 +23,7 @@ from trainers.mrl_reward import (
     retention_context,
     retention_score,
 )
+from trainers.mrl_trainer import MRLCollator, MRLTrainer
 from trainers.synthetic import generate_dialogues, generate_pretrain, other_template, value_pools
 
 PAD = 0
@@ -197,18 +197,22 @@ def idf(tokenizer, special_ids):
 
 def score(tokenizer, special_ids, idf, context_turns, query, reference, answers):
     pad = special_ids["pad_token_id"]
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     context = retention_context([[(encode(q), encode(a)) for q, a in context_turns]], len(context_turns) - 1, pad)
-    width = lambda rows: max(len(r) for r in rows)
+    def width(rows):
+        return max(len(r) for r in rows)
     gen = [encode(a) for a in answers]
     gen = torch.tensor([r + [pad] * (width(gen) - len(r)) for r in gen])
-    repeat = lambda ids: torch.tensor([ids] * len(answers))
+    def repeat(ids):
+        return torch.tensor([ids] * len(answers))
     return retention_score(gen, repeat(encode(reference)), repeat(context[0]), idf, pad,
                            query=repeat(encode(query))).tolist()  # fmt: skip
 
 
 def test_idf_weighs_template_words_little_and_values_much(tokenizer, special_ids, idf):
-    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     assert all(idf[i] == 0 for i in special_ids.values())
     template, value = idf[ids(" is called.")], idf[ids(" Stubax")]
     assert value.min() > 1.5 * template.max(), (value, template)

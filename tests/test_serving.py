@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 import torch
-from serving_support import ThreadServer, make_model_dir, read_memory, stm_of
 
 from modeling_rxt.tokenization_rxt import (
     render_interaction,
@@ -21,6 +20,7 @@ from modeling_rxt.tokenization_rxt import (
 )
 from serving import Limits, SQLiteStore, create_app, load_rxt_backend
 from serving.engine import SamplingParams, StateMismatchError
+from serving_support import ThreadServer, make_model_dir, read_memory, stm_of
 
 GREEDY = {"temperature": 0, "max_output_tokens": 6}
 

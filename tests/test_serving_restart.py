@@ -11,12 +11,12 @@ import httpx
 import openai
 import pytest
 import torch
-from pg_fixture import postgres_db, postgres_url  # noqa: F401  (fixtures)
-from serving_support import ProcessServer, make_model_dir, read_memory, stm_of
 
 from modeling_rxt.tokenization_rxt import render_query
+from pg_fixture import postgres_db, postgres_url  # noqa: F401  (fixtures)
 from serving import SQLiteStore, load_rxt_backend
 from serving.engine import SamplingParams
+from serving_support import ProcessServer, make_model_dir, read_memory, stm_of
 
 GREEDY = {"temperature": 0, "max_output_tokens": 6}
 QUERIES = ["my name is alice", "i live in paris", "what is my name", "where do i live", "alice 7"]

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-from pg_fixture import postgres_db, postgres_url  # noqa: F401  (fixtures)
 
+from pg_fixture import postgres_db, postgres_url  # noqa: F401  (fixtures)
 from serving.engine import Engine, SamplingParams, _PerRowSampling
 from serving.store import ConflictError, PostgresStore, SQLiteStore, TurnRecord
 

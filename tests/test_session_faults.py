@@ -8,8 +8,7 @@ import torch
 from transformers import LogitsProcessorList, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from modeling_rxt import tokenization_rxt
-from modeling_rxt import RxTChatSession, RxTConfig, RxTForCausalLM
+from modeling_rxt import RxTChatSession, RxTConfig, RxTForCausalLM, tokenization_rxt
 from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
 
 NEW_TOKENS = 4

@@ -241,7 +241,7 @@ def turn_widths(masks: torch.Tensor) -> list[int]:
 
 
 def stm_update_norm(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """`‖STM_t − STM_{t−1}‖ / ‖STM_{t−1}‖` (training.md §0.1)."""
+    """`‖STM_t − STM_{t−1}‖ / ‖STM_{t−1}‖` (docs/spec.md#shared-mechanics)."""
     old = old.expand_as(new)
     return (new - old).detach().norm() / old.detach().norm().clamp(min=1e-12)
 

@@ -1,6 +1,6 @@
 """Data loading, validation, tokenization templates and collators for the RxT training stages.
 
-Templates (training.md §1): segments are tokenized **separately** with `add_special_tokens=False` and the ids
+Templates (docs/spec.md#tokenizer): segments are tokenized **separately** with `add_special_tokens=False` and the ids
 concatenated, so BPE merges never cross a special token and training sees exactly the ids inference produces:
 
     pre-training (stage 1)            [BOS] {text} [EOS]
@@ -9,26 +9,28 @@ concatenated, so BPE merges never cross a special token and training sees exactl
 Special ids come from the tokenizer (`check_rxt_tokenizer`), never hard-coded.
 
 Targets (labels are aligned with `input_ids`; the model shifts them internally; `IGNORE_INDEX` = -100 is ignored):
-    - pre-training: every real token; pads -100 (`train_on_padding=True`: pads too, reference parity, §9 B1);
-    - supervised turns, `label_mode="project"` (default, one rule for every supervised stage, §3): the tokens after
-      `[A]` up to and including `[EOS]`; `[BOS]`, `[Q]`, the query, `[A]` itself and pads are -100;
+    - pre-training: every real token; pads -100 (`train_on_padding=True`: pads too, reference parity,
+      docs/spec.md#reference-training-behaviours);
+    - supervised turns, `label_mode="project"` (default, one rule for every supervised stage,
+      docs/spec.md#interaction-sft): the tokens after `[A]` up to and including `[EOS]`; `[BOS]`, `[Q]`, the query,
+      `[A]` itself and pads are -100;
     - `label_mode="reference"`: SFT (`JointLMCollator(sft=True)`) trains only the answer body (no `[EOS]`), episodes
-      (`EpisodeCollator`, SMAT) train `[A]`, the answer and `[EOS]` (§5.2).
+      (`EpisodeCollator`, SMAT) train `[A]`, the answer and `[EOS]` (docs/spec.md#interaction-sft).
 
-MLM (stage 1/2 encoder, §2): every non-pad position (special tokens included) is selected with probability
-`mask_prob`; a selected token becomes `[MASK]` (no 80/10/10); `mlm_labels` hold the original id where selected and
--100 elsewhere. The decoder gets the unmasked `input_ids`. A batch can have no selected position (the MLM loss of such
-a batch is the trainer's concern).
+MLM (stage 1/2 encoder, docs/spec.md#joint-lm-pre-training): every non-pad position (special tokens included) is
+selected with probability `mask_prob`; a selected token becomes `[MASK]` (no 80/10/10); `mlm_labels` hold the original
+id where selected and -100 elsewhere. The decoder gets the unmasked `input_ids`. A batch can have no selected position
+(the MLM loss of such a batch is the trainer's concern).
 
-Length policy (§1): a sequence longer than `max_length` raises `ValueError` (default, `overflow="error"`) or, with
-`overflow="truncate"`, loses the end of its text / answer body while keeping `[EOS]`. To drop over-long or broken rows
-before training use `validate_rows(..., on_error="skip")` (logged, never silent).
+Length policy (docs/spec.md#tokenizer): a sequence longer than `max_length` raises `ValueError` (default,
+`overflow="error"`) or, with `overflow="truncate"`, loses the end of its text / answer body while keeping `[EOS]`. To
+drop over-long or broken rows before training use `validate_rows(..., on_error="skip")` (logged, never silent).
 
 Collators tokenize raw rows (strings) and pad dynamically (right padding with the pad id) to the longest sequence of
-the batch. With `transformers.Trainer` set `remove_unused_columns=False` (hf-integration.md §7.2), otherwise the
-`text` / `query` / `answer` / `interactions` columns are dropped before they reach the collator. Collators hold state
-(`torch.Generator`, `max_turns`) that a `DataLoader` with `num_workers > 0` copies into its workers: the workers then
-repeat the same masks and do not see `set_max_turns`; use `num_workers=0` (or seed per worker) where that matters.
+the batch. With `transformers.Trainer` set `remove_unused_columns=False` (docs/spec.md#trainer-subclasses), otherwise
+the `text` / `query` / `answer` / `interactions` columns are dropped before they reach the collator. Collators hold
+state (`torch.Generator`, `max_turns`) that a `DataLoader` with `num_workers > 0` copies into its workers: the workers
+then repeat the same masks and do not see `set_max_turns`; use `num_workers=0` (or seed per worker) where that matters.
 Their `state_dict()` / `load_state_dict()` let `RxTTrainer` store that state in checkpoints, so a resumed run builds
 the batches of the uninterrupted one.
 

@@ -1,4 +1,5 @@
-"""Stages 1 and 2: joint LM pre-training and interaction SFT (training.md §2, §3).
+"""Stages 1 and 2: joint LM pre-training and interaction SFT (docs/spec.md#joint-lm-pre-training,
+docs/spec.md#interaction-sft).
 
 The encoder learns masked-LM on masked ids; the decoder learns autoregressive LM on the unmasked ids while its
 memory cross-attention reads the **detached** encoder layer outputs `ED [L, B, T, D]` as a stand-in STM (the `T`

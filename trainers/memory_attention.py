@@ -1,4 +1,4 @@
-"""Stage 3: self-supervised memory-attention pre-training (training.md §4).
+"""Stage 3: self-supervised memory-attention pre-training (docs/spec.md#memory-attention-pre-training).
 
 Per turn `k` of an episode batch: `ED = encoder(x_k)` (frozen, no grad); `STM_new = MemAttn(STM_prev, ED + σ_in·ε)`;
 pseudo-label `Y = w_acc·STM_prev + w_new·ED_label + σ_label·ε'` from the clean ED; `loss_k = −mean cos(STM_new, Y)`

@@ -1,4 +1,5 @@
-"""Memory evaluation on fact-recall dialogues (training.md §10): does the model carry facts across turns?
+"""Memory evaluation on fact-recall dialogues (docs/spec.md#memory-evaluation): does the model carry facts across
+turns?
 
 For every dialogue (rows with `query`, `answer`, `interactions`, `probes`; see `trainers.synthetic`) the model answers
 each turn by greedy generation; memory is updated with the model's **own** answers. A probe is recalled when its

@@ -1,4 +1,5 @@
-"""Stage 4: supervised memory-aware training (SMAT, training.md §5, §10.1).
+"""Stage 4: supervised memory-aware training (SMAT, docs/spec.md#supervised-memory-aware-training,
+docs/experiments/memory-in-15-cpu-minutes.md).
 
 One Trainer step is one batch of episodes (`trainers.data.EpisodeCollator`: `input_ids [N, B, T]`, `labels`,
 `attention_mask`, `turn_mask [N, B]`). The STM starts from the model's initial STM; before turn `k > 0` the previous
@@ -12,7 +13,8 @@ Schedules (callbacks, DDP-safe: nothing flips `requires_grad`; frozen components
 - gradual unfreezing of memory attention / encoder by epoch (`memory_attention_unfreeze_epoch`,
   `encoder_unfreeze_epoch`; `None` = never, `0` = from the start; `train_only_decoder` = never both);
 - episode-length schedule: `episode_length_start` turns until `episode_ramp_start` (fraction of training), then a
-  linear ramp to `episode_max_turns` at `episode_ramp_end` (the schedule that makes memory learnable, §10.1).
+  linear ramp to `episode_max_turns` at `episode_ramp_end` (the schedule that makes memory learnable,
+  docs/experiments/memory-in-15-cpu-minutes.md).
 The episode length and the `"probe"` window RNG live in the collator; checkpoints hold them (`RxTTrainer`), so a
 resumed run builds the episodes of the uninterrupted one. Dataloader workers would hold copies the schedule never
 reaches, so they are refused while either is in use.
@@ -80,7 +82,7 @@ class SMATConfig(RxTTrainingArguments):
 class SMATScheduleCallback(TrainerCallback):
     """Applies the episode-length schedule (to the collator) and the unfreeze epochs (to the trainer)."""
 
-    def __init__(self, trainer: "SupervisedMemoryAwareTrainer"):
+    def __init__(self, trainer: SupervisedMemoryAwareTrainer):
         self.trainer = trainer
 
     def on_step_begin(self, args, state, control, **kwargs):

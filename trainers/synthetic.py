@@ -1,4 +1,5 @@
-"""Synthetic data for RxT: a fact-recall dialogue task that a stateless model cannot solve (training.md §10, §10.1).
+"""Synthetic data for RxT: a fact-recall dialogue task that a stateless model cannot solve
+(docs/spec.md#memory-evaluation, docs/experiments/memory-in-15-cpu-minutes.md).
 
 The user states personal facts ("My cat is called Brindle."), the assistant acknowledges them briefly ("Noted: your
 cat is called Brindle."), and later turns ask about them ("What is my cat called?" -> "Your cat is called
@@ -44,9 +45,9 @@ Episode sampling (one episode; `rng` seeded from `(seed, split)`):
        turn `s` uniform on `0 .. n - 1 - d`, the question turn `s + d`;
     2. each other turn is, in order of preference, a question about an earlier, not yet asked fact within
        `max_distance` (probability 0.35), a new fact of an unused attribute (0.4), else chit-chat.
-    With `long_range=True` (topic-change episodes, "is_long_range" subsets of training.md §8): `n = d + 1` with `d`
-    uniform on `max(1, min_turns - 1) .. min(max_distance, max_turns - 1)`; the fact is turn 0, turns `1 .. d - 1`
-    are off-topic chit-chat only, the question is turn `d`.
+    With `long_range=True` (topic-change episodes, "is_long_range" subsets of docs/spec.md#dataset-rows): `n = d + 1`
+    with `d` uniform on `max(1, min_turns - 1) .. min(max_distance, max_turns - 1)`; the fact is turn 0, turns
+    `1 .. d - 1` are off-topic chit-chat only, the question is turn `d`.
 
 Styles and the template split
     `style="basic"` (the default) is the generator described above: 10 attributes, 2-3 templates per statement,

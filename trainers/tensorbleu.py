@@ -81,7 +81,6 @@ import sys
 import warnings
 from collections.abc import Sequence
 from numbers import Real
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -415,8 +414,8 @@ def tensor_sentence_bleu(
     candidates: Tensor,
     references: Tensor,
     max_n: int = 4,
-    weights: Optional[Sequence[float]] = None,
-    smoothing: Optional[str] = "none",
+    weights: Sequence[float] | None = None,
+    smoothing: str | None = "none",
     pad_token_id: int = 0,
     *,
     dtype: torch.dtype = torch.float32,
@@ -462,8 +461,8 @@ def tensor_corpus_bleu(
     candidates: Tensor,
     references: Tensor,
     max_n: int = 4,
-    weights: Optional[Sequence[float]] = None,
-    smoothing: Optional[str] = "none",
+    weights: Sequence[float] | None = None,
+    smoothing: str | None = "none",
     pad_token_id: int = 0,
     *,
     dtype: torch.dtype = torch.float32,

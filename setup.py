@@ -42,6 +42,7 @@ setup(
             "parameterized>=0.9",  # transformers' common test mixins
             "openai>=1.66,<3",
             "httpx>=0.27,<1",
+            "ruff>=0.17,<0.18",  # tests/test_lint.py
         ],
         "flash": ["flash-attn>=2.6"],
     },

@@ -1038,6 +1038,19 @@ DECODER_OUTPUTS = {
 }
 
 
+# `auto_map` written into every saved folder: the whole family loads with `trust_remote_code`.
+AUTO_MAP = {
+    "AutoConfig": "configuration_rxt.RxTConfig",
+    "AutoModel": "modeling_rxt.RxTModel",
+    "AutoModelForCausalLM": "modeling_rxt.RxTForCausalLM",
+}
+STATELESS_AUTO_MAP = {
+    "AutoConfig": "configuration_rxt.RxTStatelessConfig",
+    "AutoModel": "modeling_rxt.RxTStatelessModel",
+    "AutoModelForCausalLM": "modeling_rxt.RxTStatelessForCausalLM",
+}
+
+
 class RxTPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
     config_class = RxTConfig
     config: RxTConfig
@@ -1052,6 +1065,7 @@ class RxTPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # a decode step with a static RxTCache compiles without graph breaks
     _can_record_outputs = DECODER_OUTPUTS
+    _auto_map = AUTO_MAP
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -1059,7 +1073,7 @@ class RxTPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config and the flat code files with a full `auto_map` (loads with `trust_remote_code`)."""
-        self.config.auto_map = dict(AUTO_MAP)
+        self.config.auto_map = dict(self._auto_map)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
@@ -2003,40 +2017,15 @@ class RxTChatSession:
 # ---------------------------------------------------------------------------------------------------------------------
 # Stateless baseline
 # ---------------------------------------------------------------------------------------------------------------------
-AUTO_MAP = {
-    "AutoConfig": "configuration_rxt.RxTConfig",
-    "AutoModel": "modeling_rxt.RxTModel",
-    "AutoModelForCausalLM": "modeling_rxt.RxTForCausalLM",
-}
-STATELESS_AUTO_MAP = {
-    "AutoConfig": "configuration_rxt.RxTStatelessConfig",
-    "AutoModel": "modeling_rxt.RxTStatelessModel",
-    "AutoModelForCausalLM": "modeling_rxt.RxTStatelessForCausalLM",
-}
 
 
-class RxTStatelessPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
+class RxTStatelessPreTrainedModel(RxTPreTrainedModel):
+    """The stateless baseline's family: RxT's flags and initialisation with its own config class and `auto_map`."""
+
     config_class = RxTStatelessConfig
     config: RxTStatelessConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["RxTDecoderLayer"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    _can_compile_fullgraph = True
-    _can_record_outputs = DECODER_OUTPUTS
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        init_rxt_weights(self, module)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save with a full `auto_map` (loads with `trust_remote_code`)."""
-        self.config.auto_map = dict(STATELESS_AUTO_MAP)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+    _auto_map = STATELESS_AUTO_MAP
 
 
 class RxTStatelessModel(RxTStatelessPreTrainedModel):

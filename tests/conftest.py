@@ -66,3 +66,21 @@ def run_torchrun(body: str, tmp_path: Path, master_port: int) -> tuple[subproces
     result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, out
+
+
+# A tiny RxT and its tokenizer (module scope): the default `tokenizer` / `model` of the chat-session tests; a test
+# module that needs other ones defines its own fixtures of these names.
+@pytest.fixture(scope="module")
+def tokenizer():
+    from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
+
+    texts = [f"my name is alice {i} and i live in paris number {i * 7}" for i in range(200)]
+    return train_rxt_tokenizer(texts, vocab_size=300, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    from modeling_rxt import RxTConfig, RxTForCausalLM
+
+    torch.manual_seed(0)
+    return RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tokenizer))).eval()

@@ -6,31 +6,18 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LogitsProcessorList, PreTrainedTokenizerFast
 
-from modeling_rxt import RxTCache, RxTChatSession, RxTConfig, RxTForCausalLM
+from modeling_rxt import RxTCache, RxTChatSession
 from modeling_rxt.tokenization_rxt import (
     RXT_SPECIAL_TOKENS,
     RXT_TEMPLATES,
     RXT_TOKEN_ID_FIELDS,
     render_system,
     render_turn_prompt,
-    train_rxt_tokenizer,
 )
 
 A, T, EOS = (
     RXT_SPECIAL_TOKENS.index(RXT_TOKEN_ID_FIELDS[f]) for f in ("answer_token_id", "think_token_id", "eos_token_id")
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    texts = [f"my name is alice {i} and i live in paris number {i * 7}" for i in range(200)]
-    return train_rxt_tokenizer(texts, vocab_size=300, min_frequency=1)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    return RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tokenizer))).eval()
 
 
 def record_updates(session, monkeypatch):

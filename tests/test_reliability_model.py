@@ -11,19 +11,7 @@ from safetensors.torch import save_file
 from transformers import GenerationConfig, LlamaConfig, LogitsProcessorList
 
 from modeling_rxt import RxTCache, RxTChatSession, RxTConfig, RxTForCausalLM
-from modeling_rxt.tokenization_rxt import RXT_SPECIAL_TOKENS, RXT_TEMPLATES, train_rxt_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    texts = [f"my name is alice {i} and i live in paris number {i * 7}" for i in range(200)]
-    return train_rxt_tokenizer(texts, vocab_size=300, min_frequency=1)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    return RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tokenizer))).eval()
+from modeling_rxt.tokenization_rxt import RXT_SPECIAL_TOKENS, RXT_TEMPLATES
 
 
 def prompt_ids(batch=2, length=5, vocab=300):

@@ -8,26 +8,13 @@ import torch
 from transformers import LogitsProcessorList, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from modeling_rxt import RxTChatSession, RxTConfig, RxTForCausalLM, tokenization_rxt
-from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
+from modeling_rxt import RxTChatSession, tokenization_rxt
 
 NEW_TOKENS = 4
 
 
 class Injected(Exception):
     """The fault raised by the tests (never raised by the library)."""
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    texts = [f"my name is alice {i} and i live in paris number {i * 7}" for i in range(200)]
-    return train_rxt_tokenizer(texts, vocab_size=300, min_frequency=1)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    return RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tokenizer))).eval()
 
 
 def started_session(model, tokenizer, background=False, batch_size=1):

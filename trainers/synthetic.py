@@ -200,32 +200,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 _ATTRIBUTE_BY_NAME = {attribute.name: attribute for attribute in ATTRIBUTES}
 
 # Off-topic turns. Fixed pairs plus a few combinatorial families (no pool values in them).
-_CHITCHAT = (
-    ("How are you today?", "I am doing well, thank you for asking."),
-    ("Tell me something interesting.", "Octopuses have three hearts."),
-    ("What should I cook tonight?", "A simple vegetable soup is quick and warm."),
-    ("Is it going to rain?", "I cannot see the sky, but an umbrella never hurts."),
-    ("Can you tell me a joke?", "Why did the scarecrow win a prize? He was outstanding in his field."),
-    ("I am a bit tired.", "Maybe a short break and a glass of water will help."),
-    ("What time is it?", "I do not have a clock, but your device should show it."),
-    ("Thanks for your help.", "You are welcome, happy to help."),
-    ("Do you like music?", "I enjoy talking about music of all kinds."),
-    ("What is a good way to relax?", "A slow walk outside works for many people."),
-    ("How do plants grow?", "They use sunlight, water and air to make sugar."),
-    ("Any tips for sleeping better?", "Keep a regular bedtime and avoid screens late at night."),
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("Why is the sky blue?", "Air scatters blue light more than red light."),
-    ("Say something nice.", "You are doing a great job today."),
-    ("I just finished my work.", "Well done, enjoy the rest of your day."),
-    ("Should I go for a run?", "A run sounds great if you feel up to it."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-    ("What is your favourite season?", "I like spring, when everything starts to grow."),
-    ("Good morning!", "Good morning, I hope you slept well."),
-    ("Can you help me plan my day?", "Start with the hardest task, then take a short break."),
-    ("What is water made of?", "Water is made of hydrogen and oxygen."),
-    ("I watched a film yesterday.", "Nice, I hope it was a good one."),
-    ("Is coffee bad for me?", "A cup or two a day is fine for most people."),
-)
+_CHITCHAT = _diverse.CHITCHAT_PAIRS
 _CHITCHAT_TOPICS = ("history", "space", "the ocean", "birds", "old trains", "mountains", "rivers", "insects")
 _CHITCHAT_GENRES = ("mystery", "adventure", "science fiction", "poetry", "fantasy", "travel")
 

@@ -237,7 +237,8 @@ HOBBY_OBJECTS = (
 )  # fmt: skip
 
 # Distractor turns: fixed pairs and families combined with the lists below (no values inside).
-DISTRACTOR_PAIRS = (
+# Off-topic pairs of both styles (the basic style draws from these alone).
+CHITCHAT_PAIRS = (
     ("How are you today?", "I am doing well, thank you for asking."),
     ("Tell me something interesting.", "Octopuses have three hearts."),
     ("What should I cook tonight?", "A simple vegetable soup is quick and warm."),
@@ -262,6 +263,8 @@ DISTRACTOR_PAIRS = (
     ("What is water made of?", "Water is made of hydrogen and oxygen."),
     ("I watched a film yesterday.", "Nice, I hope it was a good one."),
     ("Is coffee bad for me?", "A cup or two a day is fine for most people."),
+)
+DISTRACTOR_PAIRS = CHITCHAT_PAIRS + (
     ("Hmm, let me think for a second.", "Take your time."),
     ("That was funny.", "I am glad it made you smile."),
     ("Do you ever sleep?", "No, but I am always happy to chat."),

@@ -15,6 +15,9 @@ import dataclasses
 from huggingface_hub.dataclasses import strict
 from transformers import GenerationConfig, PreTrainedConfig
 
+from .tokenization_rxt import RXT_DEFAULT_TOKEN_IDS as TOKEN_IDS
+from .tokenization_rxt import RXT_TEMPLATES
+
 ATTENTION_TYPES = ("mha", "gqa", "mqa", "sqa")
 OUT_OF_SCOPE_ATTENTION_TYPES = ("hybrid", "gma", "dma")
 ACTIVATIONS = ("relu", "gelu", "swish", "silu", "sigmoid", "tanh", "linear")
@@ -464,14 +467,14 @@ class RxTConfig(_RefusesOtherModelTypes, _DecoderSizes, PreTrainedConfig):
     learned_stm_init: bool = False
     use_mlm_head: bool = False
     system_prompt_title: str = "SYSTEM INSTRUCTIONS"
-    system_template: str = "[BOS][Q]{system}[A][EOS]"
-    pad_token_id: int | None = 0
-    unk_token_id: int | None = 1
-    bos_token_id: int | None = 2
-    eos_token_id: int | list[int] | None = 3
-    mask_token_id: int | None = 4
-    query_token_id: int | None = 5
-    answer_token_id: int | None = 6
+    system_template: str = RXT_TEMPLATES["system_alpha"]
+    pad_token_id: int | None = TOKEN_IDS["pad_token_id"]
+    unk_token_id: int | None = TOKEN_IDS["unk_token_id"]
+    bos_token_id: int | None = TOKEN_IDS["bos_token_id"]
+    eos_token_id: int | list[int] | None = TOKEN_IDS["eos_token_id"]
+    mask_token_id: int | None = TOKEN_IDS["mask_token_id"]
+    query_token_id: int | None = TOKEN_IDS["query_token_id"]
+    answer_token_id: int | None = TOKEN_IDS["answer_token_id"]
     think_token_id: int | None = None
     tool_call_token_id: int | None = None
     tool_use_token_id: int | None = None
@@ -606,11 +609,11 @@ class RxTStatelessConfig(_RefusesOtherModelTypes, _DecoderSizes, PreTrainedConfi
 
     decoder_config: RxTComponentConfig | dict | None = None
     rope_layout: str = "interleaved"
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 2
-    eos_token_id: int | list[int] | None = 3
-    query_token_id: int | None = 5
-    answer_token_id: int | None = 6
+    pad_token_id: int | None = TOKEN_IDS["pad_token_id"]
+    bos_token_id: int | None = TOKEN_IDS["bos_token_id"]
+    eos_token_id: int | list[int] | None = TOKEN_IDS["eos_token_id"]
+    query_token_id: int | None = TOKEN_IDS["query_token_id"]
+    answer_token_id: int | None = TOKEN_IDS["answer_token_id"]
     initializer_range: float = 0.02
     linear_init: str = "normal"
     tie_word_embeddings: bool = False

@@ -37,7 +37,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_rxt import RxTCache
 from .configuration_rxt import RxTComponentConfig, RxTConfig, RxTMemoryAttentionConfig, RxTStatelessConfig
-from .tokenization_rxt import check_rxt_tokenizer
+from .tokenization_rxt import RXT_TOKEN_ID_FIELDS, check_rxt_tokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -1792,9 +1792,9 @@ class RxTChatSession:
         from .tokenization_rxt import RXT_TEMPLATES, turn_prompt_segments
 
         if kind == "tool_result":
-            self._need("tool_use_token_id", "[U]", "a tool-result turn")
+            self._need("tool_use_token_id", RXT_TOKEN_ID_FIELDS["tool_use_token_id"], "a tool-result turn")
         if internal is not None:
-            self._need("internal_token_id", "[I]", "an internal instruction")
+            self._need("internal_token_id", RXT_TOKEN_ID_FIELDS["internal_token_id"], "an internal instruction")
         segments = turn_prompt_segments(text, kind, internal)
         if kind == "query" and thinking_mode is None:
             segments.append((RXT_TEMPLATES["alpha_answer_prompt"], False))
@@ -1814,8 +1814,8 @@ class RxTChatSession:
         if thinking_mode not in RXT_THINKING_MODES:
             modes = ", ".join(map(repr, RXT_THINKING_MODES))
             raise ValueError(f"thinking_mode={thinking_mode!r}: expected None or one of {modes}.")
-        keys = {"[A]": "answer_token_id", "[T]": "think_token_id"}
-        return [self._need(keys[t], t, f"thinking_mode={thinking_mode!r}") for t in RXT_THINKING_MODES[thinking_mode]]
+        field = {token: name for name, token in RXT_TOKEN_ID_FIELDS.items()}
+        return [self._need(field[t], t, f"thinking_mode={thinking_mode!r}") for t in RXT_THINKING_MODES[thinking_mode]]
 
     # -- one turn -------------------------------------------------------------------------------------------------
     def _encode(self, rows: list[list[tuple[str, bool]]], padding_side: str) -> dict[str, torch.Tensor]:

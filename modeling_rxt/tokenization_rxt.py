@@ -22,6 +22,7 @@ __all__ = [
     "RXT_CHAT_TEMPLATE",
     "RXT_TEMPLATES",
     "RXT_TOKEN_ID_FIELDS",
+    "RXT_DEFAULT_TOKEN_IDS",
     "RXT_THINKING_MODES",
     "CONTROL_TOKEN_POLICIES",
     "check_rxt_tokenizer",
@@ -77,6 +78,8 @@ _OPTIONAL_TOKEN_IDS = {
 # Config field -> token, in id order: the one table of the RxT special tokens' config fields (the converter, trainers,
 # scripts and tests read it from here).
 RXT_TOKEN_ID_FIELDS = {**_REQUIRED_TOKEN_IDS, **_OPTIONAL_TOKEN_IDS}
+# Config field -> id in a tokenizer built by `train_rxt_tokenizer` (the configs' defaults).
+RXT_DEFAULT_TOKEN_IDS = {field: RXT_SPECIAL_TOKENS.index(token) for field, token in RXT_TOKEN_ID_FIELDS.items()}
 
 # What happens to RxT control tokens (`RXT_SPECIAL_TOKENS`) inside user text (queries, tool results, internal
 # instructions, system prompts, chat-template message content): `refuse` (the default) raises a ValueError naming the

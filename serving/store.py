@@ -22,6 +22,7 @@ import queue
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,11 +137,12 @@ def _conversation(row) -> ConversationRow:
     return ConversationRow(*values)
 
 
-class Store:
+class Store(ABC):
     """The state store. Backends provide `_connect()`/`_transaction()`; all SQL is shared (`?` placeholders)."""
 
     blob_type = "BLOB"
     row_lock = ""  # appended to the SELECT of a conversation row inside a write transaction
+    schema_lock = ""  # run first in the schema transaction (PostgreSQL: replicas starting together create tables once)
 
     def __init__(self, keep_snapshots: int = 4):
         if keep_snapshots < 1:
@@ -148,15 +150,18 @@ class Store:
         self.keep_snapshots = keep_snapshots
 
     # -- backend hooks ------------------------------------------------------------------------------------------
+    @abstractmethod
     @contextmanager
     def _transaction(self, write: bool = False) -> Iterator:  # yields a cursor-like `execute(sql, params)` callable
-        raise NotImplementedError
+        ...
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self) -> None: ...
 
     def _schema(self) -> None:
         with self._transaction(write=True) as execute:
+            if self.schema_lock:
+                execute(self.schema_lock, ())
             for statement in SCHEMA:
                 execute(statement.format(blob=self.blob_type))
 
@@ -379,6 +384,7 @@ class PostgresStore(Store):
 
     blob_type = "BYTEA"
     row_lock = " FOR UPDATE"
+    schema_lock = "SELECT pg_advisory_xact_lock(727270030)"
 
     def __init__(self, url: str, keep_snapshots: int = 4, pool_size: int = 4):
         import psycopg
@@ -392,13 +398,7 @@ class PostgresStore(Store):
             connection = psycopg.connect(url, autocommit=True)
             self._pool.put(connection)
             self._all.append(connection)
-        with self._transaction(write=True) as execute:
-            execute("SELECT pg_advisory_xact_lock(727270030)", ())  # replicas starting together create tables once
-            for statement in SCHEMA:
-                execute(statement.format(blob=self.blob_type), ())
-
-    def _schema(self) -> None:  # done in __init__ under an advisory lock
-        pass
+        self._schema()
 
     @contextmanager
     def _transaction(self, write: bool = False):

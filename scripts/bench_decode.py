@@ -14,6 +14,9 @@ disabled), batch 1. Measured, median and quartiles over `--repeats`, systems in 
   `StaticCache`) and each model's decode step compiled with `torch.compile(fullgraph=True)` (the prefill runs
   eagerly; `--no-compile` or `--quick` time the static caches uncompiled, `--compile` compiles in `--quick` too);
   the ratio of the two per-token medians is `decode_ratio_rxt_vs_llama_static[_compiled]` (target <= 1.17);
+  `--decompose` adds, in the same alternation group, RxT without the attention over the slots (the memory
+  sub-layer's norm, query projection with RoPE and output projection only) and RxT without memory sub-layers (the
+  same decoder blocks, stateless), so the ratio splits into what each part of the memory sub-layer costs;
 - **memory K/V projection**: the once-per-turn cost (`stm_norm` + `k_proj`/`v_proj` of every memory layer);
 - **breakdown**: one extra pass with the manual loop where the decoder sub-modules are timed (self-attention,
   memory cross-attention, feed-forward, norms, LM head); instrumentation adds a little time, so these numbers
@@ -24,6 +27,7 @@ Writes `runs/bench/decode.json` and `.png`.
     python scripts/bench_decode.py            # D=256, 4 layers, 512 STM slots, prompts 64/256, 128 new tokens
     python scripts/bench_decode.py --quick    # tiny model (seconds)
     python scripts/bench_decode.py --static-only --repeats 15   # only the static / compiled comparison
+    python scripts/bench_decode.py --static-only --decompose --embed-dim 512 --ff-dim 1536   # another width
 """
 
 from __future__ import annotations
@@ -88,27 +92,59 @@ def _decode_step(model, compiled: bool):
     return torch.compile(step, fullgraph=True) if compiled else step
 
 
-def _static_comparison(rxt, llama, ids, new_tokens, stm, repeats, warmup, compiled: bool) -> dict:
-    """RxT vs Llama per-token decode, both on static caches (and compiled decode steps): one alternation group."""
+def _decomposition_models(rxt) -> dict:
+    """Copies of `rxt` for `--decompose`: without the attention over the STM slots (the memory sub-layer keeps its
+    norm, query projection with RoPE, output projection and residual add), and without memory sub-layers."""
+    import copy
+
+    from modeling_rxt.modeling_rxt import RxTMemoryCrossAttention, apply_rotary
+
+    class NoAttentionCore(RxTMemoryCrossAttention):
+        def forward(self, hidden_states, memory_key_value, position_embeddings=None):
+            query = self.project_query(hidden_states)  # [B, Hq, T, hd]
+            if position_embeddings is not None:
+                query = apply_rotary(query, *position_embeddings, self.rope_layout)
+            return self.out_proj(query.transpose(1, 2).reshape(*hidden_states.shape[:2], -1)), None
+
+    no_core, no_memory = copy.deepcopy(rxt), copy.deepcopy(rxt)
+    for layer in no_core.model.decoder.layers:
+        layer.memory_cross_attention.__class__ = NoAttentionCore
+    for layer in no_memory.model.decoder.layers:
+        layer.memory_layer_idx = None  # the block skips its memory sub-layer
+    return {"rxt_without_attention_core": no_core, "rxt_without_memory_sublayer": no_memory}
+
+
+def _static_comparison(rxt, llama, ids, new_tokens, stm, repeats, warmup, compiled: bool, decompose=False) -> dict:
+    """RxT vs Llama per-token decode, both on static caches (and compiled decode steps): one alternation group
+    (with `decompose`, also the two RxT variants of `_decomposition_models`)."""
     from transformers import StaticCache
 
     from modeling_rxt import RxTCache
 
     length = ids.shape[1] + new_tokens + 1
-    steps = {"rxt": _decode_step(rxt, compiled), "llama": _decode_step(llama, compiled)}
-    caches = {
-        "rxt": lambda: RxTCache(stm=stm, config=rxt.config, max_cache_len=length),
-        "llama": lambda: StaticCache(config=llama.config, max_cache_len=length),
-    }
-    for name in ("rxt", "llama"):  # compile (both graphs) before timing
-        _static_loop(rxt if name == "rxt" else llama, ids, 2, caches[name](), steps[name])
-    t_rxt, t_llama = bc.measure_interleaved([
-        lambda: _static_loop(rxt, ids, new_tokens, caches["rxt"](), steps["rxt"]),
-        lambda: _static_loop(llama, ids, new_tokens, caches["llama"](), steps["llama"]),
+    models = {"rxt": rxt, "llama": llama, **(_decomposition_models(rxt) if decompose else {})}
+    steps = {name: _decode_step(model, compiled) for name, model in models.items()}
+
+    def cache(name):
+        if name == "llama":
+            return StaticCache(config=llama.config, max_cache_len=length)
+        return RxTCache(stm=stm, config=rxt.config, max_cache_len=length)
+
+    for name, model in models.items():  # compile every graph before timing
+        _static_loop(model, ids, 2, cache(name), steps[name])
+    times = bc.measure_interleaved([
+        lambda name=name, model=model: _static_loop(model, ids, new_tokens, cache(name), steps[name])
+        for name, model in models.items()
     ], repeats, warmup)  # fmt: skip
-    row = {"compiled": compiled, "rxt": {k: bc.spread(v) for k, v in t_rxt.items()},
-           "llama": {k: bc.spread(v) for k, v in t_llama.items()}}  # fmt: skip
-    row["decode_ratio_rxt_vs_llama"] = row["rxt"]["per_token_ms"]["median_ms"] / row["llama"]["per_token_ms"]["median_ms"]
+    row = {"compiled": compiled}
+    for name, t in zip(models, times, strict=True):
+        row[name] = {k: bc.spread(v) for k, v in t.items()}
+    llama_ms = row["llama"]["per_token_ms"]["median_ms"]
+    row["decode_ratio_rxt_vs_llama"] = row["rxt"]["per_token_ms"]["median_ms"] / llama_ms
+    if decompose:
+        row["decomposition_ratio_vs_llama"] = {
+            name: row[name]["per_token_ms"]["median_ms"] / llama_ms for name in models if name != "llama"
+        }
     return row
 
 
@@ -175,6 +211,42 @@ def _breakdown(rxt, llama, ids, new_tokens, make_rxt_cache, make_llama_cache) ->
     return result
 
 
+def _write_static_only(args, machine, threads, repeats, dims, new_tokens, prompt_len, label, static) -> dict:
+    """`--static-only`: `<output stem>_static.json` + PNG (per-token ms of every system in the comparison)."""
+    from pathlib import Path
+
+    systems = [k for k in static if isinstance(static[k], dict) and "per_token_ms" in static[k]]
+    summary = {f"decode_ratio_rxt_vs_llama_{label}": static["decode_ratio_rxt_vs_llama"],
+               "target": {f"decode_ratio_rxt_vs_llama_{label}": "<= 1.17"},
+               "meets_target": static["decode_ratio_rxt_vs_llama"] <= 1.17,
+               **({"decomposition_ratio_vs_llama": static["decomposition_ratio_vs_llama"]}
+                  if "decomposition_ratio_vs_llama" in static else {})}  # fmt: skip
+    config = {"threads": threads, "repeats": repeats, "warmup_per_point": args.warmup, "seed": args.seed,
+              "dtype": "float32", "batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "dims": dims,
+              "timing": "every system in one alternation group"}  # fmt: skip
+
+    def plot(png):
+        import matplotlib.pyplot as plt
+
+        rows = [static[k]["per_token_ms"] for k in systems]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar(range(len(systems)), [r["median_ms"] for r in rows],
+               yerr=[[r["median_ms"] - r["q1_ms"] for r in rows], [r["q3_ms"] - r["median_ms"] for r in rows]],
+               capsize=3)  # fmt: skip
+        ax.set_xticks(range(len(systems)), [k.replace("_", " ") for k in systems], rotation=15, fontsize=7)
+        ax.set_ylabel("ms per generated token (median, IQR)")
+        ax.set_title(f"{label} decode, D={dims['embed_dim']}, {dims['num_layers']} layers, STM {dims['stm_size']}: "
+                     f"RxT / Llama x{static['decode_ratio_rxt_vs_llama']:.3f}", fontsize=9)  # fmt: skip
+        ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+
+    output = Path(args.output)
+    return bc.write_outputs(output.with_name(output.stem + "_static.json"), machine, config, [static], summary, plot,
+                            (f"decode_ratio_rxt_vs_llama_{label}",))  # fmt: skip
+
+
 def main(argv=None) -> dict:
     ap = bc.base_parser("decode", __doc__)
     ap.add_argument("--prompt-lens", type=int, nargs="*", default=None, help="prompt tokens (64 256; quick 16)")
@@ -188,6 +260,11 @@ def main(argv=None) -> dict:
                     help="compile the static-cache decode steps (default: yes, except with --quick)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--static-only", action="store_true", help="only the static / compiled comparison")
+    ap.add_argument("--decompose", action="store_true",
+                    help="static comparison: also RxT without the attention over the slots and without memory "
+                         "sub-layers")  # fmt: skip
+    ap.add_argument("--embed-dim", type=int, default=None, help="model width (256; quick 64)")
+    ap.add_argument("--ff-dim", type=int, default=None, help="feed-forward width (768; quick 192)")
     args = ap.parse_args(argv)
 
     from transformers import DynamicCache
@@ -202,8 +279,9 @@ def main(argv=None) -> dict:
     else:
         dims = dict(bc.FULL_DIMS)
         prompt_lens, new_tokens, repeats = [64, 256], 128, 9
-    if args.stm_size:
-        dims["stm_size"] = args.stm_size
+    for key in ("stm_size", "embed_dim", "ff_dim"):
+        if getattr(args, key):
+            dims[key] = getattr(args, key)
     stm_sizes = args.stm_sweep if args.stm_sweep is not None else ([16] if quick else [128, 512, 1024])
     prompt_lens = sorted(set(args.prompt_lens or prompt_lens))
     new_tokens = args.new_tokens or new_tokens
@@ -222,14 +300,15 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     with torch.inference_mode():
         ids = bc.rxt_query(gen, 1, headline, dims["vocab_size"], config)
-        static = _static_comparison(rxt, llama, ids, new_tokens, stm, repeats, args.warmup, compiled)
+        static = _static_comparison(rxt, llama, ids, new_tokens, stm, repeats, args.warmup, compiled, args.decompose)
         label = "static_compiled" if compiled else "static"
         print(f"prompt {headline:4d}, {label}: per-token ms rxt {static['rxt']['per_token_ms']['median_ms']:.3f} "
               f"llama {static['llama']['per_token_ms']['median_ms']:.3f} (x{static['decode_ratio_rxt_vs_llama']:.3f})",
               flush=True)  # fmt: skip
+        for name, ratio in static.get("decomposition_ratio_vs_llama", {}).items():
+            print(f"  {name}: x{ratio:.3f} of Llama", flush=True)
         if args.static_only:
-            print(f"decode_ratio_rxt_vs_llama_{label} {static['decode_ratio_rxt_vs_llama']:.3f}")
-            return static
+            return _write_static_only(args, machine, threads, repeats, dims, new_tokens, headline, label, static)
         warm = bc.rxt_query(gen, 1, prompt_lens[0], dims["vocab_size"], config)
         for _ in range(args.global_warmup):  # whole-process warm-up before the first point
             _generate(rxt, warm, new_tokens, cache=RxTCache(stm=stm))

@@ -128,3 +128,47 @@ def test_bench_all_runs_every_script():
     for name in names:
         assert name in script, f"bench_all.sh does not run bench_{name}.py"
     assert set(SCRIPTS) | {"tensorbleu"} == set(names)
+
+
+def test_decode_static_decomposition(tmp_path):
+    """`bench_decode.py --static-only --decompose`: the two RxT variants do what they are named for (without the
+    attention core the STM no longer changes the logits but the sub-layer's projections still do; without memory
+    sub-layers the logits equal those of the blocks alone), and the run writes their ratios."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import bench_common as bc
+    import bench_decode
+    import torch
+
+    torch.manual_seed(0)
+    config = bc.rxt_config(**bc.QUICK_DIMS, seq_len=64)
+    from modeling_rxt import RxTForCausalLM
+
+    rxt = RxTForCausalLM(config).eval()
+    variants = bench_decode._decomposition_models(rxt)
+    ids = torch.randint(4, 500, (1, 8))
+    stm_a, stm_b = rxt.initial_stm(1), torch.randn_like(rxt.initial_stm(1))
+    with torch.no_grad():
+        def logits(model, stm):
+            return model(input_ids=ids, stm=stm).logits
+
+        assert not torch.allclose(logits(rxt, stm_a), logits(rxt, stm_b))
+        for model in variants.values():
+            assert torch.equal(logits(model, stm_a), logits(model, stm_b))
+        no_core, no_memory = variants["rxt_without_attention_core"], variants["rxt_without_memory_sublayer"]
+        assert not torch.allclose(logits(no_core, stm_a), logits(no_memory, stm_a))
+        for layer in rxt.model.decoder.layers:  # the original model is untouched
+            assert type(layer.memory_cross_attention).__name__ == "RxTMemoryCrossAttention"
+            assert layer.memory_layer_idx is not None
+
+    out = tmp_path / "decode.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "bench_decode.py"), "--quick", "--static-only", "--decompose",
+         "--output", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "decode_static.json").read_text())
+    ratios = data["summary"]["decomposition_ratio_vs_llama"]
+    assert set(ratios) == {"rxt", "rxt_without_attention_core", "rxt_without_memory_sublayer"}
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    assert (tmp_path / "decode_static.png").exists()

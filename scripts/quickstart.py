@@ -177,7 +177,8 @@ def run_mrl(preset: dict, model_dir: Path, data_dir: Path, output: Path, seed: i
     reward_flags = {k: v for k, v in mrl["args"].items() if k not in ("max_steps", "learning_rate", "logging_steps")}
     return eval_mrl.main(["--before", str(model_dir), "--after", str(output / "model"), "--reward_data",
                           str(data_dir / f"{mrl.get('data', 'dialogues')}_validation.jsonl"), "--recall_data",
-                          str(data_dir / "memory_eval_test.jsonl"), "--output", str(output / "eval.json"),
+                          str(data_dir / "memory_eval_test.jsonl"), "--idf_data", str(train_file),
+                          "--output", str(output / "eval.json"),
                           "--output_dir", str(output / "eval"), "--report_to", "none", "--reward_ceiling", "true",
                           "--use_cpu", str(not _has_gpu())] + _flags(reward_flags))  # fmt: skip
 

@@ -136,17 +136,26 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
         with contextlib.nullcontext() if self.memory_attention_trains else torch.no_grad():
             return model(attention_mask=mask, stm=stm, encoder_hidden_states=encoded, mode="memory_update").stm
 
-    def write_turn(self, model, turn: int, ids, mask, rows, stm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def write_rows(self, model, turn: int, ids, mask, rows, stm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Before turn `turn > 0`: write the previous interaction of the episodes still running (`ids`, `mask
         [B_k, T]`; `rows [B_k]` their batch rows, None = all) into `stm [L, B, S, D]`, detaching first every
-        `bptt_turns` turns. Rows of finished episodes keep their STM. → (STM `[L, B, S, D]`, the active rows' STM
-        `[L, B_k, S, D]`, update norm)."""
+        `bptt_turns` turns. The other rows (finished episodes) keep their STM and are not computed. → (STM
+        `[L, B, S, D]`, the running rows' STM `[L, B_k, S, D]`, update norm over them)."""
         if self.args.bptt_turns and turn % self.args.bptt_turns == 0:
             stm = stm.detach()  # truncate before the write, so the update feeding this turn keeps its gradient
         previous = stm if rows is None else stm.index_select(1, rows)
         new_stm = self.write_memory(model, ids, mask, previous)
         norm = stm_update_norm(new_stm, previous)
         return (new_stm if rows is None else stm.index_copy(1, rows, new_stm)), new_stm, norm
+
+    def write_turn(self, model, turn: int, ids, mask, valid, stm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write_rows` for the whole batch's previous interaction (`ids`, `mask [B, T]`) and the rows whose episode
+        goes on (`valid [B]` bool); the others are skipped and keep their STM. → (STM `[L, B, S, D]`, update norm)."""
+        rows = None if valid.all() else valid.nonzero().squeeze(1)
+        if rows is not None:
+            ids, mask = ids[rows], mask[rows]
+        stm, _, norm = self.write_rows(model, turn, ids, mask, rows, stm)
+        return stm, norm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, masks, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
@@ -167,7 +176,7 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
             if turn > 0:
                 width = write_widths[turn - 1]
                 previous_ids, previous_mask = (take_rows(x[turn - 1], rows, width) for x in (ids, masks))
-                stm, read, norm = self.write_turn(model, turn, previous_ids, previous_mask, rows, stm)
+                stm, read, norm = self.write_rows(model, turn, previous_ids, previous_mask, rows, stm)
                 norms.append(norm)
             turn_ids, mask, turn_labels = (take_rows(x[turn], rows, widths[turn]) for x in (ids, masks, labels))
             out = model(input_ids=turn_ids, attention_mask=mask, labels=turn_labels, stm=read)

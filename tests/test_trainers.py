@@ -200,6 +200,112 @@ def test_smat_runs_each_turn_on_its_own_length(tokenizer, tmp_path):
     assert set(seen) == {batch["input_ids"].shape[-1]}
 
 
+def reference_smat_loss(model, batch, bptt_turns: int, encoder_trains: bool, memory_trains: bool):
+    """SMAT's loss written plainly on full-batch turns: every row runs every turn; finished episodes get labels -100,
+    one visible key, and keep their STM through `torch.where`. → (loss, final STM, accuracy, mean update norm)."""
+    ids, masks, labels, valid_turns = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["turn_mask"]
+    widths = (masks * torch.arange(1, masks.shape[-1] + 1)).amax(dim=(1, 2)).tolist()
+    stm, losses, accuracies, norms = None, [], [], []
+    for turn in range(ids.shape[0]):
+        valid = valid_turns[turn].bool()
+        if turn > 0:
+            width = widths[turn - 1]
+            if bptt_turns and turn % bptt_turns == 0:
+                stm = stm.detach()
+            mask = masks[turn - 1, :, :width].clone()
+            mask[~valid, 0] = 1
+            with torch.enable_grad() if encoder_trains else torch.no_grad():
+                encoded = model(input_ids=ids[turn - 1, :, :width], attention_mask=mask, mode="encode")
+            with torch.enable_grad() if memory_trains else torch.no_grad():
+                new_stm = model(attention_mask=mask, stm=stm, encoder_hidden_states=encoded.encoder_hidden_states,
+                                mode="memory_update").stm  # fmt: skip
+            norms.append((new_stm - stm)[:, valid].norm() / stm[:, valid].norm())
+            stm = torch.where(valid[None, :, None, None], new_stm, stm)
+        width = widths[turn]
+        turn_labels = labels[turn, :, :width].masked_fill(~valid[:, None], -100)
+        mask = masks[turn, :, :width].clone()
+        mask[~valid, 0] = 1
+        out = model(input_ids=ids[turn, :, :width], attention_mask=mask, labels=turn_labels, stm=stm)
+        stm = out.stm
+        losses.append(out.loss)
+        shifted = turn_labels[:, 1:]
+        accuracies.append((out.logits[:, :-1].argmax(-1) == shifted)[shifted != -100].float().mean())
+    return torch.stack(losses).mean(), stm, torch.stack(accuracies).mean(), torch.stack(norms).mean()
+
+
+@pytest.mark.parametrize(
+    "bptt_turns, encoder_trains, memory_trains, moe", [(0, True, True, False), (1, True, True, False),
+                                                       (2, True, True, False), (0, False, True, False),
+                                                       (1, False, False, False), (1, True, True, True)],
+)  # fmt: skip
+def test_smat_skips_finished_episodes_exactly(tokenizer, tmp_path, bptt_turns, encoder_trains, memory_trains, moe):
+    """Each turn runs only the episodes still going: the same loss, gradients, final STM and metrics as full-batch
+    turns in which finished rows are masked out, while the model sees sum(turns) rows, not N·B. (MoE routes each
+    token on its own; its router loss is over the tokens the decoder runs, so the MoE case leaves it out.)"""
+    moe_config = {"decoder": {"use_moe": True, "num_experts": 4, "moe_top_k": 2}} if moe else {}
+    model = tiny_model(tokenizer, **moe_config).train()  # no dropout in the tiny config: both compute the same thing
+    args = SMATConfig(**common_args(tmp_path), bptt_turns=bptt_turns, moe_aux_loss_scale=0.0)
+    trainer = SupervisedMemoryAwareTrainer(model=model, args=args, data_collator=EpisodeCollator(tokenizer))
+    trainer.encoder_trains, trainer.memory_attention_trains = encoder_trains, memory_trains
+    dialogues = generate_dialogues(6, seed=11, min_turns=4, max_turns=4)
+    num_turns = [2, 4, 1, 4, 2, 3]  # episodes ending at turns 1, 3, 0, 3, 1, 2
+    for dialogue, turns in zip(dialogues, num_turns):
+        dialogue["interactions"] = dialogue["interactions"][: turns - 1]
+    batch = EpisodeCollator(tokenizer, max_length=64)(dialogues)
+    assert batch["turn_mask"].sum(0).tolist() == num_turns and batch["input_ids"].shape[:2] == (4, 6)
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss, stm, *metrics = compute()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), stm.detach(), metrics, grads
+
+    rows = {"decode": 0, "write": 0}
+
+    def count_rows(module, args, kwargs):
+        if kwargs.get("mode") in (None, "decode"):
+            rows["decode"] += kwargs["input_ids"].shape[0]
+        elif kwargs.get("mode") == "memory_update":  # one call per write (after the encoder call when it is frozen)
+            rows["write"] += kwargs["attention_mask"].shape[0]
+
+    def skipping():
+        trainer._metrics["train"].clear()
+        loss, out = trainer.compute_loss(model, batch, return_outputs=True)
+        logged = trainer._metrics["train"]
+        return loss, out["stm"], logged["answer_accuracy"][0], logged["stm_update_norm"][0]
+
+    hook = model.register_forward_pre_hook(count_rows, with_kwargs=True)
+    loss, stm, metrics, grads = loss_and_grads(skipping)
+    hook.remove()
+    assert rows == {"decode": sum(num_turns), "write": sum(num_turns) - len(num_turns)}  # 16 and 10, not 24 and 18
+    assert trainer._metrics["train"]["episode_turns"] == [4.0]
+    ref_loss, ref_stm, ref_metrics, ref_grads = loss_and_grads(
+        lambda: reference_smat_loss(model, batch, bptt_turns, encoder_trains, memory_trains)
+    )
+    # float32; the two differ only in the batch sizes and widths the matmuls run at (rows are independent), so they
+    # agree to rounding: ~1e-7 relative, 1e-6 leaves room for reductions summed in another order
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(stm, ref_stm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(metrics), torch.stack(ref_metrics).detach(), rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    assert any(n.startswith("model.encoder.") for n in grads) == encoder_trains
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_smat_refuses_a_turn_mask_with_gaps(tokenizer, tmp_path):
+    model = tiny_model(tokenizer).train()
+    trainer = SupervisedMemoryAwareTrainer(model=model, args=SMATConfig(**common_args(tmp_path)),
+                                           data_collator=EpisodeCollator(tokenizer))  # fmt: skip
+    batch = episode_batch(tokenizer, turns=3)
+    for column, turns in ((1, [1, 0, 1]), (2, [0, 0, 0])):  # a gap; an episode without turns
+        bad = {**batch, "turn_mask": batch["turn_mask"].clone()}
+        bad["turn_mask"][:, column] = torch.tensor(turns)
+        with pytest.raises(ValueError, match=rf"turn_mask of episode {column} is \[{', '.join(map(str, turns))}\]"):
+            trainer.compute_loss(model, bad)
+
+
 def test_smat_episode_schedule_and_unfreeze_epochs(tokenizer, tmp_path):
     args = SMATConfig(**common_args(tmp_path, max_steps=1), episode_length_start=2, episode_ramp_start=0.25,
                       episode_ramp_end=0.75, episode_max_turns=6)  # fmt: skip

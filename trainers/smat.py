@@ -6,8 +6,10 @@ One Trainer step is one batch of episodes (`trainers.data.EpisodeCollator`: `inp
 interaction is encoded and written into memory; the decoder is teacher-forced on turn `k` reading the STM, with
 answer-only targets. `bptt_turns` sets where the STM is detached: `1` every turn (the reference's truncation),
 `k` every `k` turns, `0` never (backprop through the whole episode, the paper). The loss is the mean of the per-turn
-answer losses. Each turn runs up to its own last real position (`input_ids[k, :, :width_k]`), not the batch's padded
-length.
+answer losses. Each turn runs only the episodes still going at it (`turn_mask[k]`): the write before turn `k` and the
+decoder on turn `k` take those rows of the batch, cut to their own last real position (`[B_k, width_k]`), and the
+new STM rows are scattered back, so a finished episode costs nothing and keeps its STM. Loss, gradients and metrics
+are those of running every row with the finished ones masked; an MoE router loss is over the rows that run.
 
 Schedules (callbacks, DDP-safe: nothing flips `requires_grad`; frozen components run under `no_grad`):
 - gradual unfreezing of memory attention / encoder by epoch (`memory_attention_unfreeze_epoch`,
@@ -134,38 +136,52 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
         with contextlib.nullcontext() if self.memory_attention_trains else torch.no_grad():
             return model(attention_mask=mask, stm=stm, encoder_hidden_states=encoded, mode="memory_update").stm
 
-    def write_turn(self, model, turn: int, ids, mask, valid, stm) -> tuple[torch.Tensor, torch.Tensor]:
-        """Before turn `turn > 0`: write the previous interaction (`ids`, `mask [B, T]`) into `stm`, detaching first
-        every `bptt_turns` turns. Rows of finished episodes (`~valid`) keep their STM. → (STM, update norm)."""
+    def write_rows(self, model, turn: int, ids, mask, rows, stm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Before turn `turn > 0`: write the previous interaction of the episodes still running (`ids`, `mask
+        [B_k, T]`; `rows [B_k]` their batch rows, None = all) into `stm [L, B, S, D]`, detaching first every
+        `bptt_turns` turns. The other rows (finished episodes) keep their STM and are not computed. → (STM
+        `[L, B, S, D]`, the running rows' STM `[L, B_k, S, D]`, update norm over them)."""
         if self.args.bptt_turns and turn % self.args.bptt_turns == 0:
             stm = stm.detach()  # truncate before the write, so the update feeding this turn keeps its gradient
-        mask = mask.clone()
-        mask[~valid, 0] = 1  # finished episodes keep one visible key; their STM rows are kept below
-        new_stm = self.write_memory(model, ids, mask, stm)
-        norm = stm_update_norm(new_stm[:, valid], stm[:, valid])
-        return torch.where(valid[None, :, None, None], new_stm, stm), norm
+        previous = stm if rows is None else stm.index_select(1, rows)
+        new_stm = self.write_memory(model, ids, mask, previous)
+        norm = stm_update_norm(new_stm, previous)
+        return (new_stm if rows is None else stm.index_copy(1, rows, new_stm)), new_stm, norm
+
+    def write_turn(self, model, turn: int, ids, mask, valid, stm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write_rows` for the whole batch's previous interaction (`ids`, `mask [B, T]`) and the rows whose episode
+        goes on (`valid [B]` bool); the others are skipped and keep their STM. → (STM `[L, B, S, D]`, update norm)."""
+        rows = None if valid.all() else valid.nonzero().squeeze(1)
+        if rows is not None:
+            ids, mask = ids[rows], mask[rows]
+        stm, _, norm = self.write_rows(model, turn, ids, mask, rows, stm)
+        return stm, norm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, masks, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-        turn_mask = inputs["turn_mask"].bool()
-        widths = turn_widths(masks)  # [N]: each turn runs on its own width (only trailing pads are cut)
+        turn_mask = check_turn_mask(inputs["turn_mask"])  # [N, B] bool: episode b has turns 0 .. n_b - 1
+        batch = turn_mask.shape[1]
+        active_rows = turn_mask.sum(1).tolist()  # [N]: episodes still running at each turn
+        # Turn k runs on its active rows only, each call cut to the widest of them (only trailing pads are cut): the
+        # decoder on turn k, the write before it on turn k - 1 of the same rows.
+        widths = turn_widths(masks * turn_mask[..., None])
+        write_widths = turn_widths(masks[:-1] * turn_mask[1:, :, None])
         stm = None  # turn 0 reads the initial STM inside forward (where FSDP gathers a learned one) and returns it
         losses, accuracies, norms = [], [], []
-        for turn in range(ids.shape[0]):
-            valid = turn_mask[turn]
-            if not valid.any():
+        for turn, count in enumerate(active_rows):
+            if count == 0:
                 break
+            rows = None if count == batch else turn_mask[turn].nonzero().squeeze(1)  # [B_k] batch rows
+            read = None  # [L, B_k, S, D]: the STM the active rows read
             if turn > 0:
-                width = widths[turn - 1]
-                previous_ids, previous_mask = ids[turn - 1, :, :width], masks[turn - 1, :, :width]
-                stm, norm = self.write_turn(model, turn, previous_ids, previous_mask, valid, stm)
+                width = write_widths[turn - 1]
+                previous_ids, previous_mask = (take_rows(x[turn - 1], rows, width) for x in (ids, masks))
+                stm, read, norm = self.write_rows(model, turn, previous_ids, previous_mask, rows, stm)
                 norms.append(norm)
-            width = widths[turn]
-            turn_labels = labels[turn, :, :width].masked_fill(~valid[:, None], -100)
-            mask = masks[turn, :, :width].clone()
-            mask[~valid, 0] = 1
-            out = model(input_ids=ids[turn, :, :width], attention_mask=mask, labels=turn_labels, stm=stm)
-            stm = out.stm  # [L, B, S, D]: the STM this turn read
+            turn_ids, mask, turn_labels = (take_rows(x[turn], rows, widths[turn]) for x in (ids, masks, labels))
+            out = model(input_ids=turn_ids, attention_mask=mask, labels=turn_labels, stm=read)
+            if turn == 0:
+                stm = out.stm  # [L, B, S, D]: the initial STM this turn read
             losses.append(out.loss + self.moe_aux(out))
             accuracies.append(token_accuracy(out.logits, turn_labels))
         loss = torch.stack(losses).mean()
@@ -176,3 +192,23 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
             episode_turns=float(len(losses)),
         )
         return (loss, {"stm": stm}) if return_outputs else loss
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor | None, width: int) -> torch.Tensor:
+    """`x [B, T]` → the batch rows `rows [B_k]` (None: all) cut to `width` → `[B_k, width]`."""
+    return x[:, :width] if rows is None else x[rows, :width]
+
+
+def check_turn_mask(turn_mask: torch.Tensor) -> torch.Tensor:
+    """`turn_mask [N, B]` → bool, after checking that every episode `b` has the turns `0 .. n_b - 1`, `n_b >= 1`."""
+    turn_mask = turn_mask.bool()
+    if turn_mask.dim() != 2 or turn_mask.shape[0] == 0:
+        raise ValueError(f"turn_mask has shape {tuple(turn_mask.shape)}, expected [turns N >= 1, batch B].")
+    expected = torch.arange(turn_mask.shape[0], device=turn_mask.device)[:, None] < turn_mask.sum(0).clamp(min=1)
+    bad = (turn_mask != expected).any(0).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"turn_mask of episode {bad[0]} is {turn_mask[:, bad[0]].long().tolist()}; expected ones for its turns "
+            "0 .. n - 1 (n >= 1), then zeros, as EpisodeCollator builds it."
+        )
+    return turn_mask

@@ -326,8 +326,9 @@ class RxTFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)
-        if self.gated:
-            hidden = hidden[..., : self.ff_dim] * self.activation(hidden[..., self.ff_dim :])
+        if self.gated:  # chunk, not two slices: its backward is one cat, not two zero-filled [.., 2F] buffers
+            linear, gate = hidden.chunk(2, dim=-1)  # [.., F] each
+            hidden = linear * self.activation(gate)
         else:
             hidden = self.activation(hidden)
         return self.fc2(self.dropout(hidden))
@@ -397,7 +398,8 @@ class RxTMoE(nn.Module):
 
     def _activate(self, hidden: torch.Tensor, ff_dim: int) -> torch.Tensor:
         if self.gated:
-            return hidden[..., :ff_dim] * self.activation(hidden[..., ff_dim:])
+            linear, gate = hidden.split(ff_dim, dim=-1)  # [.., F] each: one cat in backward (RxTFeedForward)
+            return linear * self.activation(gate)
         return self.activation(hidden)
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from transformers import TextIteratorStreamer
 
 import modeling_rxt  # noqa: F401 - registers the Auto classes
 from modeling_rxt import CACHE_KWARG, RxTCache, RxTChatSession, RxTConfig, RxTForCausalLM, RxTStatelessConfig
-from modeling_rxt.modeling_rxt import RxTModel, RxTStatelessForCausalLM, apply_rotary
+from modeling_rxt.modeling_rxt import RxTFeedForward, RxTModel, RxTStatelessForCausalLM, apply_rotary
 from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
 
 V = 256
@@ -139,6 +139,31 @@ def test_rope_complex_fast_path_equals_the_real_formula():
     odd = torch.randn(2, 3, 5, 17, generator=generator)[..., 1:]  # odd strides and offset: the real form is used
     torch.testing.assert_close(apply_rotary(odd, cos, sin, "interleaved"),
                                apply_rotary(odd.double(), cos.double(), sin.double(), "interleaved").float())  # fmt: skip
+
+
+def test_gated_feed_forward_equals_the_formula_and_backprops_without_slices():
+    """`fc2(a[:F] · act(a[F:]))` with `a = fc1(x)`, values and gradients exactly; the halves come from one chunk, so the
+    backward concatenates the two gradients instead of zero-filling a `[.., 2F]` buffer per half (SliceBackward)."""
+    torch.manual_seed(0)
+    ff = RxTFeedForward(16, 24, gated=True, activation="silu", dropout=0.0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    out = ff(x)
+    a = torch.nn.functional.linear(x, ff.fc1.weight, ff.fc1.bias)
+    expected = ff.fc2(a[..., :24] * torch.nn.functional.silu(a[..., 24:]))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    weights = torch.randn(out.shape)
+    grads = torch.autograd.grad((out * weights).sum(), (x, ff.fc1.weight, ff.fc1.bias))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (x, ff.fc1.weight, ff.fc1.bias))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    nodes, seen = [out.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        assert type(node).__name__ != "SliceBackward0", "the gated FF halves are slices: backward zero-fills [.., 2F]"
+        nodes.extend(next_node for next_node, _ in node.next_functions)
 
 
 def test_rope_traces_into_one_compiled_graph():

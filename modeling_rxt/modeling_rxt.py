@@ -232,10 +232,13 @@ class RxTAttention(nn.Module):
             is_causal=is_causal,
             **kwargs,
         )
-        output = output.reshape(*x_query.shape[:2], -1)  # [B, Tq, Hout·hd]
+        return self.project_output(x_query, output.reshape(*x_query.shape[:2], -1)), weights
+
+    def project_output(self, x_query: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Merged heads `output [B, Tq, Hout·hd]` → `[B, Tq, D]` (times `act(gate_proj(x_query))` if gated)."""
         if self.gate_proj is not None:
             output = output * self.gate_activation(self.gate_proj(x_query))
-        return self.out_proj(output), weights
+        return self.out_proj(output)
 
     def forward(
         self,
@@ -305,8 +308,29 @@ class RxTMemoryCrossAttention(RxTAttention):
         if position_embeddings is not None:
             query = apply_rotary(query, *position_embeddings, self.rope_layout)
         key, value = memory_key_value
+        if (
+            query.shape[2] == 1
+            and self.query_repeats == 1
+            and not self.training
+            and self.config._attn_implementation == "sdpa"
+            and torch.compiler.is_compiling()
+        ):  # a compiled decode step: the compiler fuses this read into one kernel (docs/benchmarks.md, static decode)
+            return self.project_output(hidden_states, read_memory_one_query(query, key, value, self.scaling)), None
         # No **kwargs: packed-sequence kwargs of self-attention must never reach the memory call.
         return self.attend(hidden_states, query, key, value, None, is_causal=False)
+
+
+def read_memory_one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of one query per row over the memory slots, as multiply-reduce: `query [B, Hq, 1, hd]`, `key, value
+    [B, Hkv, S, hd]` (q heads `g·j … g·j + g − 1` read kv head `j`, `g = Hq / Hkv`) → merged heads `[B, 1, Hq·hd]`.
+    Equal to SDPA; compiled, it becomes one fused loop, where torch's CPU SDPA kernel for a single query costs more
+    than the rest of the memory sub-layer."""
+    batch, heads, _, head_dim = query.shape
+    query = query.view(batch, key.shape[1], -1, head_dim, 1)  # [B, Hkv, g, hd, 1]
+    scores = (query * key.transpose(-1, -2).unsqueeze(2)).sum(-2) * scaling  # [B, Hkv, g, S]
+    weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
+    output = (weights.unsqueeze(-1) * value.unsqueeze(2)).sum(-2)  # [B, Hkv, g, hd]
+    return output.reshape(batch, 1, heads * head_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

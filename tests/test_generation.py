@@ -115,9 +115,32 @@ def test_static_cache_generates_what_the_dynamic_cache_does():
         model.generate(ids, cache_implementation="offloaded", **common)
 
 
-def test_decode_step_compiles_fullgraph_with_the_static_cache():
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
+def test_one_query_memory_read_equals_sdpa(heads):
+    """The compiled decode step's memory read (`read_memory_one_query`) is attention: SDPA with kv heads shared by
+    consecutive query heads (MHA, GQA, MQA)."""
+    from modeling_rxt.modeling_rxt import read_memory_one_query
+
+    hq, hkv = heads
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, hq, 1, 8, generator=generator)
+    key, value = torch.randn(2, 3, hkv, 16, 8, generator=generator)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(hq // hkv, 1), value.repeat_interleave(hq // hkv, 1), scale=0.3
+    )  # [B, Hq, 1, hd]
+    got = read_memory_one_query(query, key, value, 0.3)
+    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(3, 1, hq * 8))
+
+
+def test_decode_step_compiles_fullgraph_with_the_static_cache(monkeypatch):
     """`_can_compile_fullgraph`: one decode step (static self-attention cache, memory K/V of the turn) traces as a
-    single graph. (`backend="eager"` checks the graph without paying for code generation on CPU.)"""
+    single graph, reads memory with `read_memory_one_query` and gives the eager step's logits. (`backend="eager"`
+    checks the graph without paying for code generation on CPU.)"""
+    import modeling_rxt.modeling_rxt as modeling
+
+    reads = []
+    read = modeling.read_memory_one_query
+    monkeypatch.setattr(modeling, "read_memory_one_query", lambda *a: reads.append(1) or read(*a))
     assert RxTForCausalLM._can_compile_fullgraph and RxTStatelessForCausalLM._can_compile_fullgraph
     model = build("sdpa")
     ids, stm = ids_and_stm()
@@ -130,6 +153,7 @@ def test_decode_step_compiles_fullgraph_with_the_static_cache():
         step = torch.compile(lambda i, c: model(i, cache=c, position_ids=position, use_cache=True).logits,
                              fullgraph=True, backend="eager")  # fmt: skip
         torch.testing.assert_close(step(first, cache), model(first, cache=reference, position_ids=position).logits)
+    assert len(reads) == model.config.decoder_config.num_layers  # traced once per memory layer; eager never reads so
 
 
 @pytest.mark.parametrize("assist", ["assistant_model", "prompt_lookup"])

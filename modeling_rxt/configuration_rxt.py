@@ -620,6 +620,7 @@ class RxTStatelessConfig(_RefusesOtherModelTypes, _DecoderSizes, PreTrainedConfi
     use_cache: bool = True
 
     def __post_init__(self, **kwargs):
+        _reject_unknown("RxTStatelessConfig", type(self), kwargs)
         super().__post_init__(**kwargs)
         self.decoder_config.skip_memory_cross_attention = True
         _check_choice("RxTStatelessConfig", "rope_layout", self.rope_layout, ROPE_LAYOUTS)

@@ -136,6 +136,22 @@ def test_top_level_config_rejects_unknown_fields():
     assert RxTConfig(**fields).stm_shape == (2, 8, 32)  # a saved config's own keys are all known
 
 
+def test_stateless_config_rejects_unknown_fields(tmp_path):
+    from modeling_rxt import RxTStatelessConfig, RxTStatelessForCausalLM
+
+    with pytest.raises(ValueError, match=r"RxTStatelessConfig: unknown field\(s\) \['rope_layot'\]"):
+        RxTStatelessConfig.from_rxt_config(RxTConfig.tiny(), rope_layot="split")
+    config = RxTStatelessConfig.from_rxt_config(RxTConfig.tiny())
+    RxTStatelessForCausalLM(config).save_pretrained(tmp_path)  # a saved folder's own keys are all known
+    assert RxTStatelessConfig.from_pretrained(tmp_path).to_dict() == config.to_dict() | {
+        k: v for k, v in RxTStatelessConfig.from_pretrained(tmp_path).to_dict().items() if k not in config.to_dict()
+    }
+    fields = config.to_dict()
+    fields["tie_word_embedings"] = True
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['tie_word_embedings'\]"):
+        RxTStatelessConfig(**fields)
+
+
 def test_from_pretrained_refuses_another_model_type(tmp_path, monkeypatch):
     LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4).save_pretrained(tmp_path)
     built = []

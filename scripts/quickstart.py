@@ -180,7 +180,7 @@ def run_mrl(preset: dict, model_dir: Path, data_dir: Path, output: Path, seed: i
                           str(data_dir / "memory_eval_test.jsonl"), "--idf_data", str(train_file),
                           "--output", str(output / "eval.json"),
                           "--output_dir", str(output / "eval"), "--report_to", "none", "--reward_ceiling", "true",
-                          "--use_cpu", str(not _has_gpu())] + _flags(reward_flags))  # fmt: skip
+                          "--memory_eval", "false", "--use_cpu", str(not _has_gpu())] + _flags(reward_flags))  # fmt: skip
 
 
 def main(argv=None) -> dict:
@@ -326,13 +326,24 @@ def main(argv=None) -> dict:
         lines.append(f"  [{i}] user: {query}")
         lines.append(f"      rxt:  {answer}")
     if mrl_result is not None:
-        lines += ["-" * 78, f"MRL: mean reward {mrl_result['reward_before']:.4f} -> {mrl_result['reward_after']:.4f} "
-                  f"({100 * mrl_result['reward_relative_change']:+.1f} %; ceiling {mrl_result['reward_ceiling']:.4f}: "
-                  "every value recalled, the reference's template matched half the time), recall before/after by "
-                  "distance:"]  # fmt: skip
-        for d in sorted(mrl_result["recall_after"], key=int):
-            lines.append(f"  d={d}: {mrl_result['recall_before'].get(d, float('nan')):.2f} -> "
-                         f"{mrl_result['recall_after'][d]:.2f}")  # fmt: skip
+        paired = mrl_result["paired"]
+
+        def change(key):
+            c = paired[key]
+            if c["mean"] is None:
+                return "n/a (no dialogue has a probe there)"
+            return f"{c['mean']:+.3f} (95 % CI {c['ci95'][0]:+.3f} … {c['ci95'][1]:+.3f}, {c['n']} dialogues)"
+
+        lines += ["-" * 78, f"MRL, the same {paired['n_dialogues']} test dialogues before and after (answers generated, "
+                  "memory written with them):",
+                  f"  reward {paired['reward_before']:.4f} -> {paired['reward_after']:.4f} (ceiling "
+                  f"{paired['reward_ceiling']:.4f}: every value recalled, the reference's template matched half the "
+                  "time)",
+                  f"  recall d = 2..8 {change('recall_d2_8_change')}   d = 1 {change('recall_d1_change')}",
+                  "  recall by distance, before -> after:"]  # fmt: skip
+        for d in sorted(paired["recall_after"], key=int):
+            lines.append(f"  d={d}: {paired['recall_before'].get(d, float('nan')):.2f} -> "
+                         f"{paired['recall_after'][d]:.2f}")  # fmt: skip
         lines.append(f"  MRL model: {options.mrl_output_dir}/model/   evidence: {options.mrl_output_dir}/eval.json")
     lines += ["-" * 78, f"model: {model_dir}/   evaluation: {out / 'memory_eval.json'} (+ .png)", "=" * 78]
     print("\n".join(lines))

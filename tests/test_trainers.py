@@ -504,8 +504,12 @@ def test_quickstart_micro_pipeline(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["stages"]) == {"1_joint", "2_sft", "3_memory_attention", "4_smat", "5_smat"}
     mrl = json.loads((tmp_path / "mrl" / "eval.json").read_text())  # stage 5 wiring: reward and recall before/after
-    assert {"reward_before", "reward_after", "recall_before", "recall_after"} <= set(mrl)
-    assert set(mrl["recall_after"]) == set(evaluation["recall"])
+    assert {"reward_before", "reward_after", "paired"} <= set(mrl)
+    paired = mrl["paired"]  # the same test dialogues before and after, answered and written with own answers
+    assert paired["n_dialogues"] == 6 and paired["recall_after"]
+    assert set(paired["recall_after"]) <= set(evaluation["recall"])
+    assert {"recall_d2_8_change", "recall_d1_change", "reward_change", "retention_change"} <= set(paired)
+    assert "MRL, the same 6 test dialogues before and after" in result.stdout and "recall d = 2..8" in result.stdout
     assert mrl["reward_ceiling"] == pytest.approx((mrl["reward_references"] + mrl["reward_other_template"]) / 2)
     assert mrl["reward_references"] > mrl["reward_other_template"]  # BLEU of the references against themselves is 1
     assert (tmp_path / "mrl" / "model" / "config.json").is_file() and (tmp_path / "mrl" / "model" / "critic").is_dir()

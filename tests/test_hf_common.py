@@ -59,14 +59,25 @@ class ListedInTransformersNameTables:
 
 def set_existing_config_eps(config):
     """Stand-in for transformers' `set_config_for_less_flaky_test`, which sets seven norm-epsilon names of other
-    architectures (`rms_norm_eps`, `layer_norm_eps`, ...) on every config. Design difference: `RxTConfig` refuses
-    fields it does not have (a typo must not silently build another model), so the saved-and-reloaded config of the
-    eager-vs-SDPA tests would be refused. RxT's norms take no epsilon from the config, so only names the config
+    architectures (`rms_norm_eps`, `layer_norm_eps`, ...) on every config. Design difference: `RxTConfig` and
+    `RxTStatelessConfig` refuse fields they do not have (a typo must not silently build another model), so the
+    saved-and-reloaded config of the eager-vs-SDPA tests would be refused. RxT's norms take no epsilon from the config, so only names the config
     already has are set; the norm modules' own epsilon is still raised by `set_model_for_less_flaky_test`."""
     for name in ("rms_norm_eps", "post_norm_eps", "layer_norm_eps", "norm_eps", "norm_epsilon", "layer_norm_epsilon",
                  "batch_norm_eps"):  # fmt: skip
         if hasattr(config, name):
             setattr(config, name, 1.0)
+
+
+class SetsOnlyExistingConfigEps:
+    """Both configs refuse unknown fields: transformers' flaky-test helper is replaced by `set_existing_config_eps`."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        patcher = mock.patch.object(modeling_common, "set_config_for_less_flaky_test", set_existing_config_eps)
+        patcher.start()
+        cls.addClassCleanup(patcher.stop)
 
 
 class RxTModelTester:
@@ -106,7 +117,12 @@ class RxTModelTester:
 
 
 class RxTModelTest(
-    ListedInTransformersNameTables, ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase
+    SetsOnlyExistingConfigEps,
+    ListedInTransformersNameTables,
+    ModelTesterMixin,
+    GenerationTesterMixin,
+    TrainingTesterMixin,
+    unittest.TestCase,
 ):
     all_model_classes = (RxTModel, RxTForCausalLM)
     # Design difference: a plain forward (one decoder step of a turn) never runs the memory encoder or the
@@ -114,13 +130,6 @@ class RxTModelTest(
     # so their parameters get no gradient from an LM loss. The decoder's parameters, memory cross-attention
     # included, all do (tests/test_modeling.py trains every part through the memory path).
     test_all_params_have_gradient = False
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        patcher = mock.patch.object(modeling_common, "set_config_for_less_flaky_test", set_existing_config_eps)
-        patcher.start()
-        cls.addClassCleanup(patcher.stop)
 
     def setUp(self):
         self.model_tester = RxTModelTester(self)
@@ -132,7 +141,12 @@ class RxTModelTest(
 
 
 class RxTStatelessModelTest(
-    ListedInTransformersNameTables, ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase
+    SetsOnlyExistingConfigEps,
+    ListedInTransformersNameTables,
+    ModelTesterMixin,
+    GenerationTesterMixin,
+    TrainingTesterMixin,
+    unittest.TestCase,
 ):
     all_model_classes = (RxTStatelessModel, RxTStatelessForCausalLM)
 

@@ -167,10 +167,15 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
         widths = turn_widths(masks * turn_mask[..., None])
         write_widths = turn_widths(masks[:-1] * turn_mask[1:, :, None])
         stm = None  # turn 0 reads the initial STM inside forward (where FSDP gathers a learned one) and returns it
-        losses, accuracies, norms = [], [], []
-        for turn, count in enumerate(active_rows):
-            if count == 0:
-                break
+        losses, accuracies, norms, placeholders = [], [], [], []
+        turns = self.agreed_turns(model, sum(count > 0 for count in active_rows), turn_mask.device)
+        for turn in range(turns):
+            if turn >= len(active_rows) or active_rows[turn] == 0:  # another process's batch has this turn
+                first = torch.zeros(1, dtype=torch.long, device=ids.device)
+                placeholder_ids, placeholder_mask = (take_rows(x[0], first, widths[0]) for x in (ids, masks))
+                placeholders.append(self.placeholder_turn(model, turn, placeholder_ids, placeholder_mask, stm))
+                continue
+            count = active_rows[turn]
             rows = None if count == batch else turn_mask[turn].nonzero().squeeze(1)  # [B_k] batch rows
             read = None  # [L, B_k, S, D]: the STM the active rows read
             if turn > 0:
@@ -185,13 +190,28 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
             losses.append(out.loss + self.moe_aux(out))
             accuracies.append(token_accuracy(out.logits, turn_labels))
         loss = torch.stack(losses).mean()
-        self.record(
+        self.record(  # NaN = no data on this rank (record gathers across ranks: every rank must call it alike)
             answer_loss=loss,
             answer_accuracy=torch.stack(accuracies).mean(),
-            stm_update_norm=torch.stack(norms).mean() if norms else None,
+            stm_update_norm=torch.stack(norms).mean() if norms else float("nan"),
             episode_turns=float(len(losses)),
         )
+        loss = loss + sum(placeholders)  # exactly 0 each
         return (loss, {"stm": stm}) if return_outputs else loss
+
+    def placeholder_turn(self, model, turn: int, ids, mask, stm) -> torch.Tensor:
+        """A turn `turn > 0` that another process's batch has and this one's has not (sharded training,
+        `agreed_turns`): the write and the decoder forward of a real turn, on one interaction (`ids`, `mask [1, T]`)
+        and the STM of batch row 0, so every process runs the same collectives. `stm` keeps its rows. → `0·(logits +
+        new STM)`: exactly zero loss and zero gradients, in the graph so the backward runs through the same modules."""
+        first = torch.zeros(1, dtype=torch.long, device=ids.device)
+        _, new_stm, _ = self.write_rows(model, turn, ids, mask, first, stm)
+        out = self.placeholder_decode(model, ids, mask, new_stm)
+        return 0.0 * (out.logits.sum() + new_stm.sum())
+
+    def placeholder_decode(self, model, ids, mask, stm):
+        """The decoder forward of a placeholder turn (`placeholder_turn`) → the model output."""
+        return model(input_ids=ids, attention_mask=mask, stm=stm)
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor | None, width: int) -> torch.Tensor:

@@ -9,7 +9,11 @@ answer-only targets. `bptt_turns` sets where the STM is detached: `1` every turn
 answer losses. Each turn runs only the episodes still going at it (`turn_mask[k]`): the write before turn `k` and the
 decoder on turn `k` take those rows of the batch, cut to their own last real position (`[B_k, width_k]`), and the
 new STM rows are scattered back, so a finished episode costs nothing and keeps its STM. Loss, gradients and metrics
-are those of running every row with the finished ones masked; an MoE router loss is over the rows that run.
+are those of running every row with the finished ones masked; an MoE router loss is over the rows that run. When the
+model is sharded (FSDP), where every forward and backward is a collective, all processes run the turns of the
+longest episode in any process's batch (`RxTTrainer.agreed_turns`); a turn none of this process's episodes has runs
+as a placeholder (`placeholder_turn`: the write and the decoder on one interaction) adding exactly zero to the loss,
+the gradients, the STM and the logged metrics.
 
 Schedules (callbacks, DDP-safe: nothing flips `requires_grad`; frozen components run under `no_grad`):
 - gradual unfreezing of memory attention / encoder by epoch (`memory_attention_unfreeze_epoch`,

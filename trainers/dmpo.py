@@ -318,9 +318,10 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
         losses, anchors, norms, xs, rewards = [], [], [], [], {"accepted": [], "rejected": []}
         trace = {"logps": [], "ref_logps": [], "x": []}
         placeholders = []
-        turns = self.agreed_turns(model, int(turn_mask.any(1).cumprod(0).sum()), turn_mask.device)
+        local_turns = int(turn_mask.any(1).cumprod(0).sum())  # up to the first turn no episode has
+        turns = self.agreed_turns(model, local_turns, turn_mask.device)
         for turn in range(turns):
-            if turn >= turn_mask.shape[0] or not turn_mask[turn].any():  # another process's batch has this turn
+            if turn >= local_turns:  # another process's batch has this turn
                 width = write_widths[0]
                 placeholder_ids = inputs["accepted_input_ids"][0, :1, :width]  # [1, T]: a real interaction
                 placeholder_mask = inputs["accepted_attention_mask"][0, :1, :width]

@@ -101,9 +101,10 @@ class MemoryAttentionTrainer(RxTTrainer):
         slots = self.rxt_model().config.memory_attention_config.stm_size
         stm = self.rxt_model().initial_stm(ids.shape[1])
         losses, norms, placeholders = [], [], []
-        turns = self.agreed_turns(model, int(turn_mask.any(1).cumprod(0).sum()), turn_mask.device)
+        local_turns = int(turn_mask.any(1).cumprod(0).sum())  # up to the first turn no episode has
+        turns = self.agreed_turns(model, local_turns, turn_mask.device)
         for turn in range(turns):
-            if turn >= ids.shape[0] or not turn_mask[turn].any():  # another process's batch has this turn
+            if turn >= local_turns:  # another process's batch has this turn
                 placeholders.append(self.placeholder_turn(model, ids[0, :1], masks[0, :1], stm[:, :1].detach()))
                 continue
             valid = turn_mask[turn]

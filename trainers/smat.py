@@ -172,11 +172,11 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
         write_widths = turn_widths(masks[:-1] * turn_mask[1:, :, None])
         stm = None  # turn 0 reads the initial STM inside forward (where FSDP gathers a learned one) and returns it
         losses, accuracies, norms, placeholders = [], [], [], []
-        turns = self.agreed_turns(model, sum(count > 0 for count in active_rows), turn_mask.device)
+        local_turns = sum(count > 0 for count in active_rows)  # up to the first turn no episode has
+        turns = self.agreed_turns(model, local_turns, turn_mask.device)
         for turn in range(turns):
-            if turn >= len(active_rows) or active_rows[turn] == 0:  # another process's batch has this turn
-                first = torch.zeros(1, dtype=torch.long, device=ids.device)
-                placeholder_ids, placeholder_mask = (take_rows(x[0], first, widths[0]) for x in (ids, masks))
+            if turn >= local_turns:  # another process's batch has this turn
+                placeholder_ids, placeholder_mask = (x[0, :1, : widths[0]] for x in (ids, masks))  # [1, T]: real
                 placeholders.append(self.placeholder_turn(model, turn, placeholder_ids, placeholder_mask, stm))
                 continue
             count = active_rows[turn]

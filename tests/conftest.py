@@ -55,15 +55,18 @@ os._exit(0)  # all checks are done: skip interpreter teardown, where gloo once a
 """
 
 
-def run_torchrun(body: str, tmp_path: Path, master_port: int) -> tuple[subprocess.CompletedProcess, Path]:
-    """Run `DDP_PREAMBLE + body + DDP_EPILOGUE` in 2 CPU processes; argv: repo root, an output folder (returned)."""
+def run_torchrun(
+    body: str, tmp_path: Path, master_port: int, timeout: float = 300
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run `DDP_PREAMBLE + body + DDP_EPILOGUE` in 2 CPU processes within `timeout` seconds; argv: repo root, an output
+    folder (returned)."""
     script, out = tmp_path / "ddp_script.py", tmp_path / "out"
     script.write_text(DDP_PREAMBLE + body + DDP_EPILOGUE)
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(master_port), str(script), str(REPO_ROOT), str(out)]  # fmt: skip
-    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, out
 

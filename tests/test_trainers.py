@@ -2,6 +2,7 @@
 replicas stay in sync, and the quickstart pipeline is wired end to end."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -486,6 +487,151 @@ def test_fsdp2_sharded_model_gets_the_unsharded_loss_and_gradients(tmp_path):
         assert report[f"{name}_max_diff"] < 1e-6
         assert (report[f"{name}_stm_init_grad"] > 0) == (name != "memory_attention")
     assert report["memory_attention_trained"] == ["memory_attention"]
+
+
+@pytest.mark.parametrize("stage", ["smat", "dmpo", "memory_attention"])
+def test_placeholder_turns_add_zero_loss_and_zero_gradients(tokenizer, tmp_path, stage):
+    """A process whose batch has fewer turns than another's (sharded training) runs placeholder turns: forced here to
+    one more turn than the batch has, they run the model (same forwards as a real turn) and leave the loss, every
+    gradient, the returned STM and the logged metrics exactly as without them."""
+    from trainers.dmpo import DMPOCollator, DMPOConfig, DMPOTrainer
+
+    model = tiny_model(tokenizer)
+    dialogues = generate_dialogues(4, seed=3, min_turns=2, max_turns=3)
+    args = common_args(tmp_path)
+    if stage == "smat":
+        trainer = SupervisedMemoryAwareTrainer(model=model, args=SMATConfig(**args, bptt_turns=0),
+                                               data_collator=EpisodeCollator(tokenizer, max_length=64))  # fmt: skip
+        batch = EpisodeCollator(tokenizer, max_length=64)(dialogues)
+    elif stage == "dmpo":
+        trainer = DMPOTrainer(model=model, args=DMPOConfig(**args, bptt_turns=0), processing_class=tokenizer)
+        pairs = [[(d["query"], d["answer"])] + [(t["query"], t["answer"]) for t in d["interactions"]] for d in dialogues]
+        batch = DMPOCollator(tokenizer, max_length=64)([
+            {"interactions": [{"query": q, "accepted": {"answer": a}, "rejected": {"answer": "No idea."}}
+                              for q, a in turns]} for turns in pairs])  # fmt: skip
+    else:
+        trainer = MemoryAttentionTrainer(model=model, data_collator=EpisodeCollator(tokenizer, max_length=64),
+                                         args=MemoryAttentionConfig(**args, ed_label_mode="pool", max_length=64))
+        batch = EpisodeCollator(tokenizer, max_length=64)(dialogues)
+    model.train()
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+
+    def run(extra_turns):
+        trainer.agreed_turns = lambda net, turns, device: turns + extra_turns
+        trainer._metrics["train"].clear()
+        model.zero_grad()
+        forwards.clear()
+        torch.manual_seed(0)
+        loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss, outputs["stm"].detach(), grads, dict(trainer._metrics["train"]), len(forwards)
+
+    loss, stm, grads, metrics, calls = run(0)
+    padded_loss, padded_stm, padded_grads, padded_metrics, padded_calls = run(1)
+    assert padded_calls > calls  # the placeholder turn runs the model
+    assert padded_loss.requires_grad and torch.equal(padded_loss, loss)
+    assert torch.equal(padded_stm, stm)
+    assert grads.keys() == padded_grads.keys() and grads
+    assert all(torch.equal(grads[n], padded_grads[n]) for n in grads)
+    assert padded_metrics == metrics
+
+
+FSDP2_TURNS_BODY = r"""
+import copy, datetime
+from torch.distributed.fsdp import fully_shard
+from trainers.data import EpisodeCollator
+from trainers.dmpo import DMPOCollator, DMPOConfig, DMPOTrainer
+from trainers.memory_attention import MemoryAttentionConfig, MemoryAttentionTrainer, freeze_for_memory_attention_stage
+from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a collective mismatch fails, not hangs
+rank, world = dist.get_rank(), dist.get_world_size()
+
+
+def shard(net):
+    net = copy.deepcopy(net)
+    for module in net.modules():  # what scripts/accelerate/fsdp.yaml wraps
+        if type(module).__name__ in net._no_split_modules:
+            fully_shard(module)
+    return fully_shard(net)
+
+
+model = RxTForCausalLM(RxTConfig.tiny(vocab_size=len(tok), learned_stm_init=True, **ids))
+frozen = copy.deepcopy(model)
+freeze_for_memory_attention_stage(frozen)
+sharded, frozen_sharded = shard(model), shard(frozen)
+# Rank 0's episodes have 2 or 3 turns, rank 1's 1: rank 1 runs two placeholder turns and no real write.
+dialogues = generate_dialogues(4, seed=9 + rank, min_turns=3, max_turns=3)
+for d, length in zip(dialogues, [2, 3, 3, 3] if rank == 0 else [1, 1, 1, 1]):
+    d["interactions"] = d["interactions"][: length - 1]
+turns = [[(d["query"], d["answer"])] + [(t["query"], t["answer"]) for t in d["interactions"]] for d in dialogues]
+preferences = [{"interactions": [{"query": q, "accepted": {"answer": a}, "rejected": {"answer": "No idea."}}
+                                 for q, a in pairs]} for pairs in turns]
+args = dict(output_dir=sys.argv[2], report_to="none", use_cpu=True)
+smat = SupervisedMemoryAwareTrainer(model=model, data_collator=EpisodeCollator(tok, max_length=64),
+                                    args=SMATConfig(**args, bptt_turns=0))
+cases = {
+    "smat": (smat, model, sharded, EpisodeCollator(tok, max_length=64)(dialogues)),
+    "dmpo": (DMPOTrainer(model=model, processing_class=tok, args=DMPOConfig(**args, bptt_turns=0)), model, sharded,
+             DMPOCollator(tok, max_length=64)(preferences)),
+    "memory_attention": (MemoryAttentionTrainer(model=frozen, data_collator=EpisodeCollator(tok, max_length=64),
+                                                args=MemoryAttentionConfig(**args, ed_label_mode="pool", max_length=64)),
+                         frozen, frozen_sharded, EpisodeCollator(tok, max_length=64)(dialogues)),
+}
+report = {"turns": int(cases["smat"][3]["turn_mask"].any(1).sum())}
+for name, (trainer, plain, shard_net, batch) in cases.items():
+    losses, grads = [], []
+    for net in (plain, shard_net):
+        net.train()
+        net.zero_grad()
+        loss = trainer.compute_loss(net, batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: None if p.grad is None else getattr(p.grad, "full_tensor", lambda g=p.grad: g)()
+                      for n, p in net.named_parameters()})
+    plain_grads, shard_grads = grads
+    diff = 0.0
+    for n, p in plain.named_parameters():  # FSDP averages the processes' gradients (None: zeros on this process)
+        g = torch.zeros_like(p) if plain_grads[n] is None else plain_grads[n]
+        dist.all_reduce(g)
+        diff = max(diff, (g / world - (torch.zeros_like(p) if shard_grads[n] is None else shard_grads[n])).abs().max().item())
+    report[f"{name}_losses"] = losses
+    report[f"{name}_no_grad"] = [n for n in plain_grads if plain_grads[n] is not None and shard_grads[n] is None]
+    report[f"{name}_max_diff"] = diff
+optimizer = torch.optim.SGD(sharded.parameters(), lr=1e-2)
+steps = []
+for _ in range(2):  # training steps on the sharded model, each process on its own batch
+    optimizer.zero_grad()
+    loss = smat.compute_loss(sharded, cases["smat"][3])
+    loss.backward()
+    optimizer.step()
+    steps.append(loss.item())
+report["smat_steps"] = steps
+reports = [None] * world
+dist.all_gather_object(reports, report)
+if rank == 0:
+    print(json.dumps(reports), flush=True)
+"""
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_fsdp2_processes_with_different_turn_counts_run_the_same_collectives(tmp_path):
+    """SMAT, DMPO and stage 3 sharded as `scripts/accelerate/fsdp.yaml` does (FSDP2, 2 CPU processes), rank 0's
+    episodes 2 or 3 turns long and rank 1's 1: every process runs the turns of the longest (a process without
+    the turn a placeholder one), so no collective mismatches; each process's loss is the one it computes unsharded,
+    the gradients the mean of the processes' unsharded ones (the placeholders add nothing), and training steps run."""
+    result, _ = run_torchrun(FSDP2_TURNS_BODY, tmp_path, master_port=29523, timeout=200)
+    reports = json.loads([line for line in result.stdout.splitlines() if line.startswith("[")][-1])
+    assert [report["turns"] for report in reports] == [3, 1]
+    for report in reports:
+        for name in ("smat", "dmpo", "memory_attention"):
+            plain, shard = report[f"{name}_losses"]
+            assert shard == pytest.approx(plain, rel=1e-6)
+            assert report[f"{name}_no_grad"] == []
+            assert report[f"{name}_max_diff"] < 1e-6
+        assert all(math.isfinite(loss) for loss in report["smat_steps"])
 
 
 @pytest.mark.slow

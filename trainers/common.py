@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import Trainer, TrainingArguments
 
 # (parameter-name prefix, component) — first match wins.
@@ -216,6 +218,16 @@ class RxTTrainer(Trainer):
     def rxt_model(self, model=None):
         """The unwrapped RxT model (for attributes only; every forward goes through the wrapped model)."""
         return self.accelerator.unwrap_model(self.model if model is None else model)
+
+    def agreed_turns(self, model, turns: int, device: torch.device) -> int:
+        """The turns this step runs: `turns` (those of this process's batch), or the most of any process when the model
+        is sharded (FSDP): there every forward and backward of a sharded module is a collective, so every process
+        runs the same turns, a process whose batch has fewer filling them with placeholder turns."""
+        if not (self.is_fsdp_enabled or isinstance(model, FSDPModule)) or not dist.is_initialized():
+            return turns
+        count = torch.tensor(turns, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return int(count)
 
     def moe_aux(self, output) -> torch.Tensor | float:
         aux = getattr(output, "aux_loss", None)

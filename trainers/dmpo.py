@@ -317,10 +317,17 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
         batch = turn_mask.shape[1]
         losses, anchors, norms, xs, rewards = [], [], [], [], {"accepted": [], "rejected": []}
         trace = {"logps": [], "ref_logps": [], "x": []}
-        for turn in range(turn_mask.shape[0]):
+        placeholders = []
+        local_turns = int(turn_mask.any(1).cumprod(0).sum())  # up to the first turn no episode has
+        turns = self.agreed_turns(model, local_turns, turn_mask.device)
+        for turn in range(turns):
+            if turn >= local_turns:  # another process's batch has this turn
+                width = write_widths[0]
+                placeholder_ids = inputs["accepted_input_ids"][0, :1, :width]  # [1, T]: a real interaction
+                placeholder_mask = inputs["accepted_attention_mask"][0, :1, :width]
+                placeholders.append(self.placeholder_turn(model, turn, placeholder_ids, placeholder_mask, stm))
+                continue
             valid = turn_mask[turn]
-            if not valid.any():
-                break
             if turn > 0:  # step 4 of the previous turn: write its accepted interaction, now that it has been scored
                 width = write_widths[turn - 1]
                 accepted_ids = inputs["accepted_input_ids"][turn - 1, :, :width]
@@ -370,6 +377,7 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
             stm_update_norm=torch.stack(norms).mean() if norms else float("nan"),
             episode_turns=float(len(losses)),
         )
+        loss = loss + sum(placeholders)  # exactly 0 each
         if not return_outputs:
             return loss
         outputs = {
@@ -379,6 +387,14 @@ class DMPOTrainer(SupervisedMemoryAwareTrainer):
             **{name: dict(zip(ANSWER_KINDS, torch.stack(trace[name], dim=1))) for name in ("logps", "ref_logps")},
         }
         return loss, outputs
+
+    def placeholder_decode(self, model, ids, mask, stm):
+        """A placeholder turn's forwards (`SupervisedMemoryAwareTrainer.placeholder_turn`): the policy's, then the
+        reference's, as a real turn runs them → the policy's output."""
+        out = model(input_ids=ids, attention_mask=mask, stm=stm)
+        with torch.no_grad():
+            self.ref_model(input_ids=ids, attention_mask=mask, stm=stm.detach())
+        return out
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the DMPO loss only (the batches have no `labels` key for the Trainer's default path)."""

@@ -100,11 +100,14 @@ class MemoryAttentionTrainer(RxTTrainer):
             ids, masks = F.pad(ids, (0, pad)), F.pad(masks, (0, pad))
         slots = self.rxt_model().config.memory_attention_config.stm_size
         stm = self.rxt_model().initial_stm(ids.shape[1])
-        losses, norms = [], []
-        for turn in range(ids.shape[0]):
+        losses, norms, placeholders = [], [], []
+        local_turns = int(turn_mask.any(1).cumprod(0).sum())  # up to the first turn no episode has
+        turns = self.agreed_turns(model, local_turns, turn_mask.device)
+        for turn in range(turns):
+            if turn >= local_turns:  # another process's batch has this turn
+                placeholders.append(self.placeholder_turn(model, ids[0, :1], masks[0, :1], stm[:, :1].detach()))
+                continue
             valid = turn_mask[turn]
-            if not valid.any():
-                break
             mask = masks[turn].clone()
             mask[~valid, 0] = 1  # finished episodes: keep one visible key; their rows are discarded below
             previous = stm.detach()
@@ -124,7 +127,16 @@ class MemoryAttentionTrainer(RxTTrainer):
             stm = torch.where(valid[None, :, None, None], new_stm, previous)
         loss = torch.stack(losses).mean()
         self.record(memory_cosine=-loss, stm_update_norm=torch.stack(norms).mean(), turns=float(len(losses)))
+        loss = loss + sum(placeholders)  # exactly 0 each
         return (loss, {"stm": stm}) if return_outputs else loss
+
+    def placeholder_turn(self, model, ids, mask, stm) -> torch.Tensor:
+        """A turn that another process's batch has and this one's has not (sharded training, `agreed_turns`): the
+        encoding and the memory update of a real turn, on one interaction (`ids`, `mask [1, T]`) and `stm [L, 1, S,
+        D]`, so every process runs the same collectives. → `0·new STM`: exactly zero loss and zero gradients."""
+        with torch.no_grad():
+            encoded = model(input_ids=ids, attention_mask=mask, mode="encode").encoder_hidden_states
+        return 0.0 * model(attention_mask=mask, stm=stm, encoder_hidden_states=encoded, mode="memory_update").stm.sum()
 
 
 def freeze_for_memory_attention_stage(model) -> None:

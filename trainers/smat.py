@@ -9,7 +9,11 @@ answer-only targets. `bptt_turns` sets where the STM is detached: `1` every turn
 answer losses. Each turn runs only the episodes still going at it (`turn_mask[k]`): the write before turn `k` and the
 decoder on turn `k` take those rows of the batch, cut to their own last real position (`[B_k, width_k]`), and the
 new STM rows are scattered back, so a finished episode costs nothing and keeps its STM. Loss, gradients and metrics
-are those of running every row with the finished ones masked; an MoE router loss is over the rows that run.
+are those of running every row with the finished ones masked; an MoE router loss is over the rows that run. When the
+model is sharded (FSDP), where every forward and backward is a collective, all processes run the turns of the
+longest episode in any process's batch (`RxTTrainer.agreed_turns`); a turn none of this process's episodes has runs
+as a placeholder (`placeholder_turn`: the write and the decoder on one interaction) adding exactly zero to the loss,
+the gradients, the STM and the logged metrics.
 
 Schedules (callbacks, DDP-safe: nothing flips `requires_grad`; frozen components run under `no_grad`):
 - gradual unfreezing of memory attention / encoder by epoch (`memory_attention_unfreeze_epoch`,
@@ -167,10 +171,15 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
         widths = turn_widths(masks * turn_mask[..., None])
         write_widths = turn_widths(masks[:-1] * turn_mask[1:, :, None])
         stm = None  # turn 0 reads the initial STM inside forward (where FSDP gathers a learned one) and returns it
-        losses, accuracies, norms = [], [], []
-        for turn, count in enumerate(active_rows):
-            if count == 0:
-                break
+        losses, accuracies, norms, placeholders = [], [], [], []
+        local_turns = sum(count > 0 for count in active_rows)  # up to the first turn no episode has
+        turns = self.agreed_turns(model, local_turns, turn_mask.device)
+        for turn in range(turns):
+            if turn >= local_turns:  # another process's batch has this turn
+                placeholder_ids, placeholder_mask = (x[0, :1, : widths[0]] for x in (ids, masks))  # [1, T]: real
+                placeholders.append(self.placeholder_turn(model, turn, placeholder_ids, placeholder_mask, stm))
+                continue
+            count = active_rows[turn]
             rows = None if count == batch else turn_mask[turn].nonzero().squeeze(1)  # [B_k] batch rows
             read = None  # [L, B_k, S, D]: the STM the active rows read
             if turn > 0:
@@ -185,13 +194,28 @@ class SupervisedMemoryAwareTrainer(RxTTrainer):
             losses.append(out.loss + self.moe_aux(out))
             accuracies.append(token_accuracy(out.logits, turn_labels))
         loss = torch.stack(losses).mean()
-        self.record(
+        self.record(  # NaN = no data on this rank (record gathers across ranks: every rank must call it alike)
             answer_loss=loss,
             answer_accuracy=torch.stack(accuracies).mean(),
-            stm_update_norm=torch.stack(norms).mean() if norms else None,
+            stm_update_norm=torch.stack(norms).mean() if norms else float("nan"),
             episode_turns=float(len(losses)),
         )
+        loss = loss + sum(placeholders)  # exactly 0 each
         return (loss, {"stm": stm}) if return_outputs else loss
+
+    def placeholder_turn(self, model, turn: int, ids, mask, stm) -> torch.Tensor:
+        """A turn `turn > 0` that another process's batch has and this one's has not (sharded training,
+        `agreed_turns`): the write and the decoder forward of a real turn, on one interaction (`ids`, `mask [1, T]`)
+        and the STM of batch row 0, so every process runs the same collectives. `stm` keeps its rows. → `0·(logits +
+        new STM)`: exactly zero loss and zero gradients, in the graph so the backward runs through the same modules."""
+        first = torch.zeros(1, dtype=torch.long, device=ids.device)
+        _, new_stm, _ = self.write_rows(model, turn, ids, mask, first, stm)
+        out = self.placeholder_decode(model, ids, mask, new_stm)
+        return 0.0 * (out.logits.sum() + new_stm.sum())
+
+    def placeholder_decode(self, model, ids, mask, stm):
+        """The decoder forward of a placeholder turn (`placeholder_turn`) → the model output."""
+        return model(input_ids=ids, attention_mask=mask, stm=stm)
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor | None, width: int) -> torch.Tensor:

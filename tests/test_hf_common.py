@@ -80,6 +80,17 @@ class SetsOnlyExistingConfigEps:
         cls.addClassCleanup(patcher.stop)
 
 
+# transformers' common mixins, as tests/models/llama/ in transformers uses them
+COMMON_TESTS = (
+    SetsOnlyExistingConfigEps,
+    ListedInTransformersNameTables,
+    ModelTesterMixin,
+    GenerationTesterMixin,
+    TrainingTesterMixin,
+    unittest.TestCase,
+)
+
+
 class RxTModelTester:
     """Tiny RxT / stateless configs and inputs (`[B, T]` ids with a random mask, vocabulary 99)."""
 
@@ -116,14 +127,7 @@ class RxTModelTester:
         return config, {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-class RxTModelTest(
-    SetsOnlyExistingConfigEps,
-    ListedInTransformersNameTables,
-    ModelTesterMixin,
-    GenerationTesterMixin,
-    TrainingTesterMixin,
-    unittest.TestCase,
-):
+class RxTModelTest(*COMMON_TESTS):
     all_model_classes = (RxTModel, RxTForCausalLM)
     # Design difference: a plain forward (one decoder step of a turn) never runs the memory encoder or the
     # memory-attention network (they write the STM after the answer, in `update_memory` / `mode="memory_update"`),
@@ -140,14 +144,7 @@ class RxTModelTest(
         self.config_tester.run_common_tests()
 
 
-class RxTStatelessModelTest(
-    SetsOnlyExistingConfigEps,
-    ListedInTransformersNameTables,
-    ModelTesterMixin,
-    GenerationTesterMixin,
-    TrainingTesterMixin,
-    unittest.TestCase,
-):
+class RxTStatelessModelTest(*COMMON_TESTS):
     all_model_classes = (RxTStatelessModel, RxTStatelessForCausalLM)
 
     def setUp(self):

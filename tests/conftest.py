@@ -25,6 +25,22 @@ if str(REPO_ROOT / "scripts") not in sys.path:
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "reference"
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny saved RxT checkpoint (`serving_support.make_model_dir`), one per test module (serving tests)."""
+    from serving_support import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("rxt_model"))
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    """A separate copy of the `model_dir` model to compute what the server should have done (serving tests)."""
+    from serving import load_rxt_backend
+
+    return load_rxt_backend(str(model_dir))
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():

@@ -1,5 +1,6 @@
-"""Helpers of the serving tests: a tiny saved RxT checkpoint, a live uvicorn server in a thread or in a subprocess
-(127.0.0.1, free port), and reading a conversation's STM back."""
+"""Helpers of the serving tests: a tiny saved RxT checkpoint (the `model_dir` / `ref` fixtures over it are in
+conftest.py), a live uvicorn server in a thread or in a subprocess (127.0.0.1, free port), and reading a
+conversation's STM back."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from safetensors.torch import load as load_safetensors
 from pg_fixture import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+GREEDY = {"temperature": 0, "max_output_tokens": 6}
 
 
 def make_model_dir(path: Path, seed: int = 0) -> Path:

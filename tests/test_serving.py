@@ -20,20 +20,7 @@ from modeling_rxt.tokenization_rxt import (
 )
 from serving import Limits, SQLiteStore, create_app, load_rxt_backend
 from serving.engine import SamplingParams, StateMismatchError
-from serving_support import ThreadServer, make_model_dir, read_memory, stm_of
-
-GREEDY = {"temperature": 0, "max_output_tokens": 6}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("rxt_model"))
-
-
-@pytest.fixture(scope="module")
-def ref(model_dir):
-    """A separate copy of the model to compute what the server should have done."""
-    return load_rxt_backend(str(model_dir))
+from serving_support import GREEDY, ThreadServer, read_memory, stm_of
 
 
 @pytest.fixture(scope="module")

@@ -9,27 +9,15 @@ import threading
 
 import httpx
 import openai
-import pytest
 import torch
 
 from modeling_rxt.tokenization_rxt import render_query
 from pg_fixture import postgres_db, postgres_url  # noqa: F401  (fixtures)
-from serving import SQLiteStore, load_rxt_backend
+from serving import SQLiteStore
 from serving.engine import SamplingParams
-from serving_support import ProcessServer, make_model_dir, read_memory, stm_of
+from serving_support import GREEDY, ProcessServer, read_memory, stm_of
 
-GREEDY = {"temperature": 0, "max_output_tokens": 6}
 QUERIES = ["my name is alice", "i live in paris", "what is my name", "where do i live", "alice 7"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("rxt_model"))
-
-
-@pytest.fixture(scope="module")
-def ref(model_dir):
-    return load_rxt_backend(str(model_dir))
 
 
 def client_of(server: ProcessServer) -> openai.OpenAI:

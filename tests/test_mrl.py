@@ -527,6 +527,52 @@ def test_memory_regulariser_equals_formula(loss_case, metric):
         assert metrics["stm_diff"] == pytest.approx(torch.stack(diffs).mean().item(), rel=1e-5)
 
 
+def test_supervised_anchor_is_the_reference_answers_nll_on_the_policys_stm(tokenizer, episodes, tmp_path):
+    """`sft_coef`: the rollout stores each step's reference answer on the step's prompt; the loss adds `sft_coef` x the
+    mean over steps of the mean over episodes of the reference tokens' (+ [EOS]) NLL read from the same STM as the
+    policy, and its gradient reaches the memory writer."""
+    trainer = make_trainer(tokenizer, tmp_path, curriculum="3", teacher_forcing=True, sft_coef=0.6,
+                           advantage_estimator="group", num_generations=2)  # no critic loss
+    rollout = trainer.rollout(episodes)
+    ids = special(tokenizer)
+    model = trainer.model
+    replayed = replay(model, rollout)
+    per_step = []
+    for step, states in enumerate(replayed):
+        logits = model(input_ids=rollout["sft_ids"][:, step], attention_mask=rollout["sft_mask"][:, step],
+                       stm=states["after"]).logits.float()  # fmt: skip
+        rows = []
+        for b, episode in enumerate(episodes):
+            if len(episode) <= step + 1:
+                assert not rollout["sft_target_mask"][b, step].any()  # a placeholder row without targets
+                continue
+            query, answer = episode[step + 1]
+            prompt = [ids["bos_token_id"], ids["query_token_id"], *query, ids["answer_token_id"]]
+            reference = prompt + answer + [ids["eos_token_id"]]
+            assert row(rollout["sft_ids"][b, step], rollout["sft_mask"][b, step]) == reference
+            targets = rollout["sft_target_mask"][b, step].nonzero().flatten().tolist()
+            assert targets == list(range(len(prompt), len(reference)))
+            rows.append(-token_logps(logits[b], rollout["sft_ids"][b, step], targets).mean())
+        if step == 0:
+            rows_step0 = [r.detach() for r in rows]
+        per_step.append(torch.stack(rows).mean())
+    expected = torch.stack(per_step).mean()
+    loss, metrics = run_loss(trainer, rollout, sft_coef=0.6, bptt_steps=0)
+    torch.testing.assert_close(loss, 0.6 * expected, atol=1e-5, rtol=1e-5)
+    assert metrics["sft_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    model.zero_grad()
+    loss.backward()
+    writer = [p.grad for n, p in model.named_parameters() if ".memory_attention." in n]
+    assert all(g is not None for g in writer) and any(g.abs().sum() > 0 for g in writer)
+    model.zero_grad()
+    without, _ = run_loss(trainer, rollout, sft_coef=0.0)  # the policy loss alone (advantages 0)
+    assert without.abs().item() < 1e-7
+    trainer.args.sft_coef = 0.6
+    minibatch = {k: v[2:3] for k, v in rollout.items()}  # one 1-step episode: steps 1 and 2 have no episode
+    loss, _ = run_loss(trainer, minibatch, advantages=torch.zeros(1, 3), sft_coef=0.6, bptt_steps=0)
+    torch.testing.assert_close(loss, 0.6 * rows_step0[2] / 1, atol=1e-5, rtol=1e-5)  # mean over the 1 present step
+
+
 def test_each_step_runs_on_its_own_width(loss_case):
     """Every step's memory write and answer forward run up to that step's last real position: widening the stacked
     tensors with trailing pads changes neither the loss nor the gradients, and the forwards see the step widths."""
@@ -761,6 +807,8 @@ def test_gradients_reach_exactly_the_unfrozen_components(tokenizer, episodes, tm
         ({"beta": -1.0}, "beta"),
         ({"interstep_kl_coef": -0.01}, "interstep_kl_coef"),
         ({"stm_diff_coef": -1e-4}, "stm_diff_coef"),
+        ({"sft_coef": -0.5}, "sft_coef=-0.5: expected a finite value >= 0"),
+        ({"sft_coef": float("inf")}, "sft_coef=inf"),
         ({"epsilon": -0.2}, "epsilon"),
         ({"stm_diff_metric": "mae"}, "stm_diff_metric"),
         ({"ref_kl_estimator": "k2"}, "ref_kl_estimator"),

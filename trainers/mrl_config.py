@@ -4,6 +4,7 @@ curriculum stages."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
@@ -174,6 +175,11 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
             KL(pi_t || pi_t-1) coefficient.
         stm_diff_coef (`float`, *optional*, defaults to `0.0001`):
             Memory regularisation coefficient.
+        sft_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of the supervised anchor: the teacher-forced negative log-likelihood of each step's reference
+            answer, read from the same STM as the policy's answer, added to the IMPO loss (the pre-training mix of
+            PPO-ptx, on the episodes' own references). It keeps what SMAT taught, e.g. recall of the last turn, while
+            the policy loss trains retention. One extra decoder forward and backward per step; 0 disables it.
         stm_diff_metric (`str`, *optional*, defaults to `"mse"`):
             mse | rmse.
         use_stm_cosine_sim (`bool`, *optional*, defaults to `False`):
@@ -289,6 +295,8 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
     # loss
     interstep_kl_coef: float = field(default=0.01, metadata={"help": "KL(pi_t || pi_t-1) coefficient."})
     stm_diff_coef: float = field(default=1e-4, metadata={"help": "Memory regularisation coefficient."})
+    sft_coef: float = field(default=0.0, metadata={"help": "Supervised anchor: weight of the reference answers' "
+                                                           "teacher-forced NLL on the policy's STM (0: off)."})
     stm_diff_metric: str = field(default="mse", metadata={"help": "mse | rmse."})
     use_stm_cosine_sim: bool = field(default=False, metadata={"help": "Add -c_cos * cos(STM_t, STM_t-1)."})
     cosine_sim_coef: float = field(default=0.01, metadata={"help": "STM cosine coefficient."})
@@ -381,10 +389,10 @@ class MRLConfig(GRPOConfig, MRLRewardArguments):
                 f"critic_name_or_path={self.critic_name_or_path!r} needs advantage_estimator='critic' "
                 f"(got {self.advantage_estimator!r})."
             )
-        for name in ("epsilon", "beta", "entropy_coef", "interstep_kl_coef", "stm_diff_coef", "cosine_sim_coef",
-                     "critic_value_clip", "critic_init_scale"):  # fmt: skip
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0.")
+        for name in ("epsilon", "beta", "entropy_coef", "interstep_kl_coef", "stm_diff_coef", "sft_coef",
+                     "cosine_sim_coef", "critic_value_clip", "critic_init_scale"):  # fmt: skip
+            if not getattr(self, name) >= 0 or math.isinf(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)}: expected a finite value >= 0.")
         if self.max_completion_length < 1 or self.max_length < 4 or self.critic_max_len < 2:
             raise ValueError(
                 f"max_completion_length={self.max_completion_length} (>= 1), max_length={self.max_length} (>= 4), "

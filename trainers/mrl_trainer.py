@@ -609,6 +609,13 @@ class MRLTrainer(RxTTrainer):
             records["turn_mask"].append(valid)
             records["critic_ids"].append(critic_ids.to(device))
             records["critic_mask"].append(critic_mask.to(device))
+            if args.sft_coef > 0:  # the reference answer on the same prompt (+ [EOS]); targets: its tokens
+                sft_ids, sft_mask = _pad([p + a + [ids["eos_token_id"]] for p, (_, a) in zip(prompt_rows, turns)], pad)
+                sft_ids, sft_mask = sft_ids.to(device), sft_mask.to(device)
+                sft_targets = (torch.arange(sft_ids.shape[1], device=device) >= prompt_len[:, None]) & sft_mask.bool()
+                records["sft_ids"].append(sft_ids)
+                records["sft_mask"].append(sft_mask)  # episodes without this step: [BOS][Q][A][EOS], no targets
+                records["sft_target_mask"].append((sft_targets & valid[:, None]).long())
             if args.stm_source == "snapshot":
                 records["stm_before"].append(stm_before.transpose(0, 1))
                 records["stm_after"].append(stm.transpose(0, 1))
@@ -623,8 +630,10 @@ class MRLTrainer(RxTTrainer):
             "first_ids": first_ids,
             "first_mask": first_mask,
         }
-        for key in ("saved_ids", "saved_mask", "qa_ids", "qa_mask", "action_mask", "critic_ids", "critic_mask"):
-            out[key] = _stack_steps(records[key], pad if key.endswith("_ids") else 0)
+        for key in ("saved_ids", "saved_mask", "qa_ids", "qa_mask", "action_mask", "critic_ids", "critic_mask",
+                    "sft_ids", "sft_mask", "sft_target_mask"):
+            if key in records:
+                out[key] = _stack_steps(records[key], pad if key.endswith("_ids") else 0)
         out["old_logps"] = _stack_steps(records["old_logps"], 0.0)
         for key in ("prompt_len", "rewards", "turn_mask"):
             out[key] = torch.stack(records[key], dim=1)  # [B, N]
@@ -701,6 +710,7 @@ class MRLTrainer(RxTTrainer):
         saved_widths = turn_widths(inputs["saved_mask"].transpose(0, 1))
         qa_widths = turn_widths(inputs["qa_mask"].transpose(0, 1))
         critic_widths = turn_widths(inputs["critic_mask"].transpose(0, 1))
+        sft_widths = turn_widths(inputs["sft_mask"].transpose(0, 1)) if args.sft_coef > 0 else None
         losses, terms = [], defaultdict(list)
         previous_answer_logits, previous_answer_mask = None, None
         for step in range(turn_mask.shape[1]):
@@ -765,6 +775,16 @@ class MRLTrainer(RxTTrainer):
                 loss = loss + args.interstep_kl_coef * interstep
                 terms["interstep_kl"].append((interstep.detach(), valid.any()))
             previous_answer_logits, previous_answer_mask = answer_logits.detach(), answer_mask
+            if args.sft_coef > 0:  # supervised anchor: the reference answer's NLL on the same STM
+                width = sft_widths[step]
+                sft_ids = inputs["sft_ids"][:, step, :width]
+                sft_logits = model(input_ids=sft_ids, attention_mask=inputs["sft_mask"][:, step, :width],
+                                   stm=read_stm).logits[:, :-1].float()  # fmt: skip
+                sft_targets = inputs["sft_target_mask"][:, step, 1:width].bool() & valid[:, None]
+                sft_nll = -selective_log_softmax(sft_logits, sft_ids[:, 1:])
+                sft_loss = row_mean((sft_nll * sft_targets).sum(-1) / sft_targets.sum(-1).clamp(min=1))
+                loss = loss + args.sft_coef * sft_loss
+                terms["sft_loss"].append((sft_loss.detach(), valid.any()))
             # memory regularisation: MSE over the episodes that have this step
             diff = row_mean((new_stm - previous.detach()).pow(2).mean(dim=(0, 2, 3)))
             if args.stm_diff_metric == "rmse":

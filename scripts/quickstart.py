@@ -231,12 +231,20 @@ def main(argv=None) -> dict:
     data_dir = out / "data"
     write_synthetic_data(data_dir, seed=seed, **preset["data"])
     evaluation = preset["eval"]
-    style = evaluation.get("style", "basic")  # "diverse": also the held-out-template (paraphrase) test set
-    test_sets = {"memory_eval_test": "train"} | ({"memory_eval_paraphrase_test": "held_out"} if style != "basic" else {})
-    for name, templates in test_sets.items():
+    style = evaluation.get("style", "basic")
+    # the held-out-template (paraphrase) test set: the style's own held-out templates; "basic" has no template split,
+    # so a basic-style preset may name "diverse" (wording and attributes it never trained on)
+    paraphrase_style = evaluation.get("paraphrase_style", None if style == "basic" else style)
+    if paraphrase_style not in (None, "diverse"):
+        raise ValueError(f"eval.paraphrase_style={paraphrase_style!r}: expected 'diverse' (the only style with held-out "
+                         "templates) or no key.")  # fmt: skip
+    test_sets = {"memory_eval_test": (style, "train")}
+    if paraphrase_style is not None:
+        test_sets["memory_eval_paraphrase_test"] = (paraphrase_style, "held_out")
+    for name, (set_style, templates) in test_sets.items():
         test_rows = generate_dialogues(evaluation["num_dialogues"], seed=seed + 1, split="test",
                                        max_turns=evaluation["max_turns"], max_distance=evaluation["max_distance"],
-                                       style=style, templates=templates)  # fmt: skip
+                                       style=set_style, templates=templates)  # fmt: skip
         write_jsonl(test_rows, data_dir / f"{name}.jsonl")
     for name, spec in preset.get("extra_dialogues", {}).items():  # more episode sets, e.g. fact->question pairs
         write_jsonl(episode_set(spec, seed), data_dir / f"dialogues_{name}_train.jsonl")
@@ -286,7 +294,7 @@ def main(argv=None) -> dict:
 
     result["chance"] = chance_level("test", style)  # the generated test split: uniform guess over the attribute's pool
     if "paraphrase" in result:
-        result["paraphrase"]["chance"] = result["chance"]  # the same pools
+        result["paraphrase"]["chance"] = chance_level("test", paraphrase_style)
     (out / "memory_eval.json").write_text(json.dumps(result, indent=2))
     from trainers.memory_eval import plot_recall
 

@@ -645,6 +645,15 @@ def test_quickstart_micro_pipeline(tmp_path):
     evaluation = json.loads((out / "memory_eval.json").read_text())
     assert {"recall", "recall_memory_reset", "recall_stateless", "chance", "n_dialogues"} <= set(evaluation)
     assert evaluation["recall_stateless"] and evaluation["n_dialogues"] == 6
+    # eval.paraphrase_style "diverse": a basic-style preset is also measured on the diverse held-out templates
+    held_out = [json.loads(line) for line in (out / "data" / "memory_eval_paraphrase_test.jsonl").open()]
+    assert len(held_out) == 6 and evaluation["paraphrase"]["recall"] and evaluation["paraphrase"]["n_dialogues"] == 6
+    from trainers.synthetic import chance_level, generate_dialogues
+
+    assert held_out == generate_dialogues(6, seed=1, split="test", max_turns=4, max_distance=3, style="diverse",
+                                          templates="held_out")  # fmt: skip
+    assert evaluation["paraphrase"]["chance"] == chance_level("test", "diverse")
+    assert "held-out tmpl." in result.stdout
     assert (out / "memory_eval.png").is_file() and (out / "model" / "config.json").is_file()
     assert (out / "model" / "tokenizer.json").is_file() and (out / "model" / "modeling_rxt.py").is_file()
     summary = json.loads((out / "summary.json").read_text())

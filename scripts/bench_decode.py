@@ -28,6 +28,7 @@ Writes `runs/bench/decode.json` and `.png`.
     python scripts/bench_decode.py --quick    # tiny model (seconds)
     python scripts/bench_decode.py --static-only --repeats 15   # only the static / compiled comparison
     python scripts/bench_decode.py --static-only --decompose --embed-dim 512 --ff-dim 1536   # another width
+    python scripts/bench_decode.py --static-only --decompose-mm   # one-row matmuls as inductor kernels (both models)
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def _write_static_only(args, machine, threads, repeats, dims, new_tokens, prompt
                   if "decomposition_ratio_vs_llama" in static else {})}  # fmt: skip
     config = {"threads": threads, "repeats": repeats, "warmup_per_point": args.warmup, "seed": args.seed,
               "dtype": "float32", "batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "dims": dims,
-              "timing": "every system in one alternation group"}  # fmt: skip
+              "timing": "every system in one alternation group", "decompose_mm": args.decompose_mm}  # fmt: skip
 
     def plot(png):
         import matplotlib.pyplot as plt
@@ -260,6 +261,9 @@ def main(argv=None) -> dict:
                     help="compile the static-cache decode steps (default: yes, except with --quick)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--static-only", action="store_true", help="only the static / compiled comparison")
+    ap.add_argument("--decompose-mm", action="store_true",
+                    help="compile with inductor's decompose_mm_pass (one-row matrix products as generated "
+                         "multiply-reduce kernels instead of BLAS calls), for both models")  # fmt: skip
     ap.add_argument("--decompose", action="store_true",
                     help="static comparison: also RxT without the attention over the slots and without memory "
                          "sub-layers")  # fmt: skip
@@ -288,6 +292,10 @@ def main(argv=None) -> dict:
     repeats = args.repeats or repeats
     headline = prompt_lens[0]
     compiled = (not quick) if args.compile is None else args.compile
+    if args.decompose_mm:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.post_grad_fusion_options = {"decompose_mm_pass": {}}
     machine = bc.machine_info(threads)
     torch.manual_seed(args.seed)
     config = bc.rxt_config(**dims, seq_len=max(1024, max(prompt_lens) + new_tokens + 8))

@@ -610,7 +610,7 @@ class MRLTrainer(RxTTrainer):
             records["critic_ids"].append(critic_ids.to(device))
             records["critic_mask"].append(critic_mask.to(device))
             if args.sft_coef > 0:  # the reference answer on the same prompt (+ [EOS]); targets: its tokens
-                sft_ids, sft_mask = _pad([p + a + [ids["eos_token_id"]] for p, (_, a) in zip(prompt_rows, turns)], pad)
+                sft_ids, sft_mask = _pad([self._interaction(q, a) for q, a in turns], pad)
                 sft_ids, sft_mask = sft_ids.to(device), sft_mask.to(device)
                 sft_targets = (torch.arange(sft_ids.shape[1], device=device) >= prompt_len[:, None]) & sft_mask.bool()
                 records["sft_ids"].append(sft_ids)

@@ -544,14 +544,15 @@ def test_supervised_anchor_is_the_reference_answers_nll_on_the_policys_stm(token
         rows = []
         for b, episode in enumerate(episodes):
             if len(episode) <= step + 1:
-                assert not rollout["sft_target_mask"][b, step].any()  # a placeholder row without targets
-                continue
+                assert row(rollout["sft_ids"][b, step], rollout["sft_mask"][b, step]) == [
+                    ids["bos_token_id"], ids["query_token_id"], ids["answer_token_id"], ids["eos_token_id"]]
+                continue  # a placeholder row: its episode has no step here, so it has no targets
             query, answer = episode[step + 1]
             prompt = [ids["bos_token_id"], ids["query_token_id"], *query, ids["answer_token_id"]]
             reference = prompt + answer + [ids["eos_token_id"]]
             assert row(rollout["sft_ids"][b, step], rollout["sft_mask"][b, step]) == reference
-            targets = rollout["sft_target_mask"][b, step].nonzero().flatten().tolist()
-            assert targets == list(range(len(prompt), len(reference)))
+            assert int(rollout["prompt_len"][b, step]) == len(prompt)
+            targets = list(range(len(prompt), len(reference)))
             rows.append(-token_logps(logits[b], rollout["sft_ids"][b, step], targets).mean())
         if step == 0:
             rows_step0 = [r.detach() for r in rows]

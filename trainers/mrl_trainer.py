@@ -609,13 +609,10 @@ class MRLTrainer(RxTTrainer):
             records["turn_mask"].append(valid)
             records["critic_ids"].append(critic_ids.to(device))
             records["critic_mask"].append(critic_mask.to(device))
-            if args.sft_coef > 0:  # the reference answer on the same prompt (+ [EOS]); targets: its tokens
+            if args.sft_coef > 0:  # the reference answer on the same prompt (+ [EOS]; [BOS][Q][A][EOS] without a step)
                 sft_ids, sft_mask = _pad([self._interaction(q, a) for q, a in turns], pad)
-                sft_ids, sft_mask = sft_ids.to(device), sft_mask.to(device)
-                sft_targets = (torch.arange(sft_ids.shape[1], device=device) >= prompt_len[:, None]) & sft_mask.bool()
-                records["sft_ids"].append(sft_ids)
-                records["sft_mask"].append(sft_mask)  # episodes without this step: [BOS][Q][A][EOS], no targets
-                records["sft_target_mask"].append((sft_targets & valid[:, None]).long())
+                records["sft_ids"].append(sft_ids.to(device))
+                records["sft_mask"].append(sft_mask.to(device))
             if args.stm_source == "snapshot":
                 records["stm_before"].append(stm_before.transpose(0, 1))
                 records["stm_after"].append(stm.transpose(0, 1))
@@ -631,7 +628,7 @@ class MRLTrainer(RxTTrainer):
             "first_mask": first_mask,
         }
         for key in ("saved_ids", "saved_mask", "qa_ids", "qa_mask", "action_mask", "critic_ids", "critic_mask",
-                    "sft_ids", "sft_mask", "sft_target_mask"):
+                    "sft_ids", "sft_mask"):
             if key in records:
                 out[key] = _stack_steps(records[key], pad if key.endswith("_ids") else 0)
         out["old_logps"] = _stack_steps(records["old_logps"], 0.0)
@@ -780,7 +777,8 @@ class MRLTrainer(RxTTrainer):
                 sft_ids = inputs["sft_ids"][:, step, :width]
                 sft_logits = model(input_ids=sft_ids, attention_mask=inputs["sft_mask"][:, step, :width],
                                    stm=read_stm).logits[:, :-1].float()  # fmt: skip
-                sft_targets = inputs["sft_target_mask"][:, step, 1:width].bool() & valid[:, None]
+                after_prompt = torch.arange(1, width, device=sft_ids.device) >= inputs["prompt_len"][:, step, None]
+                sft_targets = after_prompt & inputs["sft_mask"][:, step, 1:width].bool() & valid[:, None]
                 sft_nll = -selective_log_softmax(sft_logits, sft_ids[:, 1:])
                 sft_loss = row_mean((sft_nll * sft_targets).sum(-1) / sft_targets.sum(-1).clamp(min=1))
                 loss = loss + args.sft_coef * sft_loss

@@ -14,6 +14,9 @@ disabled), batch 1. Measured, median and quartiles over `--repeats`, systems in 
   `StaticCache`) and each model's decode step compiled with `torch.compile(fullgraph=True)` (the prefill runs
   eagerly; `--no-compile` or `--quick` time the static caches uncompiled, `--compile` compiles in `--quick` too);
   the ratio of the two per-token medians is `decode_ratio_rxt_vs_llama_static[_compiled]` (target <= 1.17);
+  `--cpu-clock` times these loops with the thread's CPU time instead of the wall clock (`--threads 1` only: the time a
+  shared VM deschedules the vCPU is then not counted, which narrows the spread several-fold); `--cpp-wrapper` has
+  inductor generate each compiled step's wrapper in C++ instead of Python (both models);
   `--decompose` adds, in the same alternation group, RxT without the attention over the slots (the memory
   sub-layer's norm, query projection with RoPE and output projection only) and RxT without memory sub-layers (the
   same decoder blocks, stateless), so the ratio splits into what each part of the memory sub-layer costs;
@@ -29,6 +32,7 @@ Writes `runs/bench/decode.json` and `.png`.
     python scripts/bench_decode.py --static-only --repeats 15   # only the static / compiled comparison
     python scripts/bench_decode.py --static-only --decompose --embed-dim 512 --ff-dim 1536   # another width
     python scripts/bench_decode.py --static-only --decompose-mm   # one-row matmuls as inductor kernels (both models)
+    python scripts/bench_decode.py --static-only --decompose --cpu-clock --repeats 15   # thread CPU time (less spread)
 """
 
 from __future__ import annotations
@@ -71,16 +75,16 @@ def _loop(model, ids, new_tokens, cache, reproject: bool = False) -> dict:
     return {"prefill_ms": (t1 - t0) * 1e3, "per_token_ms": (t2 - t1) / new_tokens * 1e3}
 
 
-def _static_loop(model, ids, new_tokens, cache, step) -> dict:
+def _static_loop(model, ids, new_tokens, cache, step, clock=time.perf_counter) -> dict:
     """Greedy manual loop on a static cache: eager prefill, then `step(token, position_ids, cache)` per token."""
-    t0 = time.perf_counter()
+    t0 = clock()
     out = model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
-    t1 = time.perf_counter()
+    t1 = clock()
     for i in range(new_tokens):
         position = torch.full_like(token, ids.shape[1] + i)
         token = step(token, position, cache)[:, -1:].argmax(-1)
-    t2 = time.perf_counter()
+    t2 = clock()
     return {"prefill_ms": (t1 - t0) * 1e3, "per_token_ms": (t2 - t1) / new_tokens * 1e3}
 
 
@@ -115,9 +119,11 @@ def _decomposition_models(rxt) -> dict:
     return {"rxt_without_attention_core": no_core, "rxt_without_memory_sublayer": no_memory}
 
 
-def _static_comparison(rxt, llama, ids, new_tokens, stm, repeats, warmup, compiled: bool, decompose=False) -> dict:
+def _static_comparison(
+    rxt, llama, ids, new_tokens, stm, repeats, warmup, compiled: bool, decompose=False, clock=time.perf_counter
+) -> dict:
     """RxT vs Llama per-token decode, both on static caches (and compiled decode steps): one alternation group
-    (with `decompose`, also the two RxT variants of `_decomposition_models`)."""
+    (with `decompose`, also the two RxT variants of `_decomposition_models`), timed with `clock`."""
     from transformers import StaticCache
 
     from modeling_rxt import RxTCache
@@ -134,7 +140,7 @@ def _static_comparison(rxt, llama, ids, new_tokens, stm, repeats, warmup, compil
     for name, model in models.items():  # compile every graph before timing
         _static_loop(model, ids, 2, cache(name), steps[name])
     times = bc.measure_interleaved([
-        lambda name=name, model=model: _static_loop(model, ids, new_tokens, cache(name), steps[name])
+        lambda name=name, model=model: _static_loop(model, ids, new_tokens, cache(name), steps[name], clock)
         for name, model in models.items()
     ], repeats, warmup)  # fmt: skip
     row = {"compiled": compiled}
@@ -224,7 +230,8 @@ def _write_static_only(args, machine, threads, repeats, dims, new_tokens, prompt
                   if "decomposition_ratio_vs_llama" in static else {})}  # fmt: skip
     config = {"threads": threads, "repeats": repeats, "warmup_per_point": args.warmup, "seed": args.seed,
               "dtype": "float32", "batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "dims": dims,
-              "timing": "every system in one alternation group", "decompose_mm": args.decompose_mm}  # fmt: skip
+              "timing": "every system in one alternation group", "decompose_mm": args.decompose_mm,
+              "clock": "thread CPU time" if args.cpu_clock else "wall clock", "cpp_wrapper": args.cpp_wrapper}  # fmt: skip
 
     def plot(png):
         import matplotlib.pyplot as plt
@@ -264,12 +271,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--decompose-mm", action="store_true",
                     help="compile with inductor's decompose_mm_pass (one-row matrix products as generated "
                          "multiply-reduce kernels instead of BLAS calls), for both models")  # fmt: skip
+    ap.add_argument("--cpu-clock", action="store_true",
+                    help="static comparison: time with the thread's CPU time (time.thread_time) instead of the wall "
+                         "clock; needs --threads 1")  # fmt: skip
+    ap.add_argument("--cpp-wrapper", action="store_true",
+                    help="compile with inductor's C++ wrapper (torch._inductor.config.cpp_wrapper), for both models")
     ap.add_argument("--decompose", action="store_true",
                     help="static comparison: also RxT without the attention over the slots and without memory "
                          "sub-layers")  # fmt: skip
     ap.add_argument("--embed-dim", type=int, default=None, help="model width (256; quick 64)")
     ap.add_argument("--ff-dim", type=int, default=None, help="feed-forward width (768; quick 192)")
     args = ap.parse_args(argv)
+    if args.cpu_clock and args.threads != 1:
+        ap.error(f"--cpu-clock times the calling thread only; expected --threads 1, got --threads {args.threads}")
 
     from transformers import DynamicCache
 
@@ -292,10 +306,12 @@ def main(argv=None) -> dict:
     repeats = args.repeats or repeats
     headline = prompt_lens[0]
     compiled = (not quick) if args.compile is None else args.compile
-    if args.decompose_mm:
+    if args.decompose_mm or args.cpp_wrapper:
         import torch._inductor.config as inductor_config
 
-        inductor_config.post_grad_fusion_options = {"decompose_mm_pass": {}}
+        if args.decompose_mm:
+            inductor_config.post_grad_fusion_options = {"decompose_mm_pass": {}}
+        inductor_config.cpp_wrapper = args.cpp_wrapper
     machine = bc.machine_info(threads)
     torch.manual_seed(args.seed)
     config = bc.rxt_config(**dims, seq_len=max(1024, max(prompt_lens) + new_tokens + 8))
@@ -308,7 +324,10 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     with torch.inference_mode():
         ids = bc.rxt_query(gen, 1, headline, dims["vocab_size"], config)
-        static = _static_comparison(rxt, llama, ids, new_tokens, stm, repeats, args.warmup, compiled, args.decompose)
+        clock = time.thread_time if args.cpu_clock else time.perf_counter
+        static = _static_comparison(
+            rxt, llama, ids, new_tokens, stm, repeats, args.warmup, compiled, args.decompose, clock
+        )
         label = "static_compiled" if compiled else "static"
         print(f"prompt {headline:4d}, {label}: per-token ms rxt {static['rxt']['per_token_ms']['median_ms']:.3f} "
               f"llama {static['llama']['per_token_ms']['median_ms']:.3f} (x{static['decode_ratio_rxt_vs_llama']:.3f})",

@@ -164,11 +164,12 @@ def test_decode_static_decomposition(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "bench_decode.py"), "--quick", "--static-only", "--decompose",
-         "--decompose-mm", "--output", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+         "--decompose-mm", "--cpu-clock", "--output", str(out)], capture_output=True, text=True, timeout=600, env=env,
+        cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "decode_static.json").read_text())
-    assert data["config"]["decompose_mm"] is True
+    assert data["config"]["decompose_mm"] is True and data["config"]["clock"] == "thread CPU time"
     ratios = data["summary"]["decomposition_ratio_vs_llama"]
     assert set(ratios) == {"rxt", "rxt_without_attention_core", "rxt_without_memory_sublayer"}
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
@@ -203,4 +204,42 @@ def test_decode_step_compiled_with_decompose_mm_equals_eager():
             token, position = ids[:, -1:], torch.full((1, 1), ids.shape[1])
             logits[compiled] = step(token, position, cache)
     assert counters["inductor"]["decompose_addmm"] + counters["inductor"]["decompose_mm"] > 0
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)
+
+
+def test_decode_cpu_clock_needs_one_thread(capsys):
+    """`--cpu-clock` measures the calling thread only: with more torch threads it is refused, naming the fix."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import bench_decode
+
+    with pytest.raises(SystemExit):
+        bench_decode.main(["--quick", "--static-only", "--cpu-clock", "--threads", "2"])
+    assert "expected --threads 1, got --threads 2" in capsys.readouterr().err
+
+
+def test_decode_step_compiled_with_cpp_wrapper_equals_eager():
+    """`bench_decode.py --cpp-wrapper`: the static-cache decode step compiled with inductor's C++ wrapper gives the
+    eager step's logits."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import bench_common as bc
+    import bench_decode
+    import torch
+    import torch._inductor.config as inductor_config
+
+    from modeling_rxt import RxTCache, RxTForCausalLM
+
+    torch.manual_seed(0)
+    config = bc.rxt_config(**bc.QUICK_DIMS, seq_len=64)
+    rxt = RxTForCausalLM(config).eval()
+    stm = torch.randn_like(rxt.initial_stm(1))
+    ids = torch.randint(4, 500, (1, 6))
+    torch._dynamo.reset()
+    with torch.inference_mode(), inductor_config.patch(cpp_wrapper=True):
+        logits = {}
+        for compiled in (False, True):
+            cache = RxTCache(stm=stm, config=rxt.config, max_cache_len=16)
+            rxt(input_ids=ids, cache=cache, use_cache=True)
+            step = bench_decode._decode_step(rxt, compiled)
+            token, position = ids[:, -1:], torch.full((1, 1), ids.shape[1])
+            logits[compiled] = step(token, position, cache)
     torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)

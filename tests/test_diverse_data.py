@@ -477,7 +477,8 @@ def test_training_script_takes_several_weighted_sources_with_a_validation_cut(tm
 
 
 def test_quickstart_diverse_preset_is_the_quickstart_on_diverse_data():
-    """The preset differs from `quickstart` only in the data style, the evaluation / chat sets and the max_length cap;
+    """The preset differs from `quickstart` only in the data style, the evaluation / chat sets, the max_length cap and
+    phase A's length (varied wording needs 4000 fact → question steps, docs/experiments/memory-in-the-users-words.md);
     its turns fit that cap with the tokenizer the preset trains (sampled episodes of every set it writes)."""
     import quickstart
 
@@ -493,9 +494,11 @@ def test_quickstart_diverse_preset_is_the_quickstart_on_diverse_data():
     assert diverse["extra_dialogues"] == {k: {**v, "style": "diverse"} for k, v in base["extra_dialogues"].items()}
     assert diverse["model"] == base["model"] and diverse["baseline"]["args"] == base["baseline"]["args"]
     cap = diverse["stages"][0]["args"]["max_length"]
-    for a, b in zip(base["stages"], diverse["stages"]):
-        assert {**b, "args": {**b["args"], "max_length": 64}} == a
-    assert quickstart.baseline_steps(diverse) == quickstart.baseline_steps(base)
+    for i, (a, b) in enumerate(zip(base["stages"], diverse["stages"], strict=True)):
+        expected = {**a, "args": {**a["args"], "max_length": cap, **({"max_steps": 4000} if i == 0 else {})}}
+        assert b == expected
+    extra_phase_a = 4000 - base["stages"][0]["args"]["max_steps"]
+    assert quickstart.baseline_steps(diverse) == quickstart.baseline_steps(base) + extra_phase_a
     texts = [row["text"] for row in generate_pretrain(diverse["data"]["num_pretrain"], seed=0, style="diverse")]
     tokenizer = train_rxt_tokenizer(texts, **diverse["tokenizer"])
     rows = [row for spec in diverse["extra_dialogues"].values() for row in quickstart.episode_set({**spec, "num_train": 300}, 0)]

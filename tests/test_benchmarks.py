@@ -176,9 +176,13 @@ def test_decode_static_decomposition(tmp_path):
     assert (tmp_path / "decode_static.png").exists()
 
 
-def test_decode_step_compiled_with_decompose_mm_equals_eager():
-    """`bench_decode.py --decompose-mm`: inductor rewrites the decode step's one-row matrix products (counted) and the
-    compiled static-cache step gives the eager step's logits."""
+@pytest.mark.parametrize(
+    "option", [{"post_grad_fusion_options": {"decompose_mm_pass": {}}}, {"cpp_wrapper": True}],
+    ids=["decompose_mm", "cpp_wrapper"],
+)
+def test_decode_step_compiled_with_inductor_options_equals_eager(option):
+    """`bench_decode.py --decompose-mm` / `--cpp-wrapper`: the static-cache decode step compiled with the option gives
+    the eager step's logits (with `decompose_mm_pass`, inductor rewrites the one-row matrix products: counted)."""
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import bench_common as bc
     import bench_decode
@@ -195,7 +199,7 @@ def test_decode_step_compiled_with_decompose_mm_equals_eager():
     ids = torch.randint(4, 500, (1, 6))
     torch._dynamo.reset()
     counters.clear()
-    with torch.inference_mode(), inductor_config.patch(post_grad_fusion_options={"decompose_mm_pass": {}}):
+    with torch.inference_mode(), inductor_config.patch(**option):
         logits = {}
         for compiled in (False, True):
             cache = RxTCache(stm=stm, config=rxt.config, max_cache_len=16)
@@ -203,7 +207,8 @@ def test_decode_step_compiled_with_decompose_mm_equals_eager():
             step = bench_decode._decode_step(rxt, compiled)
             token, position = ids[:, -1:], torch.full((1, 1), ids.shape[1])
             logits[compiled] = step(token, position, cache)
-    assert counters["inductor"]["decompose_addmm"] + counters["inductor"]["decompose_mm"] > 0
+    if "post_grad_fusion_options" in option:
+        assert counters["inductor"]["decompose_addmm"] + counters["inductor"]["decompose_mm"] > 0
     torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)
 
 
@@ -215,31 +220,3 @@ def test_decode_cpu_clock_needs_one_thread(capsys):
     with pytest.raises(SystemExit):
         bench_decode.main(["--quick", "--static-only", "--cpu-clock", "--threads", "2"])
     assert "expected --threads 1, got --threads 2" in capsys.readouterr().err
-
-
-def test_decode_step_compiled_with_cpp_wrapper_equals_eager():
-    """`bench_decode.py --cpp-wrapper`: the static-cache decode step compiled with inductor's C++ wrapper gives the
-    eager step's logits."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import bench_common as bc
-    import bench_decode
-    import torch
-    import torch._inductor.config as inductor_config
-
-    from modeling_rxt import RxTCache, RxTForCausalLM
-
-    torch.manual_seed(0)
-    config = bc.rxt_config(**bc.QUICK_DIMS, seq_len=64)
-    rxt = RxTForCausalLM(config).eval()
-    stm = torch.randn_like(rxt.initial_stm(1))
-    ids = torch.randint(4, 500, (1, 6))
-    torch._dynamo.reset()
-    with torch.inference_mode(), inductor_config.patch(cpp_wrapper=True):
-        logits = {}
-        for compiled in (False, True):
-            cache = RxTCache(stm=stm, config=rxt.config, max_cache_len=16)
-            rxt(input_ids=ids, cache=cache, use_cache=True)
-            step = bench_decode._decode_step(rxt, compiled)
-            token, position = ids[:, -1:], torch.full((1, 1), ids.shape[1])
-            logits[compiled] = step(token, position, cache)
-    torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)

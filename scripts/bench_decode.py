@@ -143,7 +143,7 @@ def _static_comparison(
         lambda name=name, model=model: _static_loop(model, ids, new_tokens, cache(name), steps[name], clock)
         for name, model in models.items()
     ], repeats, warmup)  # fmt: skip
-    row = {"compiled": compiled}
+    row = {"compiled": compiled, "clock": "thread CPU time" if clock is time.thread_time else "wall clock"}
     for name, t in zip(models, times, strict=True):
         row[name] = {k: bc.spread(v) for k, v in t.items()}
     llama_ms = row["llama"]["per_token_ms"]["median_ms"]
@@ -231,7 +231,7 @@ def _write_static_only(args, machine, threads, repeats, dims, new_tokens, prompt
     config = {"threads": threads, "repeats": repeats, "warmup_per_point": args.warmup, "seed": args.seed,
               "dtype": "float32", "batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "dims": dims,
               "timing": "every system in one alternation group", "decompose_mm": args.decompose_mm,
-              "clock": "thread CPU time" if args.cpu_clock else "wall clock", "cpp_wrapper": args.cpp_wrapper}  # fmt: skip
+              "clock": static["clock"], "cpp_wrapper": args.cpp_wrapper}  # fmt: skip
 
     def plot(png):
         import matplotlib.pyplot as plt

@@ -11,7 +11,7 @@ for arg in "$@"; do
     if [ "$arg" = "--quick" ]; then out_dir=runs/bench/quick; fi
 done
 out_dir=${BENCH_DIR:-$out_dir}
-for name in conversation sqa decode memory_update batch tensorbleu serve; do
+for name in conversation sqa decode memory_update batch tensorbleu serve train_step; do
     echo "=== bench_${name}.py $* -> ${out_dir}/${name}.json"
     start=$(date +%s)
     "${PYTHON:-python}" "scripts/bench_${name}.py" "$@" --output "${out_dir}/${name}.json"

@@ -41,6 +41,12 @@ def _flags(args: dict) -> list[str]:
     return flags
 
 
+def attention_kernel(preset: dict) -> dict:
+    """`{"attn_implementation": NAME}` from the preset's `attn_implementation` (none: transformers' default). It
+    applies to training and evaluation and is not saved with the model: a reload gets transformers' default."""
+    return {"attn_implementation": preset["attn_implementation"]} if "attn_implementation" in preset else {}
+
+
 def run_stage(stage: dict, model_flags: list[str], data_dir: Path, tokenizer_dir: Path, output: Path, seed: int):
     """Run one curriculum stage in-process through its script's `main` (the same code path as the CLI)."""
     import train_joint
@@ -64,7 +70,8 @@ def run_stage(stage: dict, model_flags: list[str], data_dir: Path, tokenizer_dir
                            str(data_dir / f"{prefix}_train.jsonl")] + _flags(args)  # fmt: skip
     trainer = main(flags)
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    return {"steps": trainer.state.global_step, "last_log": history[-1] if history else {}}
+    return {"steps": trainer.state.global_step, "last_log": history[-1] if history else {},
+            "attn_implementation": trainer.model.config._attn_implementation}  # fmt: skip
 
 
 def episode_set(spec: dict, seed: int) -> list[dict]:
@@ -116,7 +123,7 @@ def train_baseline(
 
     rows = [row for _, row in iter_json_rows(data_dir / "dialogues_train.jsonl")]
     turns = Dataset.from_list([{"query": q, "answer": a} for row in rows for q, a in dialogue_turns(row)])
-    config = RxTStatelessConfig.from_rxt_config(RxTConfig(**model_config))
+    config = RxTStatelessConfig.from_rxt_config(RxTConfig(**model_config), **attention_kernel(preset))
     set_seed(seed)
     model = RxTStatelessForCausalLM(config)
     collator = InteractionCollator(tokenizer, max_length=preset["stages"][-1]["args"].get("max_length", 256))
@@ -131,7 +138,7 @@ def train_baseline(
     trainer.train()
     trainer.save_model(str(output))
     tokenizer.save_pretrained(str(output))
-    return {"steps": trainer.state.global_step}
+    return {"steps": trainer.state.global_step, "attn_implementation": model.config._attn_implementation}
 
 
 def scripted_chat(model_dir: Path, chat: dict, seed: int) -> list[tuple[str, str]]:
@@ -173,7 +180,8 @@ def run_mrl(preset: dict, model_dir: Path, data_dir: Path, output: Path, seed: i
     args = {"output_dir": str(output / "model"), "report_to": "none", "save_strategy": "no", "seed": seed,
             "use_cpu": not _has_gpu(), "disable_tqdm": True, **mrl["args"]}  # fmt: skip
     train_file = data_dir / f"{mrl.get('data', 'dialogues')}_train.jsonl"
-    train_mrl.main(["--model_name_or_path", str(model_dir), "--train_file", str(train_file)] + _flags(args))
+    flags = ["--model_name_or_path", str(model_dir), "--train_file", str(train_file)]
+    train_mrl.main(flags + _flags({**attention_kernel(preset), **args}))
     reward_flags = {k: v for k, v in mrl["args"].items() if k not in ("max_steps", "learning_rate", "logging_steps")}
     return eval_mrl.main(["--before", str(model_dir), "--after", str(output / "model"), "--reward_data",
                           str(data_dir / f"{mrl.get('data', 'dialogues')}_validation.jsonl"), "--recall_data",
@@ -198,6 +206,9 @@ def main(argv=None) -> dict:
                          f"{sorted(p.stem for p in PRESETS.glob('*.json'))}")  # fmt: skip
     preset = json.loads(preset_path.read_text())
     with_baseline = bool(preset.get("baseline")) and not options.skip_baseline
+    if not isinstance(preset.get("attn_implementation", ""), str):
+        raise ValueError(f"preset attn_implementation={preset['attn_implementation']!r}: expected a name such as "
+                         "'eager' or 'sdpa', or no key (transformers' default).")  # fmt: skip
     # a baseline budget that cannot be derived fails here, not after the stages trained
     num_baseline_steps = baseline_steps(preset) if with_baseline else None
     # the output folders: refused now (before any work) unless new, empty or written by an earlier run
@@ -258,17 +269,18 @@ def main(argv=None) -> dict:
 
     config_file = out / "model_config.json"
     config_file.write_text(json.dumps(preset["model"], indent=2))
-    model_flags = ["--model_config", str(config_file)]
+    attention = _flags(attention_kernel(preset))
+    model_flags = ["--model_config", str(config_file)] + attention
     stage_results = {}
     for index, stage in enumerate(preset["stages"]):
         stage_dir = out / f"stage{index + 1}_{stage['stage']}"
         stage_results[f"{index + 1}_{stage['stage']}"] = run_stage(stage, model_flags, data_dir, tokenizer_dir, stage_dir, seed)
-        model_flags = ["--model_name_or_path", str(stage_dir)]
+        model_flags = ["--model_name_or_path", str(stage_dir)] + attention
         timed(f"stage {index + 1} {stage['stage']}")
     model_dir = out / "model"
     shutil.copytree(stage_dir, model_dir)
 
-    baseline_dir = None
+    baseline_dir = baseline = None
     if with_baseline:
         from transformers import AutoTokenizer
 
@@ -276,15 +288,15 @@ def main(argv=None) -> dict:
         model_config = json.loads(config_file.read_text())
         for name in ("decoder_config", "encoder_config"):
             model_config[name]["vocab_size"] = len(tokenizer)
-        train_baseline(preset, model_config, data_dir, AutoTokenizer.from_pretrained(tokenizer_dir), baseline_dir, seed,
-                       num_baseline_steps)
+        baseline = train_baseline(preset, model_config, data_dir, AutoTokenizer.from_pretrained(tokenizer_dir),
+                                  baseline_dir, seed, num_baseline_steps)
         timed("stateless baseline")
 
     import eval_memory
 
     eval_args = [str(model_dir), "--data", str(data_dir / "memory_eval_test.jsonl"), "--output",
                  str(out / "memory_eval.json"), "--batch_size", str(evaluation.get("batch_size", 32)),
-                 "--max_new_tokens", str(evaluation.get("max_new_tokens", 24))]  # fmt: skip
+                 "--max_new_tokens", str(evaluation.get("max_new_tokens", 24))] + attention  # fmt: skip
     if baseline_dir is not None:
         eval_args += ["--baseline", str(baseline_dir)]
     if "memory_eval_paraphrase_test" in test_sets:
@@ -356,6 +368,7 @@ def main(argv=None) -> dict:
     lines += ["-" * 78, f"model: {model_dir}/   evaluation: {out / 'memory_eval.json'} (+ .png)", "=" * 78]
     print("\n".join(lines))
     summary = {"preset": preset_path.stem, "seconds": total, "timings": timings, "stages": stage_results,
+               "baseline": baseline, "evaluation_attn_implementation": result["attn_implementation"],
                "recall": result["recall"], "recall_memory_reset": result["recall_memory_reset"],
                "recall_stateless": result.get("recall_stateless", {}), "chance": result["chance"],
                "paraphrase": {k: paraphrase[k] for k in ("recall", "recall_memory_reset", "recall_stateless", "ci95")

@@ -35,6 +35,7 @@ SCRIPTS = {
         "rxt_memory_update_wait_ms_per_turn_think",
     ),
 }
+SCRIPTS["train_step"] = ("step_speedup_eager_vs_sdpa", "smat_speedup_eager_vs_sdpa")
 MEMORY_VARIANTS = {"simple", "self", "interlayer", "self-interlayer", "grouped-self-interlayer"}
 
 
@@ -112,6 +113,10 @@ def test_bench_quick(name, bench_runs):
         assert [r["batch"] for r in results] == config["batch_sizes"]
         for row in results:
             assert row["rxt"]["tokens_per_s"] > 0 and row["llama_kvcache"]["tokens_per_s"] > 0
+    elif name == "train_step":
+        assert [r["episodes"] for r in results] == ["dialogues_fact_question", "dialogues_recent", "dialogues_short4"]
+        assert [r["preset_steps"] for r in results] == [1500, 1000, 1400]
+        assert all(r[kernel]["median_ms"] > 0 for r in results for kernel in ("eager", "sdpa"))
     elif name == "serve":
         assert [r["system"] for r in results] == ["rxt", "llama_history", "llama_kv", "rxt_think"]
         for row in results[:3]:

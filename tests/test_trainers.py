@@ -658,6 +658,10 @@ def test_quickstart_micro_pipeline(tmp_path):
     assert (out / "model" / "tokenizer.json").is_file() and (out / "model" / "modeling_rxt.py").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["stages"]) == {"1_joint", "2_sft", "3_memory_attention", "4_smat", "5_smat"}
+    # the preset's attention kernel reaches every stage, the baseline and the evaluation; it is not saved with the model
+    kernels = [stage["attn_implementation"] for stage in summary["stages"].values()]
+    assert kernels + [summary["baseline"]["attn_implementation"], evaluation["attn_implementation"]] == ["eager"] * 7
+    assert "attn_implementation" not in (out / "model" / "config.json").read_text()
     mrl = json.loads((tmp_path / "mrl" / "eval.json").read_text())  # stage 5 wiring: reward and recall before/after
     assert {"reward_before", "reward_after", "paired"} <= set(mrl)
     paired = mrl["paired"]  # the same test dialogues before and after, answered and written with own answers
@@ -825,3 +829,41 @@ def test_quickstart_refuses_an_underivable_baseline_before_training(tmp_path):
     with pytest.raises(ValueError, match="has no args.max_steps"):
         quickstart.main(["--preset", str(tmp_path / "bad.json"), "--output-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_quickstart_refuses_a_non_string_attention_kernel_before_training(tmp_path):
+    import quickstart
+
+    preset = json.loads((REPO_ROOT / "scripts" / "presets" / "micro.json").read_text())
+    preset["attn_implementation"] = ["eager"]
+    (tmp_path / "bad.json").write_text(json.dumps(preset))
+    with pytest.raises(ValueError, match=r"attn_implementation=\['eager'\]: expected a name"):
+        quickstart.main(["--preset", str(tmp_path / "bad.json"), "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_stage_script_builds_a_new_model_with_the_requested_attention_kernel(tokenizer, tmp_path):
+    """`--attn_implementation` on a new model reaches the config and its sub-configs without transformers' warning
+    about sub-configs it could not check, and a wrong name fails by name."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    from trainers.cli import ModelArguments, load_model
+
+    log = logging.get_logger("transformers.modeling_utils")
+    config = RxTConfig.tiny(vocab_size=len(tokenizer)).to_dict()
+    fields = {k: config[k] for k in ("decoder_config", "encoder_config", "memory_attention_config")}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    with CaptureLogger(log) as quiet:
+        model = load_model(ModelArguments(model_config=str(tmp_path / "config.json"), attn_implementation="eager"),
+                           tokenizer)  # fmt: skip
+    assert model.config._attn_implementation == "eager"
+    assert model.config.sub_configs
+    assert {getattr(model.config, key)._attn_implementation for key in model.config.sub_configs} == {"eager"}
+    assert "sub-config" not in quiet.out
+    with CaptureLogger(log) as noisy:  # the warning is seen when it is given: setting the kernel after the build
+        RxTForCausalLM(RxTConfig(**fields)).set_attn_implementation("eager")
+    assert "sub-config" in noisy.out
+    with pytest.raises(ValueError, match="no_such_kernel"):
+        load_model(ModelArguments(model_config=str(tmp_path / "config.json"), attn_implementation="no_such_kernel"),
+                   tokenizer)  # fmt: skip

@@ -91,10 +91,7 @@ def load_model(model_args: ModelArguments, tokenizer, **config_overrides) -> RxT
     for name in ("decoder_config", "encoder_config"):
         fields.setdefault(name, {})["vocab_size"] = len(tokenizer)
     fields.update({k: v for k, v in ids.items() if k in TOKEN_ID_FIELDS})
-    model = RxTForCausalLM(RxTConfig(**fields))
-    if kwargs:
-        model.set_attn_implementation(kwargs["attn_implementation"])
-    return model
+    return RxTForCausalLM(RxTConfig(**fields, **kwargs))  # the config hands the implementation to its sub-configs
 
 
 def load_split(data_args: DataArguments, path: str | None, validate, tokenizer, max_length: int):

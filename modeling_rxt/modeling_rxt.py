@@ -1097,6 +1097,17 @@ class RxTPreTrainedModel(_StrictFromPretrained, PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         init_rxt_weights(self, module)
 
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
+        """transformers' `set_attn_implementation`. Every attention site reads the top-level config, so a name given
+        as a string is first checked there and handed to the sub-configs (they have no sub-model of their own), which
+        spares the warning transformers gives about sub-configs it could not check."""
+        if isinstance(attn_implementation, str):
+            name = self._check_and_adjust_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
+            for key in self.config.sub_configs:
+                if (sub_config := getattr(self.config, key, None)) is not None:
+                    sub_config._attn_implementation_internal = name
+        return super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config and the flat code files with a full `auto_map` (loads with `trust_remote_code`)."""
         self.config.auto_map = dict(self._auto_map)

@@ -51,7 +51,7 @@ class EvalArguments:
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention kernel of every model evaluated: eager | sdpa | ... (default: "
-                                "transformers' choice). On small CPU models eager is the faster one."})
+                                "transformers' choice). With 2 CPU threads on small models eager is the faster one."})
 
 
 def load_rows(args: EvalArguments) -> tuple[list[dict], float]:

@@ -21,14 +21,12 @@ Writes `runs/bench/train_step.json` and `.png`.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import bench_common as bc
 
 SUMMARY_KEYS = ("step_speedup_eager_vs_sdpa", "smat_speedup_eager_vs_sdpa")
 KERNELS = ("eager", "sdpa")
-PRESETS = Path(__file__).resolve().parent / "presets"
 
 
 def episode_sets(stages: list[dict], preset: dict, count: int, seed: int) -> dict[str, list[dict]]:
@@ -48,14 +46,15 @@ def main(argv=None) -> dict:
     threads, machine = bc.start(args)
     repeats = args.repeats or (2 if args.quick else 20)
 
+    from quickstart import load_preset
+
     from modeling_rxt import RxTConfig, RxTForCausalLM
     from modeling_rxt.tokenization_rxt import train_rxt_tokenizer
     from trainers.data import EpisodeCollator
     from trainers.smat import SMATConfig, SupervisedMemoryAwareTrainer
     from trainers.synthetic import generate_pretrain
 
-    preset_path = Path(args.preset) if args.preset.endswith(".json") else PRESETS / f"{args.preset}.json"
-    preset = json.loads(preset_path.read_text())
+    preset_path, preset = load_preset(args.preset)
     stages = [stage for stage in preset["stages"] if stage["stage"] == "smat" and "data" in stage]
     if not stages:
         raise SystemExit(f"--preset {args.preset}: no SMAT stage with an episode set ('data'); expected a preset such "
@@ -102,12 +101,11 @@ def main(argv=None) -> dict:
         medians[name] = {kernel: row[kernel]["median_ms"] for kernel in KERNELS}
         results.append(row)
 
+    seconds = {kernel: sum(phase_steps[n] * m[kernel] for n, m in medians.items()) / 1e3 for kernel in KERNELS}
     summary = {
         "step_speedup_eager_vs_sdpa": {name: m["sdpa"] / m["eager"] for name, m in medians.items()},
-        "smat_speedup_eager_vs_sdpa": sum(phase_steps[n] * m["sdpa"] for n, m in medians.items())
-        / sum(phase_steps[n] * m["eager"] for n, m in medians.items()),
-        "smat_seconds_estimate": {kernel: sum(phase_steps[n] * m[kernel] for n, m in medians.items()) / 1e3
-                                  for kernel in KERNELS},  # fmt: skip
+        "smat_speedup_eager_vs_sdpa": seconds["sdpa"] / seconds["eager"],
+        "smat_seconds_estimate": seconds,
     }
 
     def plot(png: Path) -> None:

@@ -41,6 +41,15 @@ def _flags(args: dict) -> list[str]:
     return flags
 
 
+def load_preset(name: str) -> tuple[Path, dict]:
+    """`--preset NAME` (a file of scripts/presets) or `--preset FILE.json` → (its path, the parsed preset)."""
+    path = Path(name) if name.endswith(".json") else PRESETS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"preset {name!r} not found (expected {path}); presets: "
+                         f"{sorted(p.stem for p in PRESETS.glob('*.json'))}")  # fmt: skip
+    return path, json.loads(path.read_text())
+
+
 def attention_kernel(preset: dict) -> dict:
     """`{"attn_implementation": NAME}` from the preset's `attn_implementation` (none: transformers' default). It
     applies to training and evaluation and is not saved with the model: a reload gets transformers' default."""
@@ -200,11 +209,7 @@ def main(argv=None) -> dict:
                         "measure reward and recall before/after into MRL_OUTPUT_DIR/eval.json")
     parser.add_argument("--mrl-output-dir", default="runs/mrl")
     options = parser.parse_args(argv)
-    preset_path = Path(options.preset) if options.preset.endswith(".json") else PRESETS / f"{options.preset}.json"
-    if not preset_path.is_file():
-        raise SystemExit(f"preset {options.preset!r} not found (expected {preset_path}); presets: "
-                         f"{sorted(p.stem for p in PRESETS.glob('*.json'))}")  # fmt: skip
-    preset = json.loads(preset_path.read_text())
+    preset_path, preset = load_preset(options.preset)
     with_baseline = bool(preset.get("baseline")) and not options.skip_baseline
     if not isinstance(preset.get("attn_implementation", ""), str):
         raise ValueError(f"preset attn_implementation={preset['attn_implementation']!r}: expected a name such as "
